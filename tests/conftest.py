@@ -9,6 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One intra-op thread per process: DDP tests run two processes on two cores, and timings stay out of the tests.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
