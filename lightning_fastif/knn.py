@@ -1,0 +1,582 @@
+"""Nearest-neighbour candidates: FAISS (CPU or GPU) when installed, an exact plain-torch search otherwise.
+
+FastIF scores only a test point's k nearest training points in feature space (k = 1000 in the paper, out of
+~390k). :class:`KNNIndex` holds the training features with their *dataset* indices and answers
+``search(queries, k) -> (distances, ids)``:
+
+* ``metric="l2"``: distances are **squared** Euclidean distances (FAISS's convention);
+* ``metric="cosine"``: distances are **cosine distances** ``1 - cos(q, x)`` (features are L2-normalised);
+
+both sorted ascending, nearest first. ``kind="flat"`` is exact; ``kind="ivf"`` (FAISS only) is an inverted
+file index, approximate, for large N (``nlist`` clusters, ``nprobe`` of them searched per query).
+
+FAISS is detected once, lazily (``import lightning_fastif`` does not import it). With FAISS a GPU index is used
+when CUDA and a FAISS GPU build are present (``faiss.get_num_gpus() > 0``). Without FAISS the exact search runs
+in torch, chunked so that memory stays bounded (``backend="torch", use_gpu=True`` gives an exact GPU search
+without a FAISS GPU build). This module imports no Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning_utilities.core.imports import RequirementCache
+from torch import Tensor
+
+from lightning_fastif.storage import (
+    PathLike,
+    SnapshotError,
+    SnapshotNotFoundError,
+    atomic_write_bytes,
+    load_tensors,
+    read_tensor_metadata,
+    resolve_version,
+    save_tensors,
+)
+
+_FAISS_AVAILABLE = RequirementCache(module="faiss")
+"""Truthy when ``import faiss`` works; evaluated on first use only."""
+
+Metric = Literal["l2", "cosine"]
+IndexKind = Literal["flat", "ivf"]
+Backend = Literal["auto", "faiss", "torch"]
+
+KNN_FORMAT = "lightning_fastif.knn"
+_GPU_MAX_K = 2048  # FAISS GPU indices select at most 2048 neighbours (and probe at most 2048 lists)
+_BLOCK_ELEMENTS = 1 << 24  # distance block of the torch search: 64 MB of float32
+_DB_CHUNK = 1 << 16
+
+
+def faiss_available() -> bool:
+    """True when the ``faiss`` module can be imported (checked once)."""
+    return bool(_FAISS_AVAILABLE)
+
+
+def faiss_gpu_available() -> bool:
+    """True when FAISS is a GPU build that sees at least one GPU, and torch sees CUDA."""
+    if not faiss_available() or not torch.cuda.is_available():
+        return False
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def default_nlist(n: int) -> int:
+    """Default number of IVF lists: ``4 * sqrt(n)`` (FAISS's guideline is 4-16 sqrt(n)), between 1 and ``n``.
+
+    Example::
+
+        >>> default_nlist(10_000)
+        400
+    """
+    return max(1, min(n, int(round(4 * math.sqrt(n)))))
+
+
+def knn_recall(found: Tensor, exact: Tensor) -> float:
+    """Mean over queries of the fraction of the exact neighbours that were found.
+
+    Args:
+        found: ``[Q, k]`` ids returned by an approximate search.
+        exact: ``[Q, k']`` ids of the exact neighbours.
+
+    Example::
+
+        >>> knn_recall(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[2, 1], [3, 5]]))
+        0.75
+    """
+    if found.dim() != 2 or exact.dim() != 2 or found.shape[0] != exact.shape[0]:
+        raise ValueError(f"found, exact: expected [Q, k] tensors with the same Q, got {found.shape}, {exact.shape}")
+    hits = [len(set(f.tolist()) & set(e.tolist())) / max(1, e.numel()) for f, e in zip(found, exact, strict=True)]
+    return float(sum(hits) / max(1, len(hits)))
+
+
+def _check_choice(name: str, value: Any, accepted: tuple[Any, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"{name}: expected one of {list(accepted)}, got {value!r}")
+
+
+class KNNIndex:
+    """Exact or IVF nearest-neighbour search over features, returning dataset indices.
+
+    Args:
+        features: ``[N, D]`` features, one row per example (any float dtype; kept as float32 on CPU).
+        ids: ``[N]`` dataset index of each row (default ``0..N-1``); distinct integers.
+        metric: ``"l2"`` (squared Euclidean distances) or ``"cosine"`` (distances ``1 - cos``).
+        kind: ``"flat"`` (exact) or ``"ivf"`` (approximate, FAISS ``IndexIVFFlat``; exact with the torch backend).
+        nlist: IVF lists (default :func:`default_nlist`, ~4 sqrt(N)); at most N.
+        nprobe: IVF lists searched per query (more: slower, better recall); at most ``nlist``.
+        use_gpu: ``"auto"`` (a GPU when the backend can use one), ``True`` (require one) or ``False``.
+        backend: ``"auto"`` (FAISS when installed, else torch), ``"faiss"`` or ``"torch"``.
+
+    Raises:
+        ValueError: bad shapes, duplicate ids, or an argument outside the accepted values.
+        ImportError: ``backend="faiss"`` without FAISS installed.
+        RuntimeError: ``use_gpu=True`` where no GPU can be used.
+
+    Example::
+
+        >>> feats = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]])
+        >>> index = KNNIndex(feats, ids=torch.tensor([10, 11, 12]), backend="torch")
+        >>> distances, ids = index.search(torch.tensor([[0.9, 0.0]]), k=2)
+        >>> ids.tolist(), [round(d, 4) for d in distances[0].tolist()]
+        ([[11, 10]], [0.01, 0.81])
+    """
+
+    def __init__(
+        self,
+        features: Tensor,
+        ids: Tensor | None = None,
+        *,
+        metric: Metric = "l2",
+        kind: IndexKind = "flat",
+        nlist: int | None = None,
+        nprobe: int = 8,
+        use_gpu: bool | Literal["auto"] = "auto",
+        backend: Backend = "auto",
+    ) -> None:
+        _check_choice("metric", metric, ("l2", "cosine"))
+        _check_choice("kind", kind, ("flat", "ivf"))
+        _check_choice("backend", backend, ("auto", "faiss", "torch"))
+        _check_choice("use_gpu", use_gpu, ("auto", True, False))
+        if not isinstance(features, Tensor) or features.dim() != 2 or not features.is_floating_point():
+            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            raise ValueError(f"features: expected a float tensor [N, D], got {shape}")
+        n, d = features.shape
+        if n < 1 or d < 1:
+            raise ValueError(f"features: expected at least one row and one column, got shape {(n, d)}")
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("features: contains NaN or infinite values")
+        if ids is None:
+            ids = torch.arange(n)
+        ids = torch.as_tensor(ids)
+        if ids.dim() != 1 or ids.shape[0] != n or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(f"ids: expected an integer tensor [N={n}], got {ids.dtype} {tuple(ids.shape)}")
+        ids = ids.to(device="cpu", dtype=torch.long)
+        if torch.unique(ids).numel() != n:
+            raise ValueError(f"ids: must be distinct dataset indices, got {n - torch.unique(ids).numel()} duplicates")
+        for name, value in (("nlist", nlist), ("nprobe", nprobe)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+        if backend == "auto":
+            backend = "faiss" if faiss_available() else "torch"
+        elif backend == "faiss" and not faiss_available():
+            raise ImportError(
+                "backend: 'faiss' needs the faiss module; install one build (pip install faiss-cpu, or faiss-gpu-cu12 "
+                "— never both) or use backend='torch'"
+            )
+        if backend == "torch" and kind == "ivf":
+            warnings.warn(
+                "kind='ivf' needs FAISS; the torch backend searches exactly instead", UserWarning, stacklevel=2
+            )
+        gpu_ok = faiss_gpu_available() if backend == "faiss" else torch.cuda.is_available()
+        if use_gpu is True and not gpu_ok:
+            what = "a FAISS GPU build with a visible GPU" if backend == "faiss" else "CUDA"
+            raise RuntimeError(f"use_gpu: True, but {what} is not available; use use_gpu='auto' or False")
+
+        self._features = features.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        self._ids = ids
+        self._metric: Metric = metric
+        self._kind: IndexKind = kind
+        self._nlist = min(nlist or default_nlist(n), n) if kind == "ivf" else None
+        self._nprobe = min(nprobe, self._nlist) if self._nlist is not None else nprobe
+        self._backend: Literal["faiss", "torch"] = backend
+        self._on_gpu = bool(gpu_ok) if use_gpu == "auto" else bool(use_gpu)
+        self._index: Any = None  # the FAISS index (CPU or GPU), built on first use
+        self._cpu_index: Any = None
+        self._gpu_resources: Any = None
+        self._quantizer: Any = None
+        self._db: Tensor | None = None  # torch backend: searchable copy (normalised for cosine) on its device
+        self._db_sq_norms: Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------------- properties
+    @property
+    def dim(self) -> int:
+        """Feature dimension D."""
+        return int(self._features.shape[1])
+
+    @property
+    def ntotal(self) -> int:
+        """Number of indexed examples N."""
+        return int(self._features.shape[0])
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    @property
+    def backend(self) -> str:
+        """``"faiss"`` or ``"torch"``."""
+        return self._backend
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether searches run on a GPU."""
+        return self._on_gpu
+
+    @property
+    def metric(self) -> str:
+        """``"l2"`` or ``"cosine"``."""
+        return self._metric
+
+    @property
+    def kind(self) -> str:
+        """``"flat"`` or ``"ivf"``."""
+        return self._kind
+
+    @property
+    def nlist(self) -> int | None:
+        """IVF lists (``None`` for a flat index)."""
+        return self._nlist
+
+    @property
+    def nprobe(self) -> int:
+        """IVF lists searched per query; settable (more: slower, better recall), at most ``nlist``."""
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"nprobe: expected a positive integer, got {value!r}")
+        self._nprobe = min(value, self._nlist) if self._nlist is not None else value
+        if self._index is not None:
+            self._set_nprobe(self._index)
+        if self._cpu_index is not None and self._cpu_index is not self._index:
+            import faiss
+
+            faiss.ParameterSpace().set_index_parameter(self._cpu_index, "nprobe", self._nprobe)
+
+    @property
+    def ids(self) -> Tensor:
+        """``[N]`` dataset indices of the indexed rows."""
+        return self._ids
+
+    @property
+    def features(self) -> Tensor:
+        """``[N, D]`` float32 features as given (not normalised)."""
+        return self._features
+
+    def __repr__(self) -> str:
+        where = "gpu" if self._on_gpu else "cpu"
+        ivf = f", nlist={self._nlist}, nprobe={self._nprobe}" if self._kind == "ivf" else ""
+        return (
+            f"KNNIndex(ntotal={self.ntotal}, dim={self.dim}, metric={self._metric!r}, kind={self._kind!r}{ivf}, "
+            f"backend={self._backend!r}, device={where!r})"
+        )
+
+    # ------------------------------------------------------------------------------------------------- building
+    def _vectors(self) -> Tensor:
+        if self._metric == "cosine":
+            return torch.nn.functional.normalize(self._features, dim=1)
+        return self._features
+
+    def _faiss_metric(self) -> int:
+        import faiss
+
+        return faiss.METRIC_L2 if self._metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+    def _to_gpu(self, cpu_index: Any) -> Any:
+        import faiss
+
+        if self._gpu_resources is None:
+            self._gpu_resources = faiss.StandardGpuResources()
+        device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        return faiss.index_cpu_to_gpu(self._gpu_resources, device, cpu_index)
+
+    def _set_nprobe(self, index: Any) -> None:
+        if self._kind != "ivf":
+            return
+        import faiss
+
+        if self._on_gpu:
+            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", min(self._nprobe, _GPU_MAX_K))
+        else:
+            faiss.ParameterSpace().set_index_parameter(index, "nprobe", self._nprobe)
+
+    def _build(self) -> None:
+        if self._backend == "torch":
+            device = torch.device("cuda") if self._on_gpu else torch.device("cpu")
+            self._db = self._vectors().to(device)
+            self._db_sq_norms = (self._db * self._db).sum(1) if self._metric == "l2" else None
+            return
+        import faiss
+
+        x = np.ascontiguousarray(self._vectors().numpy())
+        metric = self._faiss_metric()
+        if self._kind == "flat":
+            index = faiss.IndexFlat(self.dim, metric)
+        else:
+            quantizer = faiss.IndexFlat(self.dim, metric)
+            index = faiss.IndexIVFFlat(quantizer, self.dim, self._nlist, metric)
+            self._quantizer = quantizer  # the IVF index points into it: keep it alive as long as the index
+            # FAISS warns (on stderr) below 39 points per list; the default nlist stays well above 1 per list.
+            index.cp.min_points_per_centroid = 1
+        if self._on_gpu:
+            index = self._to_gpu(index)
+        if self._kind == "ivf":
+            index.train(x)
+        index.add(x)
+        self._set_nprobe(index)
+        self._index = index
+        self._cpu_index = None if self._on_gpu else index
+
+    def _ensure_built(self) -> None:
+        if self._index is None and self._db is None:
+            self._build()
+
+    def build(self) -> KNNIndex:
+        """Build the index now (trains IVF) instead of at the first search or save; idempotent. Returns ``self``."""
+        self._ensure_built()
+        return self
+
+    def _faiss_cpu_index(self) -> Any:
+        import faiss
+
+        self._ensure_built()
+        if self._cpu_index is None:
+            self._cpu_index = faiss.index_gpu_to_cpu(self._index)
+            if self._kind == "ivf":
+                faiss.ParameterSpace().set_index_parameter(self._cpu_index, "nprobe", self._nprobe)
+        return self._cpu_index
+
+    # ------------------------------------------------------------------------------------------------- searching
+    def _check_queries(self, queries: Tensor) -> Tensor:
+        q = torch.as_tensor(queries)
+        if q.dim() == 1:
+            q = q.unsqueeze(0)
+        if q.dim() != 2:
+            raise ValueError(f"queries: expected [Q, D={self.dim}] (or [D]), got shape {tuple(q.shape)}")
+        if q.shape[1] != self.dim:
+            raise ValueError(
+                f"queries: expected feature dimension D={self.dim} (the index's), got {q.shape[1]} "
+                f"(shape {tuple(q.shape)}); embed the queries with the same layer as the index"
+            )
+        if not q.is_floating_point():
+            q = q.float()
+        if not bool(torch.isfinite(q).all()):
+            raise ValueError("queries: contains NaN or infinite values")
+        return q.detach().float()
+
+    def _check_k(self, k: int) -> None:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k: expected a positive integer, got {k!r}")
+        if k > self.ntotal:
+            raise ValueError(f"k: {k} is larger than the index ({self.ntotal} examples); accepted: 1..{self.ntotal}")
+
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Find the ``k`` nearest indexed examples of each query.
+
+        Args:
+            queries: ``[Q, D]`` (or ``[D]`` for one query) features in the same space as the index.
+            k: neighbours per query, ``1 <= k <= ntotal``.
+
+        Returns:
+            ``(distances [Q, k] float32, ids [Q, k] int64)`` on CPU, nearest first. ``ids`` are dataset
+            indices. Distances are squared L2 (``metric="l2"``) or ``1 - cos`` (``"cosine"``). An IVF search
+            that finds fewer than ``k`` examples in its probed lists pads with id ``-1`` and distance ``inf``.
+
+        Raises:
+            ValueError: a query of the wrong dimension (naming the expected D), or ``k`` outside ``1..ntotal``.
+        """
+        q = self._check_queries(queries)
+        self._check_k(k)
+        self._ensure_built()
+        if q.shape[0] == 0:
+            return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+        if self._backend == "torch":
+            return self._torch_search(q, k)
+        return self._faiss_search(q, k)
+
+    def _faiss_search(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        if self._metric == "cosine":
+            q = torch.nn.functional.normalize(q, dim=1)
+        index = self._index
+        if self._on_gpu and k > _GPU_MAX_K:
+            # FAISS GPU indices cannot return more than 2048 neighbours: answer this query on a CPU copy.
+            index = self._faiss_cpu_index()
+        dist_np, pos_np = index.search(np.ascontiguousarray(q.cpu().numpy()), k)
+        pos = torch.from_numpy(pos_np).long()
+        scores = torch.from_numpy(dist_np).float()
+        distances = 1.0 - scores if self._metric == "cosine" else scores.clamp_min(0.0)
+        missing = pos < 0
+        ids = torch.where(missing, torch.full_like(pos, -1), self._ids[pos.clamp_min(0)])
+        distances = distances.masked_fill(missing, math.inf)
+        return distances, ids
+
+    def _torch_search(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        db, sq_norms = self._db, self._db_sq_norms
+        if db is None:
+            raise RuntimeError("KNNIndex: the torch index was not built")
+        q = q.to(db.device)
+        if self._metric == "cosine":
+            q = torch.nn.functional.normalize(q, dim=1)
+        n = db.shape[0]
+        db_chunk = min(n, _DB_CHUNK)
+        q_chunk = max(1, _BLOCK_ELEMENTS // db_chunk)
+
+        def block_topk(qc: Tensor, start: int) -> tuple[Tensor, Tensor]:
+            sim = qc @ db[start : start + db_chunk].T
+            if sq_norms is not None:
+                dist = ((qc * qc).sum(1, keepdim=True) - 2.0 * sim + sq_norms[start : start + db_chunk]).clamp_min_(0)
+            else:
+                dist = sim.neg_()  # negative similarity: smaller is nearer
+            vals, pos = dist.topk(min(k, dist.shape[1]), dim=1, largest=False)
+            return vals, pos + start
+
+        all_d, all_p = [], []
+        for qs in range(0, q.shape[0], q_chunk):
+            qc = q[qs : qs + q_chunk]
+            best_d, best_p = block_topk(qc, 0)
+            # Merge chunk by chunk so memory stays at one [q_chunk, db_chunk] block plus the running top-k.
+            for start in range(db_chunk, n, db_chunk):
+                vals, pos = block_topk(qc, start)
+                merged = torch.cat([best_d, vals], 1)
+                best_d, order = merged.topk(min(k, merged.shape[1]), dim=1, largest=False)
+                best_p = torch.cat([best_p, pos], 1).gather(1, order)
+            all_d.append(best_d)
+            all_p.append(best_p)
+        distances = torch.cat(all_d).float().cpu()
+        pos = torch.cat(all_p).cpu()
+        if self._metric == "cosine":
+            distances = 1.0 + distances  # 1 - cos, from the negated similarity
+        return distances, self._ids[pos]
+
+    # ---------------------------------------------------------------------------------------------- persistence
+    def save(self, dirpath: PathLike, name: str = "index") -> Path:
+        """Save the index to ``<dirpath>/<name>.safetensors`` (+ ``<name>.faiss`` for a trained FAISS IVF).
+
+        The safetensors file holds the tensors ``features`` [N, D] and ``indices`` [N] and the index settings in
+        its header; a flat index is rebuilt from it on load, an IVF one is read back without retraining.
+
+        Returns:
+            The path of the safetensors file.
+        """
+        meta = {
+            "format": KNN_FORMAT,
+            "metric": self._metric,
+            "kind": self._kind,
+            "nlist": str(self._nlist or ""),
+            "nprobe": str(self._nprobe),
+        }
+        tensors = {"features": self._features, "indices": self._ids}
+        path = save_tensors(Path(dirpath) / f"{name}.safetensors", tensors, meta)
+        faiss_file = Path(dirpath) / f"{name}.faiss"
+        if self._kind == "ivf" and self._backend == "faiss":
+            import faiss
+
+            atomic_write_bytes(faiss_file, faiss.serialize_index(self._faiss_cpu_index()).tobytes())
+        elif faiss_file.exists():
+            faiss_file.unlink()  # left by an earlier IVF save under this name; it would not match these features
+        return path
+
+    def _adopt_faiss_file(self, path: Path) -> None:
+        """Use a serialised IVF index instead of training a new one; it must match these features."""
+        import faiss
+
+        try:
+            raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+            cpu_index = faiss.deserialize_index(raw)
+        except (RuntimeError, OSError) as err:
+            raise SnapshotError(f"FAISS index file is corrupted: {path} ({err})") from err
+        nlist = getattr(faiss.extract_index_ivf(cpu_index), "nlist", None) if self._kind == "ivf" else None
+        if cpu_index.ntotal != self.ntotal or cpu_index.d != self.dim or cpu_index.metric_type != self._faiss_metric():
+            raise SnapshotError(
+                f"FAISS index file {path} does not match its features: ntotal {cpu_index.ntotal} vs {self.ntotal}, "
+                f"dim {cpu_index.d} vs {self.dim}"
+            )
+        if nlist is not None:
+            self._nlist = int(nlist)
+            self._nprobe = min(self._nprobe, self._nlist)
+        self._cpu_index = cpu_index
+        self._index = self._to_gpu(cpu_index) if self._on_gpu else cpu_index
+        self._set_nprobe(self._index)
+        if not self._on_gpu:
+            self._cpu_index = self._index
+
+    @classmethod
+    def load(
+        cls,
+        dirpath: PathLike,
+        name: str = "index",
+        *,
+        metric: Metric | None = None,
+        kind: IndexKind | None = None,
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        use_gpu: bool | Literal["auto"] = "auto",
+        backend: Backend = "auto",
+    ) -> KNNIndex:
+        """Load an index saved with :meth:`save` (or a feature file of a snapshot).
+
+        ``metric``/``kind``/``nlist``/``nprobe`` override the saved settings; a saved FAISS IVF index is reused
+        when the settings match, otherwise the index is rebuilt from the features.
+
+        Raises:
+            SnapshotNotFoundError: if the file is missing.
+            SnapshotError: if it is corrupted or lacks the ``features``/``indices`` tensors.
+        """
+        path = Path(dirpath) / f"{name}.safetensors"
+        tensors = load_tensors(path)
+        meta = read_tensor_metadata(path)
+        if "features" not in tensors:
+            raise SnapshotError(f"index file {path} lacks the 'features' tensor (holds {sorted(tensors)})")
+        saved_nlist = int(meta["nlist"]) if meta.get("nlist") else None
+        saved_nprobe = int(meta["nprobe"]) if meta.get("nprobe") else 8
+        settings = {
+            "metric": metric or meta.get("metric", "l2"),
+            "kind": kind or meta.get("kind", "flat"),
+            "nlist": nlist or saved_nlist,
+        }
+        index = cls(
+            tensors["features"].float(),
+            tensors.get("indices"),
+            nprobe=nprobe or saved_nprobe,
+            use_gpu=use_gpu,
+            backend=backend,
+            **settings,  # type: ignore[arg-type]
+        )
+        faiss_file = Path(dirpath) / f"{name}.faiss"
+        same = settings == {"metric": meta.get("metric"), "kind": meta.get("kind"), "nlist": saved_nlist}
+        if index.kind == "ivf" and index.backend == "faiss" and same and faiss_file.exists():
+            index._adopt_faiss_file(faiss_file)
+        return index
+
+    @classmethod
+    def from_snapshot(
+        cls,
+        dirpath: PathLike,
+        dataset: str = "train",
+        version: str | int | None = None,
+        **kwargs: Any,
+    ) -> KNNIndex:
+        """Load the index of one dataset from a ``FeatureSnapshot`` directory.
+
+        Args:
+            dirpath: the snapshot directory (``FeatureSnapshot.dirpath``).
+            dataset: ``"train"`` or a name from ``FeatureSnapshot(datasets=...)``.
+            version: ``None``/``"latest"``, a version name, or a position (``-1`` the last).
+            **kwargs: overrides passed to :meth:`load` (``metric``, ``kind``, ``nlist``, ``nprobe``, ``use_gpu``,
+                ``backend``).
+
+        Raises:
+            SnapshotNotFoundError: if the directory, manifest, version, dataset or file is missing.
+            SnapshotError: if the manifest or a file is corrupted.
+
+        Example::
+
+            >>> index = KNNIndex.from_snapshot("runs/fastif_snapshot")  # doctest: +SKIP
+            >>> distances, train_ids = index.search(test_features, k=1000)  # doctest: +SKIP
+        """
+        entry = resolve_version(dirpath, "features", version)
+        datasets = entry.get("datasets", {})
+        if dataset not in datasets:
+            raise SnapshotNotFoundError(
+                f"dataset: {dataset!r} not in features version {entry['version']!r} of {dirpath}; "
+                f"available: {sorted(datasets)}"
+            )
+        file = Path(dirpath) / datasets[dataset]["file"]
+        return cls.load(file.parent, file.name.removesuffix(".safetensors"), **kwargs)

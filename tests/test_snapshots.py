@@ -1,0 +1,325 @@
+"""FeatureSnapshot and CheckpointSnapshot in real (tiny) fits: files, manifest, DDP, resume, errors."""
+
+from __future__ import annotations
+
+import csv
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_fastif.features import extract_features
+from lightning_fastif.knn import KNNIndex, faiss_available
+from lightning_fastif.snapshots import CheckpointSnapshot, FeatureSnapshot
+from lightning_fastif.storage import (
+    SnapshotError,
+    SnapshotNotFoundError,
+    apply_checkpoint,
+    load_checkpoint,
+    read_feature_snapshot,
+    read_manifest,
+    snapshot_versions,
+)
+from tests.helpers.snapshot_models import (
+    CrashAtEpoch,
+    TinyClassifier,
+    TinyClassifierWithFeatures,
+    TinyDataModule,
+    TinyDataModuleWithVal,
+    ValLossClassifier,
+    make_dataset,
+)
+
+
+def _trainer(tmp_path, callbacks, **kwargs):
+    options = {
+        "default_root_dir": tmp_path,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "limit_train_batches": 4,
+        "max_epochs": 2,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "log_every_n_steps": 1,
+    }
+    options.update(kwargs)
+    return Trainer(callbacks=callbacks, **options)
+
+
+def _no_tmp_files(path):
+    return not [p for p in path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_feature_snapshot_every_epoch_writes_files_and_manifest(tmp_path):
+    extra = make_dataset(13, seed=1)
+    snapshot = FeatureSnapshot(
+        layer="classifier", hook="input", every_n_epochs=1, batch_size=8, datasets={"challenge": extra}
+    )
+    model, data = TinyClassifier(), TinyDataModule(n=37, batch_size=5)
+    trainer = _trainer(tmp_path, [snapshot])
+    trainer.fit(model, data)
+
+    root = tmp_path / "fastif_snapshot"
+    assert snapshot.snapshot_dir == str(root)
+    manifest = read_manifest(root)
+    versions = manifest["features"]["versions"]
+    # One per epoch; the end-of-fit snapshot is skipped because step 8 is already taken.
+    assert list(versions) == ["epoch=0-step=4", "epoch=1-step=8"]
+    assert manifest["features"]["latest"] == "epoch=1-step=8"
+    entry = versions["epoch=1-step=8"]
+    assert (entry["epoch"], entry["global_step"], entry["n"], entry["dim"]) == (1, 8, 37, 5)
+    assert (entry["metric"], entry["index"], entry["layer"], entry["hook"]) == ("l2", "flat", "classifier", "input")
+    assert entry["seconds"] >= 0
+    assert entry["datasets"]["challenge"] == {
+        "file": "features/epoch=1-step=8/challenge.safetensors",
+        "index_file": None,
+        "n": 13,
+        "dim": 5,
+    }
+    for version in versions:
+        for name in ("train", "challenge"):
+            assert (root / "features" / version / f"{name}.safetensors").is_file()
+    assert _no_tmp_files(root)
+
+    # The last snapshot holds the final model's classifier inputs, every index once, in order.
+    features, indices, _ = read_feature_snapshot(root)
+    assert torch.equal(indices, torch.arange(37))
+    expected = extract_features(model, data.train_set, layer="classifier", hook="input")
+    torch.testing.assert_close(features, expected, rtol=0, atol=1e-6)
+    first, _, _ = read_feature_snapshot(root, version=0)
+    assert not torch.allclose(first, features)  # taken before the second epoch changed the weights
+    challenge, challenge_idx, _ = read_feature_snapshot(root, "challenge")
+    torch.testing.assert_close(challenge, extract_features(model, extra, layer="classifier", hook="input"))
+
+    index = KNNIndex.from_snapshot(root)
+    _, ids = index.search(expected[:3], k=1)
+    assert ids[:, 0].tolist() == [0, 1, 2]
+    assert "fastif/snapshot_seconds" in trainer.callback_metrics
+
+
+def test_fit_end_snapshot_features_method_ivf_and_logger(tmp_path):
+    snapshot = FeatureSnapshot(dirpath=tmp_path / "snap", index="ivf", nlist=4, metric="cosine")
+    model = TinyClassifierWithFeatures()
+    logger = CSVLogger(tmp_path, name="logs", version=0)
+    trainer = _trainer(tmp_path, [snapshot], logger=logger, max_epochs=1, limit_train_batches=3)
+    trainer.fit(model, TinyDataModule())
+    [entry] = snapshot_versions(tmp_path / "snap", "features")
+    assert (entry["version"], entry["epoch"], entry["global_step"]) == ("epoch=1-step=3", 1, 3)
+    assert (entry["layer"], entry["hook"], entry["metric"]) == (None, None, "cosine")
+    index = KNNIndex.from_snapshot(tmp_path / "snap")
+    assert (index.metric, index.kind, index.ntotal) == ("cosine", "ivf", 37)
+    assert (tmp_path / "snap" / "features" / "epoch=1-step=3" / "train.faiss").exists() == faiss_available()
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("fastif/snapshot_seconds")]
+    assert len(rows) == 1
+    assert float(rows[0]["fastif/snapshot_seconds"]) > 0
+
+
+def test_checkpoint_snapshot_schedule_metadata_and_weights(tmp_path):
+    selected = CheckpointSnapshot(
+        dirpath=tmp_path / "sel", params="classifier.*", epochs=[0], every_n_train_steps=3, monitor="val_loss"
+    )
+    whole = CheckpointSnapshot(dirpath=tmp_path / "all", every_n_epochs=2, on_fit_end=False)
+    model = ValLossClassifier()
+    trainer = _trainer(
+        tmp_path, [selected, whole], limit_val_batches=2, num_sanity_val_steps=0, max_epochs=2, limit_train_batches=4
+    )
+    with pytest.warns(UserWarning, match="monitor 'val_loss' is not in trainer.callback_metrics"):
+        trainer.fit(model, TinyDataModuleWithVal())
+
+    entries = snapshot_versions(tmp_path / "sel", "checkpoints")
+    # Steps 3 and 6 (every 3 steps), the end of epoch 0 (step 4), the end of fit (step 8): each step once.
+    assert [(e["epoch"], e["global_step"]) for e in entries] == [(0, 3), (0, 4), (1, 6), (2, 8)]
+    assert entries[0]["monitor_value"] is None  # no validation has run yet at step 3
+    assert entries[1]["monitor"] == "val_loss"
+    assert isinstance(entries[1]["monitor_value"], float)
+    assert entries[-1]["params"] == ["classifier.*"]
+    last_weights, last_entry = load_checkpoint(tmp_path / "sel")[0]
+    assert last_entry["version"] == "epoch=2-step=8"
+    assert set(last_weights) == {"classifier.weight", "classifier.bias"}
+    assert torch.equal(last_weights["classifier.weight"], model.classifier.weight.detach())
+
+    [full] = snapshot_versions(tmp_path / "all", "checkpoints")
+    assert (full["epoch"], full["global_step"], full["monitor"]) == (1, 8, None)
+    weights, _ = load_checkpoint(tmp_path / "all", "all")[0]
+    assert set(weights) == set(model.state_dict())
+    fresh = apply_checkpoint(ValLossClassifier(seed=5), weights)
+    for name, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value)
+    assert _no_tmp_files(tmp_path)
+
+
+def test_constructor_validation():
+    cases = [
+        (lambda: FeatureSnapshot(every_n_epochs=0), "every_n_epochs: expected None or a positive integer, got 0"),
+        (lambda: FeatureSnapshot(hook="middle"), "hook: expected 'input' or 'output', got 'middle'"),
+        (lambda: FeatureSnapshot(metric="dot"), "metric: expected 'l2' or 'cosine', got 'dot'"),
+        (lambda: FeatureSnapshot(index="hnsw"), "index: expected 'flat' or 'ivf', got 'hnsw'"),
+        (lambda: FeatureSnapshot(batch_size=-1), "batch_size"),
+        (lambda: FeatureSnapshot(on_fit_end=False), "would never take a snapshot"),
+        (lambda: FeatureSnapshot(include_train=False), "nothing to embed"),
+        (lambda: FeatureSnapshot(datasets={"a/b": make_dataset(3)}), "name 'a/b' is not accepted"),
+        (lambda: FeatureSnapshot(datasets={"train": make_dataset(3)}), "the name 'train' is taken"),
+        (lambda: FeatureSnapshot(datasets={"x": iter([1])}), "expected a map-style Dataset"),
+        (lambda: FeatureSnapshot(dirpath=3), "dirpath: expected None or a directory path, got 3"),
+        (lambda: CheckpointSnapshot(params=[]), "params: expected None, a name pattern"),
+        (lambda: CheckpointSnapshot(epochs=[-1]), "epochs: expected a list of epoch indices >= 0"),
+        (lambda: CheckpointSnapshot(every_n_train_steps=0), "every_n_train_steps"),
+        (lambda: CheckpointSnapshot(on_fit_end=False), "nothing would be saved"),
+        (lambda: CheckpointSnapshot(on_fit_end="yes"), "on_fit_end: expected True or False, got 'yes'"),
+    ]
+    for build, message in cases:
+        with pytest.raises(MisconfigurationException, match=message.replace("(", "\\(").replace(")", "\\)")):
+            build()
+    # Distinct configurations can coexist in one Trainer.
+    assert FeatureSnapshot(layer="a").state_key != FeatureSnapshot(layer="b").state_key
+    assert CheckpointSnapshot(params="a").state_key != CheckpointSnapshot(params="b").state_key
+
+
+def test_setup_errors(tmp_path):
+    trainer = _trainer(tmp_path, [FeatureSnapshot(layer="clasifier")])
+    with pytest.raises(MisconfigurationException, match="'clasifier' is not a submodule.*'body.0'.*'classifier'"):
+        trainer.fit(TinyClassifier(), TinyDataModule())
+    trainer = _trainer(tmp_path, [FeatureSnapshot()])
+    with pytest.raises(MisconfigurationException, match="defines no features\\(batch\\) method"):
+        trainer.fit(TinyClassifier(), TinyDataModule())
+    trainer = _trainer(tmp_path, [CheckpointSnapshot(params="head.*")])
+    with pytest.raises(MisconfigurationException, match="match no parameter.*'classifier.weight'"):
+        trainer.fit(TinyClassifier(), TinyDataModule())
+    fake = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(MisconfigurationException, match="FSDPStrategy shards the model"):
+        FeatureSnapshot(layer="body").setup(fake, TinyClassifier(), "fit")
+
+
+def test_missing_and_corrupted_snapshot_directory(tmp_path):
+    with pytest.raises(SnapshotNotFoundError, match="snapshot directory not found"):
+        KNNIndex.from_snapshot(tmp_path / "absent")
+    FeatureSnapshot(layer="body", dirpath=tmp_path / "s")  # nothing written before a fit
+    trainer = _trainer(tmp_path, [FeatureSnapshot(layer="body", dirpath=tmp_path / "s")], max_epochs=1)
+    trainer.fit(TinyClassifier(), TinyDataModule())
+    with pytest.raises(SnapshotNotFoundError, match="dataset: 'val' not in features version"):
+        KNNIndex.from_snapshot(tmp_path / "s", dataset="val")
+    with pytest.raises(SnapshotNotFoundError, match="no checkpoints snapshot"):
+        load_checkpoint(tmp_path / "s")
+    [file] = (tmp_path / "s" / "features").rglob("train.safetensors")
+    file.write_bytes(file.read_bytes()[:40])
+    with pytest.raises(SnapshotError, match="corrupted.*train.safetensors"):
+        KNNIndex.from_snapshot(tmp_path / "s")
+    file.unlink()
+    with pytest.raises(FileNotFoundError, match="train.safetensors"):
+        read_feature_snapshot(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_text("{")
+    with pytest.raises(SnapshotError, match="manifest is corrupted"):
+        KNNIndex.from_snapshot(tmp_path / "s")
+
+
+def _resumable_fit(root, *, crash=None, ckpt_path=None):
+    callbacks = [
+        FeatureSnapshot(layer="classifier", hook="input", every_n_epochs=1, batch_size=16),
+        FeatureSnapshot(dirpath=root / "fit_end_only", layer="body"),
+        CheckpointSnapshot(params="classifier.*", every_n_epochs=1),
+        ModelCheckpoint(dirpath=root / "ckpt", save_last=True),
+    ]
+    if crash is not None:
+        callbacks.append(CrashAtEpoch(*crash))
+    trainer = _trainer(root, callbacks, max_epochs=3, enable_checkpointing=True)
+    trainer.fit(TinyClassifier(), TinyDataModule(), ckpt_path=ckpt_path, weights_only=True)
+
+
+def _versions(dirpath, kind="features"):
+    return {e["version"]: e for e in snapshot_versions(dirpath, kind)}
+
+
+@pytest.mark.parametrize(
+    ("crash", "redone"),
+    [
+        # Crash after epoch 1 was snapshotted and checkpointed: the resumed fit continues at epoch 2.
+        ((2, "start"), set()),
+        # Crash after epoch 1 was snapshotted but before its checkpoint: epoch 1 is re-run and re-snapshotted.
+        ((1, "end"), {"epoch=1-step=8"}),
+    ],
+)
+def test_resumed_fit_leaves_the_same_snapshots_as_one_run(tmp_path, crash, redone):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _resumable_fit(one)
+    with pytest.raises(RuntimeError, match="planned crash"):
+        _resumable_fit(two, crash=crash)
+    before = _versions(two / "fastif_snapshot")
+    assert list(before) == ["epoch=0-step=4", "epoch=1-step=8"]
+    assert not (two / "fit_end_only").exists()
+    _resumable_fit(two, ckpt_path=two / "ckpt" / "last.ckpt")
+
+    for sub, kind in (
+        ("fastif_snapshot", "features"),
+        ("fastif_snapshot", "checkpoints"),
+        ("fit_end_only", "features"),
+    ):
+        assert list(_versions(one / sub, kind)) == list(_versions(two / sub, kind))
+    after = _versions(two / "fastif_snapshot")
+    assert list(after) == ["epoch=0-step=4", "epoch=1-step=8", "epoch=2-step=12"]
+    assert list(_versions(two / "fit_end_only")) == ["epoch=3-step=12"]  # taken once, when the resumed fit ended
+    assert {v for v in before if after[v]["created"] != before[v]["created"]} == redone
+    assert len({e["run_id"] for e in after.values()}) == 1  # one run, continued
+    for version in after:
+        a, _, _ = read_feature_snapshot(one / "fastif_snapshot", version=version)
+        b, _, _ = read_feature_snapshot(two / "fastif_snapshot", version=version)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        [(wa, _)] = load_checkpoint(one / "fastif_snapshot", version)
+        [(wb, _)] = load_checkpoint(two / "fastif_snapshot", version)
+        torch.testing.assert_close(wa, wb, rtol=0, atol=1e-6)
+    a, _, _ = read_feature_snapshot(one / "fit_end_only")
+    b, _, _ = read_feature_snapshot(two / "fit_end_only")
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+    # Resuming a finished fit takes nothing again.
+    _resumable_fit(two, ckpt_path=two / "ckpt" / "last.ckpt")
+    again = _versions(two / "fastif_snapshot")
+    assert {v: e["created"] for v, e in again.items()} == {v: e["created"] for v, e in after.items()}
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_ddp_snapshot_equals_single_process_snapshot(tmp_path):
+    # 37 examples, snapshot batches of 8 (5 batches: ranks get 3 and 2) and a 13-example extra set: nothing divides.
+    extra = {"val": make_dataset(13, seed=1)}
+    data = TinyDataModule(n=37, batch_size=5)
+
+    def callbacks(name):
+        return [
+            FeatureSnapshot(dirpath=tmp_path / name, layer="classifier", hook="input", batch_size=8, datasets=extra),
+            CheckpointSnapshot(dirpath=tmp_path / name),
+        ]
+
+    ddp = _trainer(
+        tmp_path,
+        callbacks("ddp"),
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=1,
+        limit_train_batches=3,
+    )
+    ddp.fit(TinyClassifier(lr=0.5), data)
+
+    # One process, with the weights the DDP run ended at (lr=0 keeps them there).
+    [(weights, entry)] = load_checkpoint(tmp_path / "ddp")
+    assert entry["global_step"] == 3
+    single_model = apply_checkpoint(TinyClassifier(lr=0.0, seed=7), weights)
+    _trainer(tmp_path, callbacks("single"), max_epochs=1, limit_train_batches=1).fit(single_model, data)
+
+    [ddp_entry] = snapshot_versions(tmp_path / "ddp", "features")
+    assert ddp_entry["world_size"] == 2
+    for name, n in (("train", 37), ("val", 13)):
+        f_ddp, i_ddp, _ = read_feature_snapshot(tmp_path / "ddp", name)
+        f_one, i_one, _ = read_feature_snapshot(tmp_path / "single", name)
+        assert torch.equal(i_ddp, torch.arange(n))  # each index exactly once, sorted
+        assert torch.equal(i_ddp, i_one)
+        torch.testing.assert_close(f_ddp, f_one, rtol=0, atol=1e-6)
+    assert _no_tmp_files(tmp_path)
