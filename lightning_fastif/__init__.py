@@ -6,6 +6,8 @@ loss by about ``score / n``.
 """
 
 from lightning_fastif.batches import IndexedData
+from lightning_fastif.correction import ErrorCorrection, compare_selections, correct_errors
+from lightning_fastif.features import extract_features, features_of_batch
 from lightning_fastif.grads import FunctionalLoss, evaluating, per_example_gradients
 from lightning_fastif.hessian import HessianOperator
 from lightning_fastif.ihvp import (
@@ -18,12 +20,34 @@ from lightning_fastif.ihvp import (
     relative_residual,
 )
 from lightning_fastif.influence import influence_scores, inverse_hvp_of_test, score_candidates, self_influence
+from lightning_fastif.knn import KNNIndex, knn_recall
+from lightning_fastif.module import CandidatePool, InfluenceModule
 from lightning_fastif.params import select_parameters
+from lightning_fastif.results import BatchInfluence, InfluenceResult
+from lightning_fastif.snapshots import CheckpointSnapshot, FeatureSnapshot
+from lightning_fastif.storage import SnapshotError, SnapshotNotFoundError, apply_checkpoint, load_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchInfluence",
+    "CandidatePool",
+    "CheckpointSnapshot",
     "ConjugateGradient",
+    "ErrorCorrection",
+    "FeatureSnapshot",
+    "InfluenceModule",
+    "InfluenceResult",
+    "KNNIndex",
+    "SnapshotError",
+    "SnapshotNotFoundError",
+    "apply_checkpoint",
+    "compare_selections",
+    "correct_errors",
+    "extract_features",
+    "features_of_batch",
+    "knn_recall",
+    "load_checkpoint",
     "ExactInverse",
     "FunctionalLoss",
     "HessianOperator",

@@ -205,7 +205,8 @@ class FunctionalLoss:
             return self(params, single).sum()
 
         grads = vmap(grad(one), in_dims=(None, _in_dims(batch)))(self.primals, batch)
-        return flatten([grads[n] for n in self.names], batch_dims=1)
+        # Detached: other trainable parameters outside the selection would otherwise keep a graph alive.
+        return flatten([grads[n] for n in self.names], batch_dims=1).detach()
 
     def _loop_gradients(self, batch: Batch, size: int) -> Tensor:
         params = {n: p.clone().requires_grad_(True) for n, p in self.primals.items()}
@@ -215,7 +216,7 @@ class FunctionalLoss:
                 loss = check_losses(self(params, slice_batch(batch, slice(i, i + 1))), 1).sum()
                 g = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             rows.append(flatten([torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params.values())]))
-        return torch.stack(rows)
+        return torch.stack(rows).detach()
 
     def _warn_vmap(self, exc: Exception) -> None:
         _VMAP_FAILED.add(self.model)
