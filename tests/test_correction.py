@@ -14,7 +14,7 @@ from lightning_fastif.correction import ErrorCorrection, accuracy, correct_error
 from lightning_fastif.ihvp import LiSSA
 from lightning_fastif.module import InfluenceModule
 from lightning_fastif.snapshots import FeatureSnapshot
-from tests.helpers.correction_models import CueNet, cue_problem
+from tests.helpers.correction_models import CueNet, WeightsPerRank, cue_problem
 
 
 def fast_lissa() -> LiSSA:
@@ -220,3 +220,45 @@ def test_core_bad_input(trained):
     bad_anchors = TensorDataset(torch.zeros(4, 3), torch.zeros(4).long())  # wrong feature size for the model
     with pytest.raises(ValueError, match="anchors: the loss function cannot take a batch of anchors"):
         correct_errors(m, influence, bad_anchors)
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_callback_under_ddp_two_processes(tmp_path):
+    """Both ranks run the same correction (same anchors, same chosen points) and end with identical weights."""
+    pl.seed_everything(3)
+    train, anchors, challenge = cue_problem(n=96)
+    correction = ErrorCorrection(
+        anchors=anchors,
+        eval_dataset=challenge,
+        epochs=[0],
+        on_fit_end=False,
+        num_steps=2,
+        lr=0.05,
+        num_candidates=40,
+        ihvp=fast_lissa(),
+        dirpath=str(tmp_path / "corr"),
+    )
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[
+            FeatureSnapshot(dirpath=tmp_path / "snap", every_n_epochs=1),
+            correction,
+            WeightsPerRank(str(tmp_path)),
+        ],
+    )
+    trainer.fit(CueNet(), DataLoader(train, batch_size=16))
+    saved = json.loads((tmp_path / "corr" / "correction.json").read_text())
+    assert saved["done"] == ["epoch=0"]
+    assert len(saved["corrections"][0]["steps"]) == 2
+    w0 = torch.load(tmp_path / "weights-rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "weights-rank1.pt", weights_only=True)
+    torch.testing.assert_close(w0, w1, rtol=0, atol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -41,3 +42,14 @@ class CueNet(_Classifier):
 
     def features(self, batch):
         return self.body(batch[0])
+
+
+class WeightsPerRank(pl.Callback):
+    """Writes each rank's flattened weights at the end of fit, so a ddp_spawn test can compare ranks from disk."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        flat = torch.cat([p.detach().reshape(-1).cpu() for p in pl_module.parameters()])
+        torch.save(flat, f"{self.dirpath}/weights-rank{trainer.global_rank}.pt")
