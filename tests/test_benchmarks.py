@@ -1,0 +1,230 @@
+"""The benchmark suite at tiny settings: every module runs, returns the contract's keys, and its metrics are right."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from benchmarks import bench_engine, bench_peers, bench_quality, run_all
+from benchmarks.common import (
+    HEADLINE_KEYS,
+    PEER_KEYS,
+    fmt,
+    goal,
+    interleaved,
+    jsonable,
+    markdown_table,
+    pearson,
+    spearman,
+    write_atomic,
+)
+
+
+# -- common ---------------------------------------------------------------------------------------------------------
+def test_correlations_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(50, generator=g, dtype=torch.float64)
+    b = a + 0.5 * torch.randn(50, generator=g, dtype=torch.float64)
+    ties = torch.tensor([1.0, 2.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    other = torch.tensor([3.0, 1.0, 2.0, 4.0, 6.0, 5.0, 7.0])
+    assert pearson(a, b) == pytest.approx(stats.pearsonr(a.numpy(), b.numpy())[0], abs=1e-10)
+    assert spearman(a, b) == pytest.approx(stats.spearmanr(a.numpy(), b.numpy())[0], abs=1e-10)
+    assert spearman(ties, other) == pytest.approx(stats.spearmanr(ties.numpy(), other.numpy())[0], abs=1e-10)
+    assert math.isnan(pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="pearson: need two sequences of equal length"):
+        pearson([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_tables_verdicts_and_files(tmp_path):
+    assert markdown_table(["a", "b"], [[1, None], ["x|y", float("nan")]]).splitlines()[2:] == [
+        "| 1 | — |",
+        "| x\\|y | — |",
+    ]
+    with pytest.raises(ValueError, match="rows: a row has 1 cells, the table has 2 columns"):
+        markdown_table(["a", "b"], [[1]])
+    assert fmt(0.5) == "0.5"
+    assert fmt(123456.0) == "1.23e+05"
+    assert fmt(True) == "yes"
+    assert goal(0.6, 0.5) == "met"
+    assert goal(0.4, 0.5) == "NOT met"
+    assert goal(None, 0.5) == "not measured"
+    assert goal(3.0, 4.0, at_least=False) == "met"
+    assert goal(5.0, 4.0, at_least=False) == "NOT met"
+    assert jsonable({"x": torch.tensor([1.0, float("nan")]), "y": float("inf")}) == {"x": [1.0, None], "y": None}
+    path = write_atomic(tmp_path / "sub" / "out.txt", "hello")
+    assert path.read_text() == "hello"
+    assert [p.name for p in path.parent.iterdir()] == ["out.txt"]
+    timings = interleaved({"a": lambda: None, "b": lambda: sum(range(100))}, repeats=3, warmup=1)
+    assert [len(t.times) for t in timings.values()] == [3, 3]
+
+
+# -- quality metrics on known answers ---------------------------------------------------------------------------------
+def test_quality_metrics_on_known_answers():
+    task = bench_quality.loo_task(True)
+    n = len(task.train)
+    perfect = task.truth["loo_delta"] * n
+    assert bench_quality.loo_correlation(task, perfect)["loo_pearson"] == pytest.approx(1.0)
+    assert bench_quality.loo_correlation(task, -perfect)["loo_pearson"] == pytest.approx(-1.0)
+
+    mis = bench_quality.mislabel_task(True)
+    flags = torch.zeros(len(mis.train), dtype=torch.float64)
+    flags[mis.truth["flipped"]] = 1.0
+    assert bench_quality.mislabel_fraction(mis, flags)["mislabel_top10_fraction"] == 1.0
+    assert bench_quality.mislabel_fraction(mis, -flags)["mislabel_top10_fraction"] == 0.0
+
+    lds = bench_quality.lds_task(True)
+    masks, outputs = lds.truth["masks"].to(torch.float64), lds.truth["outputs"]
+    # Scores whose subset sums reproduce the outputs exactly (least squares has an exact solution: M < N).
+    exact = torch.linalg.lstsq(masks, outputs).solution.T
+    assert bench_quality.linear_datamodeling_score(lds, exact)["lds"] == pytest.approx(1.0)
+    assert bench_quality.linear_datamodeling_score(lds, -exact)["lds"] == pytest.approx(-1.0)
+
+
+# -- each module at its smoke setting -------------------------------------------------------------------------------
+def _check_contract(out: dict) -> None:
+    assert set(out) >= {"name", "title", "headline", "markdown", "details"}
+    assert out["markdown"].lstrip().startswith(("|", "Ground", "Candidate", "The same"))
+    assert "| --- |" in out["markdown"]
+    json.dumps(jsonable(out["details"]))  # details are JSON-serialisable
+
+
+def test_engine_smoke():
+    out = bench_engine.run(smoke=True, threads=1)
+    _check_contract(out)
+    assert set(out["headline"]) == {"grad_throughput_ratio", "stest_64_vs_1"}
+    assert out["headline"]["grad_throughput_ratio"] > 0
+    rows = out["details"]["throughput"]
+    assert [r["params"] for r in rows][:2] == [84060, 20490]
+    for r in rows:
+        assert r["train_per_s"] > 0
+        assert r["jvp_per_s"] > 0
+        assert r["vmap_per_s"] > 0
+    assert all(r["ratio"][1] == 1.0 and r["seconds"][4] > 0 for r in out["details"]["stest"])
+
+
+def test_quality_smoke_ranks_methods_correctly():
+    out = bench_quality.run(smoke=True, threads=1)
+    _check_contract(out)
+    assert set(out["headline"]) == set(bench_quality.QUALITY_KEYS)
+    by_name = {m["name"]: m for m in out["details"]["methods"]}
+    assert all(not m["errors"] for m in by_name.values()), {n: m["errors"] for n, m in by_name.items()}
+    exact, lissa = by_name["ours: exact inverse"], by_name["ours: LiSSA (FastIF)"]
+    random = by_name["random"]
+    # Numbers that would be wrong if a sign, a metric or the engine were wrong.
+    assert exact["loo_pearson"] > 0.9
+    assert lissa["loo_pearson"] > 0.8
+    assert abs(random["loo_pearson"]) < 0.5
+    assert exact["lds"] > random["lds"] + 0.2
+    assert exact["mislabel_top10_fraction"] >= 0.5 > random["mislabel_top10_fraction"] + 0.2
+    assert out["headline"]["loo_pearson"] == lissa["loo_pearson"]
+
+
+@pytest.mark.slow
+def test_peers_smoke():
+    out = bench_peers.run(smoke=True, threads=1)
+    _check_contract(out)
+    peers = out["headline"]["peers"]
+    assert set(peers) == {p.name for p in bench_peers.PEERS}
+    for name, figures in peers.items():
+        assert set(figures) == set(PEER_KEYS), name
+    methods = {m["name"]: m for m in out["details"]["methods"]}
+    for peer in bench_peers.PEERS:
+        m = methods[peer.name]
+        # Either a peer ran and its LOO correlation is positive, or the table says why it did not.
+        assert (m["loo_pearson"] is not None and m["loo_pearson"] > 0) or m["errors"].get("loo"), m
+    if all(not methods[p.name]["errors"] for p in bench_peers.PEERS):
+        assert all(f["seconds_ratio"] is not None and f["seconds_ratio"] > 0 for f in peers.values())
+
+
+def test_missing_peer_is_a_row_not_a_crash(monkeypatch):
+    monkeypatch.setattr(bench_peers.importlib.util, "find_spec", lambda name: None)
+    result = bench_quality.evaluate(bench_peers.KronfluenceEKFAC(), smoke=True, tasks=("loo",))
+    assert result["loo_pearson"] is None
+    assert "kronfluence not installed" in result["errors"]["loo"]
+    assert "install-bench" in result["errors"]["loo"]
+
+
+# -- run_all --------------------------------------------------------------------------------------------------------
+def _fake_module(monkeypatch, name: str, run) -> str:
+    module = types.ModuleType(name)
+    module.run = run
+    monkeypatch.setitem(sys.modules, name, module)
+    return name
+
+
+def test_run_all_merges_modules_and_survives_failures(monkeypatch, tmp_path):
+    def good(*, smoke=False):  # accepts no `threads`: run_all passes only what a module takes
+        assert smoke is True
+        return {
+            "name": "fake",
+            "title": "Fake",
+            "headline": {"fastif_speedup": 120.0, "lds": 0.3, "peers": {"P": {"lds": 0.1, "seconds_ratio": 2.0}}},
+            "markdown": "| a |\n| --- |\n| 1 |\n",
+            "details": {"x": torch.tensor([1.0])},
+        }
+
+    def other_api(smoke=False, threads=1):  # another engineer's layout: "results" and "rows"
+        return {"results": {"ddp2_speedup": 1.8, "lds": 0.9}, "rows": ["| b |", "| --- |", "| 2 |"]}
+
+    def broken(**kwargs):
+        raise RuntimeError("no GPU here")
+
+    names = [
+        _fake_module(monkeypatch, "fake_good", good),
+        _fake_module(monkeypatch, "fake_other", other_api),
+        _fake_module(monkeypatch, "fake_broken", broken),
+    ]
+    sections = [run_all.run_module(n, smoke=True, threads=1) for n in names]
+    assert sections[2]["error"] == "RuntimeError: no GPU here"
+    result = run_all.write_results(
+        sections, tmp_path, command="python -m benchmarks.run_all --smoke", threads=1, smoke=True
+    )
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == result
+    assert set(HEADLINE_KEYS) <= set(on_disk)
+    assert "peers" in on_disk
+    assert on_disk["fastif_speedup"] == 120.0
+    assert on_disk["ddp2_speedup"] == 1.8
+    assert on_disk["lds"] == 0.3
+    assert any("lds" in n for n in on_disk["notes"])
+    assert on_disk["grad_throughput_ratio"] is None  # not measured: null
+    assert on_disk["peers"] == {
+        "P": {"loo_pearson": None, "lds": 0.1, "mislabel_top10_fraction": None, "seconds_ratio": 2.0}
+    }
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "python -m benchmarks.run_all --smoke" in text
+    assert "SMOKE RUN" in text
+    assert "**Failed**: `RuntimeError: no GPU here`" in text
+    assert "| b |" in text
+    assert "| 1 |" in text
+    assert "| `fastif_speedup` |" in text
+    assert "| met |" in text
+    assert "not measured" in text
+
+
+def test_run_all_discovers_bench_modules():
+    found = run_all.discover()
+    assert {"benchmarks.bench_engine", "benchmarks.bench_quality", "benchmarks.bench_peers"} <= set(found)
+    assert run_all.discover(only=["engine"]) == ["benchmarks.bench_engine"]
+    assert "benchmarks.bench_peers" not in run_all.discover(skip=["peers"])
+    with pytest.raises(ValueError, match="--only: unknown benchmark"):
+        run_all.discover(only=["nope"])
+
+
+def test_run_all_main_never_overwrites_full_results_with_a_smoke_run(monkeypatch, tmp_path):
+    name = _fake_module(monkeypatch, "fake_main", lambda smoke=False: {"headline": {"lds": 0.5}, "markdown": "x"})
+    monkeypatch.setattr(run_all, "discover", lambda only=None, skip=None: [name])
+    written = []
+    monkeypatch.setattr(run_all, "write_atomic", lambda path, text: written.append(path))
+    result = run_all.main(["--smoke"])
+    assert result["lds"] == 0.5
+    assert written == []  # a smoke run without --out-dir writes nothing
+    run_all.main(["--smoke", "--out-dir", str(tmp_path)])
+    assert sorted(p.name for p in written) == ["RESULTS.md", "results.json"]
+    assert {p.parent for p in written} == {tmp_path}
