@@ -21,11 +21,13 @@ from lightning_fastif.ihvp import (
 )
 from lightning_fastif.influence import influence_scores, inverse_hvp_of_test, score_candidates, self_influence
 from lightning_fastif.knn import KNNIndex, knn_recall
+from lightning_fastif.memory import MemoryBudgetError, measure_stage, parse_memory
 from lightning_fastif.module import CandidatePool, InfluenceModule
 from lightning_fastif.params import select_parameters
 from lightning_fastif.results import BatchInfluence, InfluenceResult
 from lightning_fastif.snapshots import CheckpointSnapshot, FeatureSnapshot
 from lightning_fastif.storage import SnapshotError, SnapshotNotFoundError, apply_checkpoint, load_checkpoint
+from lightning_fastif.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -39,8 +41,10 @@ __all__ = [
     "InfluenceModule",
     "InfluenceResult",
     "KNNIndex",
+    "MemoryBudgetError",
     "SnapshotError",
     "SnapshotNotFoundError",
+    "VerifyReport",
     "apply_checkpoint",
     "compare_selections",
     "correct_errors",
@@ -48,6 +52,8 @@ __all__ = [
     "features_of_batch",
     "knn_recall",
     "load_checkpoint",
+    "measure_stage",
+    "parse_memory",
     "ExactInverse",
     "FunctionalLoss",
     "HessianOperator",
@@ -64,4 +70,5 @@ __all__ = [
     "score_candidates",
     "select_parameters",
     "self_influence",
+    "verify",
 ]

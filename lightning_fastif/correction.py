@@ -19,6 +19,7 @@ from a pool of examples not seen in training (FastIF's data augmentation): the c
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -205,6 +206,51 @@ def correct_errors(
     start = time.perf_counter()
     if eval_dataset is not None:
         report.accuracy_before = accuracy(model, eval_dataset)
+    estimator = influence.ihvp
+    try:
+        _correction_steps(
+            model,
+            influence,
+            anchor_data,
+            source,
+            report,
+            loss_fn=loss_fn,
+            opt=opt,
+            device=device,
+            generator=generator,
+            num_anchors=num_anchors,
+            top_m=top_m,
+            num_steps=num_steps,
+            selection=selection,
+            harmful_weight=harmful_weight,
+            pool=pool,
+        )
+    finally:
+        influence.ihvp = estimator
+    if eval_dataset is not None:
+        report.accuracy_after = accuracy(model, eval_dataset)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _correction_steps(
+    model: nn.Module,
+    influence: Any,
+    anchor_data: IndexedData,
+    source: IndexedData,
+    report: CorrectionReport,
+    *,
+    loss_fn: LossFn,
+    opt: torch.optim.Optimizer,
+    device: torch.device,
+    generator: torch.Generator,
+    num_anchors: int,
+    top_m: int,
+    num_steps: int,
+    selection: str,
+    harmful_weight: float,
+    pool: Any,
+) -> None:
     for step in range(num_steps):
         anchor_idx = torch.randperm(len(anchor_data), generator=generator)[: min(num_anchors, len(anchor_data))]
         anchor_batch = _to(anchor_data.gather(anchor_idx), device)
@@ -218,6 +264,7 @@ def correct_errors(
             chosen_scores = torch.full((top_m,), float("nan"))
         else:
             found = influence.score_batch(anchor_batch, combine=True, candidates_pool=pool)
+            _fix_auto_scale(influence, found.diagnostics.get("ihvp", {}))
             candidates, scores = found.candidates[0].cpu(), found.scores[0].detach().cpu()
             if top_m > candidates.numel():
                 raise ValueError(
@@ -248,10 +295,20 @@ def correct_errors(
                 anchor_loss_after=after,
             )
         )
-    if eval_dataset is not None:
-        report.accuracy_after = accuracy(model, eval_dataset)
-    report.seconds = time.perf_counter() - start
-    return report
+
+
+def _fix_auto_scale(influence: Any, diagnostics: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """After the first step, keep LiSSA's auto-estimated scale: a few small steps barely move the Hessian's spectrum,
+    and re-estimating it (power iteration over several batches) would cost more than the recursion itself."""
+    from lightning_fastif.ihvp import LiSSA
+
+    if isinstance(diagnostics, list):  # one entry per checkpoint; the first is the live weights or the latest
+        diagnostics = diagnostics[0] if diagnostics else {}
+    est = influence.ihvp
+    if isinstance(est, LiSSA) and est.scale == "auto" and isinstance(diagnostics.get("scale"), (int, float)):
+        fixed = copy.copy(est)
+        fixed.scale = float(diagnostics["scale"])
+        influence.ihvp = fixed
 
 
 class ErrorCorrection(Callback):
@@ -540,7 +597,14 @@ def compare_selections(
                 seed=seed,
                 **correct_kwargs,
             )
-            runs.append({"seed": seed, "before": report.accuracy_before, "after": report.accuracy_after})
+            runs.append(
+                {
+                    "seed": seed,
+                    "before": report.accuracy_before,
+                    "after": report.accuracy_after,
+                    "used_indices": report.used_indices,
+                }
+            )
         gains = [r["after"] - r["before"] for r in runs]
         afters = [r["after"] for r in runs]
         summary[selection] = {

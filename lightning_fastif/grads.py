@@ -33,7 +33,8 @@ from lightning_fastif.params import ParamSpec, flatten, select_parameters, unfla
 LossFn = Callable[[nn.Module, Batch], Tensor]
 """``loss_fn(model, batch) -> Tensor[B]``: the per-example losses of a batch (no reduction)."""
 
-_VMAP_FAILED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_VMAP_FAILED: weakref.WeakKeyDictionary[nn.Module, set[Any]] = weakref.WeakKeyDictionary()
+"""Models (and the ids of the loss functions) for which vmap failed once: they go straight to the loop."""
 
 _ATTENTION_HINT = (
     "This model's attention implementation does not support {what}. PyTorch's fused CPU attention "
@@ -151,6 +152,7 @@ class FunctionalLoss:
     def __init__(self, model: nn.Module, loss_fn: LossFn | None = None, params: ParamSpec = None) -> None:
         self.model = model
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else default_loss_fn(model)
+        self._loss_key: Any = "per_example_loss" if loss_fn is None else id(loss_fn)
         selected = select_parameters(model, params)
         self.names = list(selected)
         self.primals: dict[str, Tensor] = {n: p.detach() for n, p in selected.items()}
@@ -183,7 +185,7 @@ class FunctionalLoss:
         """Return the per-example loss gradients ``[B, P]`` (vectorised; a loop where vmap cannot run the model)."""
         batch = self.prepare(batch)
         size = batch_size_of(batch)
-        if self.model not in _VMAP_FAILED:
+        if self._loss_key not in _VMAP_FAILED.get(self.model, set()):
             try:
                 return self._vmap_gradients(batch, size)
             except (ValueError, TypeError) as exc:
@@ -219,7 +221,7 @@ class FunctionalLoss:
         return torch.stack(rows).detach()
 
     def _warn_vmap(self, exc: Exception) -> None:
-        _VMAP_FAILED.add(self.model)
+        _VMAP_FAILED.setdefault(self.model, set()).add(self._loss_key)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         warnings.warn(
             f"torch.func.vmap cannot run {type(self.model).__name__} ({first}); per-example gradients fall back to a "
@@ -245,7 +247,9 @@ class FunctionalLoss:
         tangents = unflatten(directions, self.primals)
 
         def dloss(tangent: dict[str, Tensor]) -> Tensor:
-            losses, derivative = jvp(lambda p: self(p, batch), (self.primals,), (tangent,))
+            # no_grad: trainable parameters outside the selection would otherwise record the forward for backward.
+            with torch.no_grad():
+                losses, derivative = jvp(lambda p: self(p, batch), (self.primals,), (tangent,))
             check_losses(losses, size)
             return derivative
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_fastif.batches import Batch, IndexedData
+from lightning_fastif.batches import Batch, IndexedData, batch_size_of, slice_batch
 from lightning_fastif.grads import FunctionalLoss, LossFn
 from lightning_fastif.params import ParamSpec
 
@@ -26,7 +26,9 @@ class HessianOperator:
         loss_fn: per-example loss ``loss_fn(model, batch) -> Tensor[B]`` (default ``model.per_example_loss``).
         train_data: a map-style ``Dataset`` or a ``DataLoader`` over one (its ``collate_fn`` is used).
         params: which parameters (see :func:`~lightning_fastif.params.select_parameters`).
-        batch_size: chunk size for full-data products (memory bound, not a statistical choice).
+        batch_size: chunk size of every product: full-data products, and minibatches larger than it (a LiSSA
+            ``batch_size`` above it is summed chunk by chunk, same result). A memory bound, not a statistical choice;
+            :func:`~lightning_fastif.memory.plan_chunks` derives it from a ``max_memory`` budget.
 
     Example::
 
@@ -75,8 +77,20 @@ class HessianOperator:
         return self.function.device
 
     def batch_hvp(self, batch: Batch, vectors: Tensor) -> Tensor:
-        """``[V, P]``: the Hessian of the *mean* loss over ``batch`` times each row of ``vectors``."""
-        return self.function.hvp(batch, vectors)
+        """``[V, P]``: the Hessian of the *mean* loss over ``batch`` times each row of ``vectors``.
+
+        A batch larger than ``batch_size`` is processed in chunks of ``batch_size`` (sums, then one division), so
+        memory stays bounded by the chunk whatever the minibatch.
+        """
+        size = batch_size_of(batch)
+        if size <= self.batch_size:
+            return self.function.hvp(batch, vectors)
+        total = None
+        for start in range(0, size, self.batch_size):
+            chunk = slice_batch(batch, slice(start, start + self.batch_size))
+            part = self.function.hvp(chunk, vectors, reduction="sum")
+            total = part if total is None else total + part
+        return total / size
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         """A minibatch of ``batch_size`` training examples drawn uniformly (with replacement) by ``generator``."""

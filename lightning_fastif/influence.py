@@ -12,19 +12,26 @@ How candidates are scored (``method``):
 * ``"grads"``: per-example gradients of the candidates are materialised (``vmap``) and multiplied with all
   ``s_test`` at once. Cheaper only when many test points share the same candidates (``candidates=None`` and more
   than ``32`` test points under ``"auto"``).
+
+Chunk sizes are fixed (``batch_size``, ``hessian_batch_size``) unless ``max_memory`` is given (``"4GB"``): then
+they are derived from the budget and the measured memory of one example (:mod:`lightning_fastif.memory`); chunking
+never changes the scores beyond float rounding. Pass a dict as ``diagnostics`` to receive what the estimator did,
+seconds and peak memory per stage, and the memory plan; :func:`diagnostic_metrics` flattens it for a logger.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_fastif.batches import Batch, IndexedData, batch_size_of
+from lightning_fastif.batches import Batch, IndexedData, batch_size_of, slice_batch
 from lightning_fastif.grads import FunctionalLoss, LossFn, evaluating
 from lightning_fastif.hessian import HessianOperator
 from lightning_fastif.ihvp import InverseHVP
+from lightning_fastif.memory import MemoryBudgetError, MemoryPlan, measure_example_cost, measure_stage, plan_chunks
 from lightning_fastif.params import ParamSpec
 
 _METHODS = ("auto", "jvp", "grads")
@@ -54,6 +61,21 @@ def check_candidates(candidates: Any, num_test: int, num_train: int) -> Tensor:
     return candidates.long()
 
 
+def resolve_method(method: str, shared_candidates: bool, num_test: int) -> str:
+    """The scoring method ``"auto"`` stands for: ``"grads"`` for many test points sharing candidates, else ``"jvp"``.
+
+    Example::
+
+        >>> resolve_method("auto", True, 64), resolve_method("auto", False, 64)
+        ('grads', 'jvp')
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method: expected one of {_METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    return "grads" if shared_candidates and num_test >= GRADS_MIN_TEST_POINTS else "jvp"
+
+
 def score_candidates(
     function: FunctionalLoss,
     train_data: IndexedData,
@@ -73,13 +95,12 @@ def score_candidates(
         batch_size: candidates per forward pass.
         method: ``"auto"``, ``"jvp"`` or ``"grads"`` (see the module docstring).
     """
-    if method not in _METHODS:
-        raise ValueError(f"method: expected one of {_METHODS}, got {method!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size: must be a positive integer, got {batch_size}")
     num_test, num_train = s_test.shape[0], len(train_data)
+    method = resolve_method(method, candidates is None, num_test)
     if candidates is None:
-        use_grads = method == "grads" or (method == "auto" and num_test >= GRADS_MIN_TEST_POINTS)
+        use_grads = method == "grads"
         parts = []
         for _, batch in train_data.chunks(batch_size):
             if use_grads:
@@ -106,6 +127,35 @@ def score_candidates(
     return torch.stack(rows)
 
 
+def _stage(name: str, stages: dict[str, dict[str, Any]] | None, device: torch.device) -> Any:
+    """Measure a stage only when diagnostics were asked for (resetting the peak counter is process-wide)."""
+    return contextlib.nullcontext() if stages is None else measure_stage(name, stages, device=device)
+
+
+def _gradients_in_chunks(function: FunctionalLoss, batch: Batch, chunk: int | None) -> Tensor:
+    size = batch_size_of(batch)
+    if chunk is None or chunk >= size:
+        return function.per_example_gradients(batch)
+    return torch.cat(
+        [function.per_example_gradients(slice_batch(batch, slice(i, i + chunk))) for i in range(0, size, chunk)]
+    )
+
+
+def _report(
+    diagnostics: dict[str, Any] | None,
+    ihvp: dict[str, Any],
+    stages: dict[str, dict[str, Any]] | None,
+    plan: MemoryPlan | None,
+    chunks: dict[str, int],
+    **extra: Any,
+) -> None:
+    if diagnostics is None:
+        return
+    diagnostics.update(
+        ihvp=ihvp, stages=stages or {}, memory_plan=None if plan is None else plan.as_dict(), chunks=chunks, **extra
+    )
+
+
 def inverse_hvp_of_test(
     model: nn.Module,
     loss_fn: LossFn | None,
@@ -115,12 +165,31 @@ def inverse_hvp_of_test(
     ihvp: InverseHVP,
     params: ParamSpec = None,
     hessian_batch_size: int = 256,
+    max_memory: str | int | None = None,
+    diagnostics: dict[str, Any] | None = None,
 ) -> Tensor:
-    """``s_test = (H + λI)⁻¹ g_test`` ``[T, P]`` for every test point of ``test_batch``, in one solve."""
+    """``s_test = (H + λI)⁻¹ g_test`` ``[T, P]`` for every test point of ``test_batch``, in one solve.
+
+    ``max_memory`` and ``diagnostics`` work as in :func:`influence_scores`.
+    """
     function = FunctionalLoss(model, loss_fn, params)
-    operator = HessianOperator(model, None, train_data, batch_size=hessian_batch_size, function=function)
+    data = IndexedData(train_data)
+    num_test = batch_size_of(test_batch)
+    stages: dict[str, dict[str, Any]] | None = None if diagnostics is None else {}
+    plan, grad_chunk = None, None
+    if max_memory is not None:
+        with evaluating(model):
+            plan = plan_chunks(measure_example_cost(function, data), max_memory, num_vectors=num_test)
+        hessian_batch_size, grad_chunk = plan.hessian_chunk, plan.gradient_chunk
+    operator = HessianOperator(model, None, data, batch_size=hessian_batch_size, function=function)
     with evaluating(model):
-        return ihvp.solve(operator, function.per_example_gradients(test_batch))
+        with _stage("test_gradients", stages, function.device):
+            g_test = _gradients_in_chunks(function, test_batch, grad_chunk)
+        with _stage("inverse_hvp", stages, function.device):
+            s_test = ihvp.solve(operator, g_test)
+    chunks = {"test_gradients": grad_chunk or num_test, "hessian": hessian_batch_size}
+    _report(diagnostics, dict(ihvp.diagnostics), stages, plan, chunks)
+    return s_test
 
 
 def influence_scores(
@@ -135,6 +204,8 @@ def influence_scores(
     batch_size: int = 256,
     hessian_batch_size: int = 256,
     method: str = "auto",
+    max_memory: str | int | None = None,
+    diagnostics: dict[str, Any] | None = None,
 ) -> Tensor:
     """Influence of training points on each test point of ``test_batch``. **Positive = helpful.**
 
@@ -146,12 +217,22 @@ def influence_scores(
         ihvp: the inverse-HVP estimator (:class:`~lightning_fastif.ihvp.LiSSA`, ``ConjugateGradient``, ...).
         params: which parameters (name patterns, modules; default: all trainable).
         candidates: ``None`` to score every training point, or ``[T, K]`` training indices per test point.
-        batch_size: candidates per pass.
-        hessian_batch_size: examples per chunk in full-data Hessian products.
+        batch_size: candidates per pass (ignored when ``max_memory`` is given).
+        hessian_batch_size: examples per chunk in Hessian products (ignored when ``max_memory`` is given).
         method: ``"auto"``, ``"jvp"`` or ``"grads"`` (see the module docstring).
+        max_memory: a memory budget (``"4GB"``, ``"512MiB"``, bytes): chunk sizes of the test gradients, the
+            scoring and the Hessian products are derived from it and the measured cost of one example (see
+            :mod:`lightning_fastif.memory`); the scores are the same as without it.
+        diagnostics: a dict to fill with ``ihvp`` (the estimator's diagnostics: settings as used, iterations,
+            residual, seconds), ``stages`` (seconds and peak memory of ``test_gradients``, ``inverse_hvp``,
+            ``scoring``), ``memory_plan`` (or ``None``), ``chunks`` and ``method``.
 
     Returns:
         ``[T, N]`` scores, or ``[T, K]`` aligned with ``candidates``.
+
+    Raises:
+        MemoryBudgetError: ``max_memory`` cannot hold one example's work (the message gives the smallest budget
+            that works).
 
     Example::
 
@@ -160,19 +241,48 @@ def influence_scores(
         >>> net = nn.Linear(2, 1).double()
         >>> mse = lambda m, b: (m(b[0]).squeeze(-1) - b[1]) ** 2
         >>> train = TensorDataset(torch.randn(8, 2, dtype=torch.float64), torch.randn(8, dtype=torch.float64))
-        >>> influence_scores(net, mse, train[:2], train, ihvp=ExactInverse(0.1)).shape
+        >>> influence_scores(net, mse, train[:2], train, ihvp=ExactInverse(0.1), max_memory="10MB").shape
         torch.Size([2, 8])
     """
     function = FunctionalLoss(model, loss_fn, params)
     data = IndexedData(train_data)
-    batch_size_of(test_batch)
+    num_test = batch_size_of(test_batch)
+    resolved = resolve_method(method, candidates is None, num_test)
+    stages: dict[str, dict[str, Any]] | None = None if diagnostics is None else {}
+    plan, grad_chunk = None, None
+    if max_memory is not None:
+        directions = num_test if candidates is None else 1
+        with evaluating(model):
+            cost = measure_example_cost(function, data)
+        plan = plan_chunks(cost, max_memory, num_vectors=num_test, score_directions=directions)
+        hessian_batch_size, grad_chunk = plan.hessian_chunk, plan.gradient_chunk
+        batch_size = plan.gradient_chunk if resolved == "grads" else plan.score_chunk
     operator = HessianOperator(model, None, data, batch_size=hessian_batch_size, function=function)
     with evaluating(model):
-        g_test = function.per_example_gradients(test_batch)
+        with _stage("test_gradients", stages, function.device):
+            g_test = _gradients_in_chunks(function, test_batch, grad_chunk)
         if candidates is not None:
             candidates = check_candidates(candidates, g_test.shape[0], len(data))
-        s_test = ihvp.solve(operator, g_test)
-        return score_candidates(function, data, s_test, candidates, batch_size=batch_size, method=method)
+        with _stage("inverse_hvp", stages, function.device):
+            s_test = ihvp.solve(operator, g_test)
+        with _stage("scoring", stages, function.device):
+            scores = score_candidates(function, data, s_test, candidates, batch_size=batch_size, method=resolved)
+    chunks = {"test_gradients": grad_chunk or num_test, "hessian": hessian_batch_size, "scoring": batch_size}
+    _report(diagnostics, dict(ihvp.diagnostics), stages, plan, chunks, method=resolved)
+    return scores
+
+
+def _self_influence_plan(function: FunctionalLoss, data: IndexedData, max_memory: str | int, most: int) -> MemoryPlan:
+    """The plan with the most vectors per solve (at most ``most``) whose every work fits one example."""
+    cost = measure_example_cost(function, data)
+    vectors = most
+    while True:
+        try:
+            return plan_chunks(cost, max_memory, num_vectors=vectors, score_directions=1)
+        except MemoryBudgetError:
+            if vectors == 1:
+                raise
+            vectors = max(1, vectors // 2)
 
 
 def self_influence(
@@ -185,11 +295,16 @@ def self_influence(
     train_data: Any = None,
     batch_size: int = 64,
     hessian_batch_size: int = 256,
+    max_memory: str | int | None = None,
+    diagnostics: dict[str, Any] | None = None,
 ) -> Tensor:
     """``g(z)ᵀ (H + λI)⁻¹ g(z)`` for every example of ``data``: ``[N]``.
 
     High self-influence marks points the model had to bend to fit: likely mislabelled or atypical. ``H`` is taken
-    over ``train_data`` (default: ``data`` itself). The estimator solves for ``batch_size`` examples at a time.
+    over ``train_data`` (default: ``data`` itself). The estimator solves for ``batch_size`` examples at a time; with
+    ``max_memory`` that is the largest number up to ``batch_size`` the budget holds, and the Hessian chunk follows
+    from it. ``diagnostics`` is filled as in :func:`influence_scores`; its ``ihvp`` entry is the last solve's, with
+    ``residual`` the largest and ``seconds`` the total over all solves (``solves`` of them).
 
     Example::
 
@@ -200,13 +315,74 @@ def self_influence(
         >>> self_influence(net, mse, TensorDataset(torch.randn(5, 2), torch.randn(5)), ihvp=Identity()).shape
         torch.Size([5])
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be a positive integer, got {batch_size}")
     function = FunctionalLoss(model, loss_fn, params)
     source = IndexedData(data, name="data")
     hessian_data = source if train_data is None else IndexedData(train_data)
+    stages: dict[str, dict[str, Any]] | None = None if diagnostics is None else {}
+    plan, grad_chunk = None, None
+    if max_memory is not None:
+        with evaluating(model):
+            plan = _self_influence_plan(function, hessian_data, max_memory, batch_size)
+        batch_size, hessian_batch_size, grad_chunk = plan.num_vectors, plan.hessian_chunk, plan.gradient_chunk
     operator = HessianOperator(model, None, hessian_data, batch_size=hessian_batch_size, function=function)
     out = []
+    residuals, seconds = [], 0.0
     with evaluating(model):
         for _, batch in source.chunks(batch_size):
-            grads = function.per_example_gradients(batch)
-            out.append((grads * ihvp.solve(operator, grads)).sum(-1))
+            with _stage("gradients", stages, function.device):
+                grads = _gradients_in_chunks(function, batch, grad_chunk)
+            with _stage("inverse_hvp", stages, function.device):
+                out.append((grads * ihvp.solve(operator, grads)).sum(-1))
+            seconds += ihvp.diagnostics.get("seconds", 0.0)
+            if ihvp.diagnostics.get("residual") is not None:
+                residuals.append(ihvp.diagnostics["residual"])
+    summary = {**ihvp.diagnostics, "seconds": seconds, "solves": len(out)}
+    summary["residual"] = max(residuals) if residuals else None
+    chunks = {"vectors_per_solve": batch_size, "gradients": grad_chunk or batch_size, "hessian": hessian_batch_size}
+    _report(diagnostics, summary, stages, plan, chunks)
     return torch.cat(out)
+
+
+def diagnostic_metrics(diagnostics: dict[str, Any], prefix: str = "fastif/") -> dict[str, float]:
+    """Flatten a ``diagnostics`` dict into numbers for a logger (``trainer.logger``, ``self.log_dict``).
+
+    Keys: ``ihvp_residual``, ``ihvp_iterations`` (mean over repeats), ``ihvp_seconds``, ``ihvp_scale`` and
+    ``ihvp_top_eigenvalue`` (LiSSA), ``ihvp_converged`` (fraction of repeats, ``"auto"`` depth), and per stage
+    ``<stage>_seconds``, ``<stage>_peak_bytes`` (CUDA where measured, else CPU resident) and ``<stage>_extra_bytes``;
+    ``max_memory_bytes`` under a budget. Missing values are left out.
+
+    Example::
+
+        >>> diagnostic_metrics({"ihvp": {"residual": 0.01, "iterations": [200, 300]}, "stages": {}})
+        {'fastif/ihvp_residual': 0.01, 'fastif/ihvp_iterations': 250.0}
+    """
+    out: dict[str, float] = {}
+    ihvp = diagnostics.get("ihvp") or {}
+    if ihvp.get("residual") is not None:
+        out[f"{prefix}ihvp_residual"] = float(ihvp["residual"])
+    iterations = ihvp.get("iterations")
+    if iterations is not None:
+        values = iterations if isinstance(iterations, (list, tuple)) else [iterations]
+        out[f"{prefix}ihvp_iterations"] = float(sum(values)) / max(len(values), 1)
+    if ihvp.get("seconds") is not None:
+        out[f"{prefix}ihvp_seconds"] = float(ihvp["seconds"])
+    if isinstance(ihvp.get("scale"), (int, float)):
+        out[f"{prefix}ihvp_scale"] = float(ihvp["scale"])
+    if ihvp.get("scale_estimate"):
+        out[f"{prefix}ihvp_top_eigenvalue"] = float(ihvp["scale_estimate"]["eigenvalue"])
+    if ihvp.get("converged"):
+        out[f"{prefix}ihvp_converged"] = sum(map(bool, ihvp["converged"])) / len(ihvp["converged"])
+    for stage, record in (diagnostics.get("stages") or {}).items():
+        out[f"{prefix}{stage}_seconds"] = float(record["seconds"])
+        peak = record.get("cuda_peak_bytes", record.get("cpu_peak_bytes"))
+        extra = record.get("cuda_extra_bytes", record.get("cpu_extra_bytes"))
+        if peak is not None:
+            out[f"{prefix}{stage}_peak_bytes"] = float(peak)
+        if extra is not None:
+            out[f"{prefix}{stage}_extra_bytes"] = float(extra)
+    plan = diagnostics.get("memory_plan")
+    if plan:
+        out[f"{prefix}max_memory_bytes"] = float(plan["max_memory"])
+    return out
