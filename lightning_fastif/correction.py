@@ -19,7 +19,6 @@ from a pool of examples not seen in training (FastIF's data augmentation): the c
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -103,7 +102,8 @@ def accuracy(model: nn.Module, data: Any, *, batch_size: int = 256) -> float:
 
     Uses ``torchmetrics`` (micro-averaged multiclass accuracy), so it matches what Lightning users log.
     """
-    from torchmetrics.classification import MulticlassAccuracy
+    # Functional: a Metric object would all-gather its state under DDP, and callers may run on rank 0 only.
+    from torchmetrics.functional.classification import multiclass_accuracy
 
     source = IndexedData(data, name="eval_dataset")
     device = next(model.parameters()).device
@@ -115,7 +115,7 @@ def accuracy(model: nn.Module, data: Any, *, batch_size: int = 256) -> float:
             targets.append(_labels(batch).cpu())
     pred, target = torch.cat(preds), torch.cat(targets)
     num_classes = int(max(int(pred.max()), int(target.max())) + 1)
-    return float(MulticlassAccuracy(num_classes=max(num_classes, 2), average="micro")(pred, target))
+    return float(multiclass_accuracy(pred, target, num_classes=max(num_classes, 2), average="micro"))
 
 
 def misclassified_indices(model: nn.Module, data: Any, *, batch_size: int = 256) -> Tensor:
@@ -306,9 +306,7 @@ def _fix_auto_scale(influence: Any, diagnostics: dict[str, Any] | list[dict[str,
         diagnostics = diagnostics[0] if diagnostics else {}
     est = influence.ihvp
     if isinstance(est, LiSSA) and est.scale == "auto" and isinstance(diagnostics.get("scale"), (int, float)):
-        fixed = copy.copy(est)
-        fixed.scale = float(diagnostics["scale"])
-        influence.ihvp = fixed
+        influence.ihvp = est.reusing_scale(float(diagnostics["scale"]))
 
 
 class ErrorCorrection(Callback):

@@ -264,6 +264,8 @@ class LiSSA(InverseHVP):
             past the convergence point for ``tail_fraction / (1 - tail_fraction)`` times as many steps and averages
             those (``0.5`` doubles the steps).
         scale_safety, scale_batches, power_iterations: the ``scale="auto"`` estimate (see above).
+        scale_retries: with ``scale="auto"``, how many times a diverging repeat restarts with twice the scale (a
+            rare minibatch can have a larger top eigenvalue than the batches the estimate saw).
         residual_examples: training examples of the residual check (``0`` turns it off).
 
     After :meth:`solve`, ``diagnostics`` holds the settings *as used* (``scale`` is the number chosen), ``auto``
@@ -295,6 +297,7 @@ class LiSSA(InverseHVP):
         window: int = 20,
         max_depth: int = 10000,
         scale_safety: float = 1.5,
+        scale_retries: int = 3,
         scale_batches: int = 8,
         power_iterations: int = 20,
         tail_fraction: float = 0.0,
@@ -319,6 +322,9 @@ class LiSSA(InverseHVP):
             raise ValueError(f"tol: must be > 0, got {tol!r}")
         if not scale_safety >= 1:
             raise ValueError(f"scale_safety: must be >= 1, got {scale_safety!r}")
+        if not (isinstance(scale_retries, int) and scale_retries >= 0):
+            raise ValueError(f"scale_retries: must be an integer >= 0, got {scale_retries!r}")
+        self.scale_retries = scale_retries
         if not (isinstance(tail_fraction, (int, float)) and 0 <= tail_fraction < 1):
             raise ValueError(f"tail_fraction: must be a number in [0, 1), got {tail_fraction!r}")
         self.scale = scale if scale == "auto" else float(scale)
@@ -331,6 +337,7 @@ class LiSSA(InverseHVP):
             power_iterations,
         )
         self.tail_fraction = float(tail_fraction)
+        self._reused_scale: float | None = None
         # (operator, scale, estimate) of the last "auto" estimate: repeated solves on one operator (self-influence
         # chunks, test batches of one run) reuse it instead of redoing the power iterations.
         self._scale_cache: tuple[weakref.ref[HessianOperator], tuple[Any, ...], float, dict[str, Any]] | None = None
@@ -391,6 +398,9 @@ class LiSSA(InverseHVP):
         """
         if self.scale != "auto":
             return float(self.scale)
+        if self._reused_scale is not None:
+            self.diagnostics["scale_estimate"] = {"reused": self._reused_scale}
+            return self._reused_scale
         key = (self.damping, self.batch_size, self.seed, self.scale_safety, self.scale_batches, self.power_iterations)
         cache = self._scale_cache
         if cache is not None and cache[0]() is operator and cache[1] == key:
@@ -403,6 +413,16 @@ class LiSSA(InverseHVP):
         self._scale_cache = (weakref.ref(operator), key, scale, est)
         self.diagnostics["scale_estimate"] = {**est, "cached": False}
         return scale
+
+    def reusing_scale(self, scale: float) -> LiSSA:
+        """A copy that skips the ``"auto"`` power iterations and starts from ``scale`` (still doubling it on a
+        divergence). For many solves on a slowly changing model, e.g. the steps of an error correction."""
+        import copy
+
+        other = copy.copy(self)
+        other.diagnostics = {}
+        other._reused_scale = float(scale)
+        return other
 
     # -- the recursion --------------------------------------------------------------------------------------------
     def solve(self, operator: HessianOperator, vectors: Tensor, repeats: Sequence[int] | None = None) -> Tensor:
@@ -421,12 +441,16 @@ class LiSSA(InverseHVP):
         self.diagnostics["scale"] = scale
         self.diagnostics["auto"] = [k for k in ("scale", "recursion_depth") if getattr(self, k) == "auto"]
         total = torch.zeros_like(v)
-        steps, stops = [], []
+        steps, stops, scales = [], [], []
         for r in self._repeats:
-            h, used, stop = self._recursion(operator, v, scale, r)
+            h, used, stop, used_scale = self._recursion_with_retries(operator, v, scale, r)
             total += h
             steps.append(used)
             stops.append(stop)
+            scales.append(used_scale)
+        if any(x != scale for x in scales):
+            self.diagnostics["scale"] = max(scales)
+            self.diagnostics["scale_per_repeat"] = scales
         self.diagnostics["iterations"] = steps
         self.diagnostics["repeats"] = self._repeats
         if self.recursion_depth == "auto":
@@ -441,6 +465,25 @@ class LiSSA(InverseHVP):
                     stacklevel=4,
                 )
         return total / len(self._repeats)
+
+    def _recursion_with_retries(
+        self, operator: HessianOperator, v: Tensor, scale: float, repeat: int
+    ) -> tuple[Tensor, int, str, float]:
+        """With ``scale="auto"``, a divergence doubles the scale and restarts the repeat (up to ``scale_retries``).
+
+        The power-iteration estimate sees ``scale_batches`` minibatches; the recursion sees thousands, and a rare one
+        (a mislabelled example in a small batch) can have a larger top eigenvalue. Retries depend only on the repeat's
+        own minibatches, so a repeat behaves the same on any rank of FastIF's parallel variant.
+        """
+        for attempt in range(self.scale_retries + 1):
+            try:
+                h, used, stop = self._recursion(operator, v, scale, repeat)
+                return h, used, stop, scale
+            except LiSSADivergenceError:
+                if self.scale != "auto" or attempt == self.scale_retries:
+                    raise
+                scale *= 2.0
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _window(self, scale: float) -> int:
         """Steps per window of the convergence monitor: at least half the slowest direction's time constant."""

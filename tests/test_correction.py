@@ -132,6 +132,28 @@ def test_callback_in_trainer_runs_changes_weights_and_logs(tmp_path):
     assert trainer.state.finished
 
 
+def test_auto_scale_is_estimated_once_and_restored(trained):
+    model, train, anchors, challenge, snap = trained
+    m = copy.deepcopy(model)
+    auto = LiSSA(damping=0.1, scale="auto", recursion_depth=30, batch_size=16, residual_examples=0, scale_batches=2)
+    influence = InfluenceModule(m, train_dataset=train, snapshot=snap, num_candidates=40, ihvp=auto, progress=False)
+    seen, reused = [], []
+    original = influence.score_batch
+
+    def spy(*args, **kwargs):
+        seen.append(influence.ihvp.scale)
+        reused.append(influence.ihvp._reused_scale)
+        return original(*args, **kwargs)
+
+    influence.score_batch = spy
+    correct_errors(m, influence, anchors, num_steps=3, lr=0.01)
+    assert seen == ["auto", "auto", "auto"]  # still "auto": a divergence may double the scale
+    assert reused[1] is not None
+    assert reused[1] == reused[2]
+    assert influence.ihvp is auto  # the caller's estimator is given back unchanged
+    assert auto.scale == "auto"
+
+
 def test_misclassified_anchors_and_downweight(trained, tmp_path):
     model, train, anchors, challenge, snap = trained
     m = copy.deepcopy(model)
