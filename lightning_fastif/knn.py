@@ -6,9 +6,15 @@ FastIF scores only a test point's k nearest training points in feature space (k 
 
 * ``metric="l2"``: distances are **squared** Euclidean distances (FAISS's convention);
 * ``metric="cosine"``: distances are **cosine distances** ``1 - cos(q, x)`` (features are L2-normalised);
+* ``metric="ip"``: distances are **negated inner products** ``-<q, x>`` (maximum inner-product search, for
+  loss-gradient embeddings whose norms matter: see :mod:`lightning_fastif.features`);
 
-both sorted ascending, nearest first. ``kind="flat"`` is exact; ``kind="ivf"`` (FAISS only) is an inverted
-file index, approximate, for large N (``nlist`` clusters, ``nprobe`` of them searched per query).
+all sorted ascending, nearest first. ``search_signed(..., sign="negative")`` searches ``-q`` instead of ``q``,
+and ``sign="both"`` returns the ``k`` nearest of ``q`` followed by the ``k`` nearest of ``-q`` (no id twice), so that
+with a gradient embedding the most helpful *and* the most harmful training points are found.
+
+``kind="flat"`` is exact; ``kind="ivf"`` (FAISS only) is an inverted file index, approximate, for large N
+(``nlist`` clusters, ``nprobe`` of them searched per query).
 
 FAISS is detected once, lazily (``import lightning_fastif`` does not import it). With FAISS a GPU index is used
 when CUDA and a FAISS GPU build are present (``faiss.get_num_gpus() > 0``). Without FAISS the exact search runs
@@ -42,7 +48,8 @@ from lightning_fastif.storage import (
 _FAISS_AVAILABLE = RequirementCache(module="faiss")
 """Truthy when ``import faiss`` works; evaluated on first use only."""
 
-Metric = Literal["l2", "cosine"]
+Metric = Literal["l2", "cosine", "ip"]
+Sign = Literal["positive", "negative", "both"]
 IndexKind = Literal["flat", "ivf"]
 Backend = Literal["auto", "faiss", "torch"]
 
@@ -106,7 +113,8 @@ class KNNIndex:
     Args:
         features: ``[N, D]`` features, one row per example (any float dtype; kept as float32 on CPU).
         ids: ``[N]`` dataset index of each row (default ``0..N-1``); distinct integers.
-        metric: ``"l2"`` (squared Euclidean distances) or ``"cosine"`` (distances ``1 - cos``).
+        metric: ``"l2"`` (squared Euclidean distances), ``"cosine"`` (distances ``1 - cos``) or ``"ip"``
+            (distances ``-<q, x>``: maximum inner-product search).
         kind: ``"flat"`` (exact) or ``"ivf"`` (approximate, FAISS ``IndexIVFFlat``; exact with the torch backend).
         nlist: IVF lists (default :func:`default_nlist`, ~4 sqrt(N)); at most N.
         nprobe: IVF lists searched per query (more: slower, better recall); at most ``nlist``.
@@ -139,7 +147,7 @@ class KNNIndex:
         use_gpu: bool | Literal["auto"] = "auto",
         backend: Backend = "auto",
     ) -> None:
-        _check_choice("metric", metric, ("l2", "cosine"))
+        _check_choice("metric", metric, ("l2", "cosine", "ip"))
         _check_choice("kind", kind, ("flat", "ivf"))
         _check_choice("backend", backend, ("auto", "faiss", "torch"))
         _check_choice("use_gpu", use_gpu, ("auto", True, False))
@@ -220,7 +228,7 @@ class KNNIndex:
 
     @property
     def metric(self) -> str:
-        """``"l2"`` or ``"cosine"``."""
+        """``"l2"``, ``"cosine"`` or ``"ip"``."""
         return self._metric
 
     @property
@@ -376,7 +384,8 @@ class KNNIndex:
 
         Returns:
             ``(distances [Q, k] float32, ids [Q, k] int64)`` on CPU, nearest first. ``ids`` are dataset
-            indices. Distances are squared L2 (``metric="l2"``) or ``1 - cos`` (``"cosine"``). An IVF search
+            indices. Distances are squared L2 (``metric="l2"``), ``1 - cos`` (``"cosine"``) or ``-<q, x>``
+            (``"ip"``). An IVF search
             that finds fewer than ``k`` examples in its probed lists pads with id ``-1`` and distance ``inf``.
 
         Raises:
@@ -401,7 +410,12 @@ class KNNIndex:
         dist_np, pos_np = index.search(np.ascontiguousarray(q.cpu().numpy()), k)
         pos = torch.from_numpy(pos_np).long()
         scores = torch.from_numpy(dist_np).float()
-        distances = 1.0 - scores if self._metric == "cosine" else scores.clamp_min(0.0)
+        if self._metric == "cosine":
+            distances = 1.0 - scores
+        elif self._metric == "ip":
+            distances = -scores
+        else:
+            distances = scores.clamp_min(0.0)
         missing = pos < 0
         ids = torch.where(missing, torch.full_like(pos, -1), self._ids[pos.clamp_min(0)])
         distances = distances.masked_fill(missing, math.inf)
@@ -444,6 +458,62 @@ class KNNIndex:
         if self._metric == "cosine":
             distances = 1.0 + distances  # 1 - cos, from the negated similarity
         return distances, self._ids[pos]
+
+    def search_signed(self, queries: Tensor, k: int, sign: Sign = "positive") -> tuple[Tensor, Tensor]:
+        """Search ``q`` (``"positive"``), ``-q`` (``"negative"``) or both, for similarity metrics.
+
+        With a loss-gradient embedding and ``metric="ip"``, ``<g_test, g_train>`` approximates the influence of a
+        training point on the test point (positive = helpful), so ``q`` finds the most helpful and ``-q`` the most
+        harmful points. ``"both"`` returns the ``k`` nearest of ``q`` then the ``k`` nearest of ``-q`` that are not
+        among the first (fewer when ``2k > ntotal``): ``min(2k, ntotal)`` distinct ids per query.
+
+        Args:
+            queries: ``[Q, D]`` (or ``[D]``) queries.
+            k: neighbours per direction, ``1 <= k <= ntotal``.
+            sign: ``"positive"``, ``"negative"`` or ``"both"``.
+
+        Returns:
+            ``(distances, ids)``, ``[Q, k]`` (``[Q, min(2k, ntotal)]`` for ``"both"``); each half sorted nearest
+            first, with the distances of its own search (``-<±q, x>`` for ``"ip"``). IVF misses are id ``-1``.
+
+        Raises:
+            ValueError: ``sign`` not accepted, or a sign other than ``"positive"`` on an ``"l2"`` index (the
+                negated query has no meaning there).
+
+        Example::
+
+            >>> index = KNNIndex(torch.tensor([[1.0, 0.0], [-2.0, 0.0], [0.0, 1.0]]), metric="ip", backend="torch")
+            >>> index.search_signed(torch.tensor([[1.0, 0.0]]), k=1, sign="both")[1].tolist()
+            [[0, 1]]
+        """
+        _check_choice("sign", sign, ("positive", "negative", "both"))
+        if sign != "positive" and self._metric == "l2":
+            raise ValueError(
+                f"sign: {sign!r} needs a similarity index (metric 'ip' or 'cosine'), this one is 'l2'; use "
+                "sign='positive'"
+            )
+        q = self._check_queries(queries)
+        if sign == "positive":
+            return self.search(q, k)
+        if sign == "negative":
+            return self.search(-q, k)
+        self._check_k(k)
+        first_d, first_ids = self.search(q, k)
+        rest = min(k, self.ntotal - k)
+        if rest == 0:
+            return first_d, first_ids
+        # Search deeper than k from -q, so that dropping the ids already found (possible with ties, e.g. the
+        # exactly-zero gradients of perfectly fitted examples) still leaves `rest` new ones.
+        other_d, other_ids = self.search(-q, min(self.ntotal, k + rest))
+        taken = (other_ids.unsqueeze(2) == first_ids.unsqueeze(1)).any(2) & (other_ids >= 0)
+        # A stable sort moves the new ids first, in their search order.
+        order = taken.to(torch.int8).argsort(dim=1, stable=True)[:, :rest]
+        second_ids = other_ids.gather(1, order)
+        second_d = other_d.gather(1, order)
+        missing = taken.gather(1, order)
+        second_ids = second_ids.masked_fill(missing, -1)
+        second_d = second_d.masked_fill(missing, math.inf)
+        return torch.cat([first_d, second_d], 1), torch.cat([first_ids, second_ids], 1)
 
     # ---------------------------------------------------------------------------------------------- persistence
     def save(self, dirpath: PathLike, name: str = "index") -> Path:

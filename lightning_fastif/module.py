@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,12 +49,12 @@ from typing_extensions import override
 
 from lightning_fastif.batches import Batch, IndexedData, batch_size_of, map_tensors, move_batch
 from lightning_fastif.distributed import all_reduce_sum, barrier, broadcast_object, gather_uneven, rank, world_size
-from lightning_fastif.features import features_of_batch, has_features_method, resolve_layer
+from lightning_fastif.features import check_kind, features_of_batch, has_features_method, resolve_layer
 from lightning_fastif.grads import FunctionalLoss, LossFn, evaluating
 from lightning_fastif.hessian import HessianOperator
 from lightning_fastif.ihvp import InverseHVP, LiSSA, relative_residual
 from lightning_fastif.influence import GRADS_MIN_TEST_POINTS, score_candidates
-from lightning_fastif.knn import KNNIndex
+from lightning_fastif.knn import KNNIndex, Sign
 from lightning_fastif.params import ParamSpec, select_parameters
 from lightning_fastif.results import RESULT_FORMAT, RESULT_FORMAT_VERSION, BatchInfluence, InfluenceResult, jsonable
 from lightning_fastif.storage import (
@@ -80,9 +81,14 @@ SHARDS_DIR = "shards"
 _SHARD_FORMAT = "lightning_fastif.influence.shard"
 _PARALLEL = ("test", "repeats")
 _KNN_QUERY = ("each", "mean")
+_KNN_SIGN = ("both", "helpful", "harmful")
+_SEARCH_SIGN: dict[str, Sign] = {"both": "both", "helpful": "positive", "harmful": "negative"}
 _METHODS = ("auto", "jvp", "grads")
 _HOOKS = ("input", "output")
 _DROPOUT = nn.modules.dropout._DropoutNd
+_HESSIAN_KEY = "last_layer_hessian"  # FeatureSnapshot's manifest key, file stem and tensor name
+KNN_DAMPING_FLOOR = 1e-6
+"""The kNN preconditioner's damping is at least this times ``tr(H_last) / P`` (see ``knn_damping``)."""
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -232,6 +238,13 @@ class InfluenceModule(LightningModule):
     ``model.per_example_loss(batch) -> Tensor[B]`` (no reduction). Test batches must have the training batches'
     structure (labels included). For kNN candidates it must also provide features: ``model.features(batch) ->
     Tensor[B, D]``, or ``feature_layer`` (a hooked submodule; default: the layer the snapshot was taken from).
+    Test points are embedded the way the snapshot's manifest says: with ``FeatureSnapshot(features=
+    "loss_gradient")`` their query is their loss gradient with respect to the snapshot layer's parameters (computed
+    with this module's ``loss_fn``), and the index is searched by inner product towards ``+g_test`` (likely helpful
+    points) and ``-g_test`` (likely harmful points), ``num_candidates`` in each direction (``knn_sign``). When the
+    snapshot also stored ``H_last``, the Hessian of the mean training loss over that layer's parameters, the query
+    is preconditioned first, ``q = (H_last + λI)⁻¹ g_test`` (λ = ``knn_damping``), so that ``<q, g_train>`` is the
+    influence score restricted to the last layer (:meth:`precondition_query`); without it queries are ``g_test``.
 
     Args:
         model: the trained model (switched to eval mode, with a warning, when it is in train mode with dropout or
@@ -260,6 +273,16 @@ class InfluenceModule(LightningModule):
         hessian_batch_size: examples per chunk of full-data Hessian products (CG, exact, residuals).
         knn_query: ``"each"`` (each test point's own neighbours) or ``"mean"`` (all test points of a batch share the
             neighbours of their mean feature).
+        knn_sign: for a loss-gradient snapshot only: ``"both"`` (default: ``num_candidates`` likely helpful and
+            ``num_candidates`` likely harmful points, up to ``2 * num_candidates`` distinct candidates), ``"helpful"``
+            or ``"harmful"`` (``num_candidates`` in that direction). ``None``: ``"both"`` for loss gradients; must be
+            ``None`` for activation features, whose distances have no sign.
+        knn_damping: λ of the query preconditioner ``(H_last + λI)⁻¹`` (loss-gradient snapshots that stored
+            ``H_last``); ``None``: the estimator's ``ihvp.damping``, the λ the scores use. It is raised to at least
+            ``KNN_DAMPING_FLOOR · tr(H_last) / P`` (``1e-6`` of the mean eigenvalue): a last-layer Hessian is often
+            singular (cross-entropy's always is: adding one vector to every class's weights leaves the loss
+            unchanged), so ``λ = 0`` must still factorise; the floor only bounds the gain of such null directions,
+            in which training gradients have no component anyway.
         score_method: ``"auto"``, ``"jvp"`` or ``"grads"`` (see :mod:`lightning_fastif.influence`).
         candidates_pool: score candidates from this :class:`CandidatePool` instead of the training set.
         progress: show a progress bar over the candidates (only when the Trainer's progress bar is on).
@@ -299,9 +322,11 @@ class InfluenceModule(LightningModule):
         batch_size: int = 256,
         hessian_batch_size: int = 256,
         knn_query: Literal["each", "mean"] = "each",
+        knn_sign: Literal["both", "helpful", "harmful"] | None = None,
         score_method: Literal["auto", "jvp", "grads"] = "auto",
         candidates_pool: CandidatePool | None = None,
         progress: bool = True,
+        knn_damping: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -325,6 +350,16 @@ class InfluenceModule(LightningModule):
         self.hessian_batch_size = _positive_int("hessian_batch_size", hessian_batch_size)
         self.parallel = _choice("parallel", parallel, _PARALLEL)
         self.knn_query = _choice("knn_query", knn_query, _KNN_QUERY)
+        self.knn_sign = None if knn_sign is None else _choice("knn_sign", knn_sign, _KNN_SIGN)
+        ok = isinstance(knn_damping, (int, float)) and not isinstance(knn_damping, bool) and math.isfinite(knn_damping)
+        if knn_damping is not None and not (ok and knn_damping >= 0):
+            raise ValueError(
+                f"knn_damping: expected None (the estimator's damping) or a finite number >= 0, got {knn_damping!r}"
+            )
+        self.knn_damping = None if knn_damping is None else float(knn_damping)
+        self.feature_kind = "activations"
+        self._hessian_entry: dict[str, Any] | None = None
+        self._preconditioner: tuple[float, str, tuple[Tensor, ...]] | None = None
         self.score_method = _choice("score_method", score_method, _METHODS)
         self.feature_hook = _choice("feature_hook", feature_hook, _HOOKS)
         if not isinstance(progress, bool):
@@ -436,7 +471,17 @@ class InfluenceModule(LightningModule):
         return entry
 
     def _check_feature_source(self, feature_layer: str | None) -> None:
-        snap_layer = (self._feature_entry or {}).get("layer")
+        entry = self._feature_entry or {}
+        snap_layer = entry.get("layer")
+        self.feature_kind = check_kind(entry.get("features") or "activations")
+        if self.feature_kind == "loss_gradient":
+            self._check_gradient_source(feature_layer, snap_layer)
+            return
+        if self.knn_sign is not None:
+            raise ValueError(
+                f"knn_sign: {self.knn_sign!r} needs a snapshot of loss-gradient features "
+                "(FeatureSnapshot(features='loss_gradient')); activation distances have no sign, pass knn_sign=None"
+            )
         if feature_layer is None and snap_layer is not None:
             self.feature_layer = snap_layer
             self.feature_hook = (self._feature_entry or {}).get("hook") or "output"
@@ -456,6 +501,41 @@ class InfluenceModule(LightningModule):
                 f"snapshot names no layer; pass feature_layer= one of {names} (e.g. the classifier with "
                 "feature_hook='input'), or num_candidates=None"
             )
+
+    def _check_gradient_source(self, feature_layer: str | None, snap_layer: str | None) -> None:
+        if feature_layer is not None and feature_layer != snap_layer:
+            raise ValueError(
+                f"feature_layer: {feature_layer!r}, but the snapshot holds loss gradients of layer {snap_layer!r}; "
+                "queries must be gradients of the same parameters, pass feature_layer=None"
+            )
+        if snap_layer is None or not isinstance(snap_layer, str):
+            raise ValueError(f"snapshot: its loss-gradient features name no layer (manifest layer {snap_layer!r})")
+        resolve_layer(self.model, snap_layer)
+        self.feature_layer = snap_layer
+        if self.knn_sign is None:
+            self.knn_sign = "both"
+        self._hessian_entry = self._check_hessian_entry(snap_layer)
+
+    def _check_hessian_entry(self, snap_layer: str) -> dict[str, Any] | None:
+        """The snapshot's ``H_last`` record when it stored the matrix (older or skipped versions: ``None``)."""
+        entry = (self._feature_entry or {}).get(_HESSIAN_KEY)
+        if not isinstance(entry, Mapping) or not entry.get("file"):
+            return None
+        assert self.snapshot is not None
+        path = Path(self.snapshot) / str(entry["file"])
+        if not path.is_file():
+            raise SnapshotNotFoundError(
+                f"snapshot: features version {self.feature_version!r} lists the last-layer Hessian {path}, which does "
+                "not exist; was the snapshot directory copied only in part?"
+            )
+        dim = (self._feature_entry or {}).get("dim")
+        if entry.get("layer") != snap_layer or (dim is not None and int(entry.get("num_params", -1)) != int(dim)):
+            raise SnapshotError(
+                f"snapshot: the last-layer Hessian of version {self.feature_version!r} is over layer "
+                f"{entry.get('layer')!r} ({entry.get('num_params')} parameters), but its features are the loss "
+                f"gradients of layer {snap_layer!r} ({dim} numbers); the manifest is inconsistent"
+            )
+        return {**entry, "path": str(path)}
 
     def _load_checkpoints(self, which: Any) -> list[tuple[str, dict[str, Tensor]]]:
         if which is None:
@@ -516,10 +596,82 @@ class InfluenceModule(LightningModule):
             self._knn_cache = KNNIndex.from_snapshot(self.snapshot, dataset="train", version=self.feature_version)
         return self._knn_cache
 
+    @property
+    def knn_preconditioned(self) -> bool:
+        """True when kNN queries are preconditioned by the snapshot's ``(H_last + λI)⁻¹``."""
+        return self._hessian_entry is not None
+
+    def _knn_lambda(self) -> float:
+        return float(self.ihvp.damping) if self.knn_damping is None else self.knn_damping
+
+    def _factor(self) -> tuple[float, str, tuple[Tensor, ...]]:
+        """``(λ used, "cholesky" | "lu", factors)`` of ``H_last + λI`` in float64, computed once per λ."""
+        requested = self._knn_lambda()
+        if self._preconditioner is not None and self._preconditioner[0] == requested:
+            return self._preconditioner
+        assert self._hessian_entry is not None
+        tensors = load_tensors(self._hessian_entry["path"])
+        if _HESSIAN_KEY not in tensors:
+            raise SnapshotError(f"snapshot: {self._hessian_entry['path']} holds no {_HESSIAN_KEY!r} tensor")
+        h = tensors[_HESSIAN_KEY].double()
+        scale = float(h.diagonal().abs().mean())
+        lam = max(requested, KNN_DAMPING_FLOOR * (scale if scale > 0 else 1.0))
+        a = h + lam * torch.eye(h.shape[0], dtype=h.dtype)
+        factor, info = torch.linalg.cholesky_ex(a)
+        if int(info) == 0:
+            self._preconditioner = (requested, "cholesky", (factor,))
+            return self._preconditioner
+        # Not positive definite (a last layer whose Hessian is indefinite beyond λ): still (H + λI)⁻¹, by LU.
+        lu, pivots, info = torch.linalg.lu_factor_ex(a)
+        if int(info) != 0:
+            raise ValueError(
+                f"knn_damping: H_last + {lam:g}·I is singular (the snapshot's last-layer Hessian has an eigenvalue "
+                f"-{lam:g}); choose another knn_damping"
+            )
+        self._preconditioner = (requested, "lu", (lu, pivots))
+        return self._preconditioner
+
+    def precondition_query(self, queries: Tensor) -> Tensor:
+        """``(H_last + λI)⁻¹ g`` for each row ``g`` of ``queries`` (float32 on CPU); rows unchanged without ``H_last``.
+
+        ``H_last`` is the Hessian of the mean training loss over the snapshot layer's parameters, stored by
+        ``FeatureSnapshot(features="loss_gradient")``; λ is ``knn_damping`` (default ``ihvp.damping``), at least
+        ``KNN_DAMPING_FLOOR · tr(H_last) / P``. The factorisation (float64 Cholesky, or LU when ``H_last + λI`` is
+        not positive definite) is computed on first use and kept.
+
+        Args:
+            queries: ``[Q, P]`` (or ``[P]``) loss gradients of the snapshot layer's parameters.
+
+        Raises:
+            ValueError: ``queries`` do not have ``P`` columns.
+
+        Example::
+
+            >>> q = module.precondition_query(g_test)  # doctest: +SKIP
+            >>> torch.testing.assert_close(q, torch.linalg.solve(h + lam * torch.eye(p), g_test.T).T)  # doctest: +SKIP
+        """
+        if self._hessian_entry is None:
+            return queries.detach().float().cpu()
+        _, kind, factors = self._factor()
+        g = queries.detach().to("cpu", torch.float64)
+        rows = g.unsqueeze(0) if g.dim() == 1 else g
+        size = factors[0].shape[0]
+        if rows.dim() != 2 or rows.shape[1] != size:
+            raise ValueError(
+                f"queries: expected [Q, {size}] loss gradients of layer {self._hessian_entry['layer']!r}, got "
+                f"{list(queries.shape)}"
+            )
+        if kind == "cholesky":
+            out = torch.cholesky_solve(rows.T, factors[0]).T
+        else:
+            out = torch.linalg.lu_solve(factors[0], factors[1], rows.T).T
+        return (out[0] if g.dim() == 1 else out).float()
+
     @override
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_knn_cache"] = None  # a built FAISS index cannot be pickled; every process reloads it
+        state["_preconditioner"] = None  # up to P² float64 numbers: cheaper to refactor than to send
         return state
 
     def _model_dtype_device(self) -> tuple[torch.dtype, torch.device]:
@@ -551,6 +703,13 @@ class InfluenceModule(LightningModule):
                 "feature_layer": self.feature_layer,
                 "feature_hook": self.feature_hook if self.feature_layer is not None else None,
                 "knn_query": self.knn_query,
+                "feature_kind": self.feature_kind,
+                "knn_sign": self.knn_sign,
+                "knn_preconditioner": (
+                    {"hessian_params": self._hessian_entry["num_params"], "damping": self._knn_lambda()}
+                    if self._hessian_entry is not None
+                    else None
+                ),
                 "checkpoints": [v for v, _ in self._checkpoints] or None,
                 "ihvp": {"estimator": self.ihvp.name, **self.ihvp.settings()},
                 "score_method": self.score_method,
@@ -654,6 +813,13 @@ class InfluenceModule(LightningModule):
     def _query_features(self, batch: Batch) -> Tensor:
         if self._feature_checkpoint is not None:
             apply_checkpoint(self.model, self._checkpoints[self._feature_checkpoint][1])
+        if self.feature_kind == "loss_gradient":
+            # The gradient of the influence loss itself: the query lives where g_test does; (H_last + λI)⁻¹ then
+            # turns <q, g_train> into the last layer's share of the influence score.
+            g_test = features_of_batch(
+                self.model, batch, layer=self.feature_layer, kind="loss_gradient", loss_fn=self.loss_fn
+            )
+            return self.precondition_query(g_test)
         return features_of_batch(self.model, batch, layer=self.feature_layer, hook=self.feature_hook)
 
     def _candidates(
@@ -666,14 +832,18 @@ class InfluenceModule(LightningModule):
         start = time.perf_counter()
         index = pool.index if pool is not None else self.knn_index
         assert index is not None
-        _, ids = index.search(queries.detach().float().cpu(), k)
+        queries = queries.detach().float().cpu()
+        if self.feature_kind == "loss_gradient" and index.metric != "l2":
+            _, ids = index.search_signed(queries, k, _SEARCH_SIGN[self.knn_sign or "both"])
+        else:
+            _, ids = index.search(queries, k)
         seconds["knn"] += time.perf_counter() - start
         if bool((ids < 0).any()):
             raise RuntimeError(
                 f"num_candidates: the approximate (IVF) index found fewer than {k} neighbours in its probed lists; "
                 f"raise its nprobe (now {index.nprobe}) or lower num_candidates"
             )
-        return ids.expand(rows, k).contiguous() if ids.shape[0] != rows else ids
+        return ids.expand(rows, ids.shape[1]).contiguous() if ids.shape[0] != rows else ids
 
     def _solve(self, operator: HessianOperator, g_test: Tensor, split: bool) -> tuple[Tensor, dict[str, Any]]:
         est = self.ihvp

@@ -10,6 +10,7 @@ Both write into one snapshot directory (default ``<trainer.default_root_dir>/fas
     manifest.json                              {"features": {"latest", "versions"}, "checkpoints": {...}}
     features/<version>/<dataset>.safetensors   "features" [N, D] float32, "indices" [N] int64 (sorted)
     features/<version>/<dataset>.faiss         a trained FAISS IVF index (index="ivf" only)
+    features/<version>/last_layer_hessian.safetensors   "last_layer_hessian" [P, P] (features="loss_gradient")
     checkpoints/<version>.safetensors          parameter name -> tensor
 
 Versions are named ``epoch=<E>-step=<S>`` (``trainer.current_epoch`` and ``trainer.global_step`` at that
@@ -26,7 +27,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +43,15 @@ from typing_extensions import override
 
 from lightning_fastif.batches import IndexedData
 from lightning_fastif.distributed import gather_uneven
-from lightning_fastif.features import extract_features, has_features_method, resolve_layer
+from lightning_fastif.features import (
+    FEATURE_KINDS,
+    extract_features,
+    has_features_method,
+    last_layer_name,
+    resolve_layer,
+)
+from lightning_fastif.grads import evaluating
+from lightning_fastif.hessian import HessianOperator
 from lightning_fastif.knn import KNNIndex
 from lightning_fastif.storage import (
     CHECKPOINTS_DIR,
@@ -71,6 +80,8 @@ __all__ = [
 ]
 
 DEFAULT_SUBDIR = "fastif_snapshot"
+LAST_LAYER_HESSIAN = "last_layer_hessian"
+"""Manifest key, file stem and tensor name of the Hessian stored with loss-gradient features."""
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
@@ -228,12 +239,28 @@ class FeatureSnapshot(_SnapshotCallback):
     """Embed the training set (and extra named datasets) at chosen moments of a fit, for kNN candidates.
 
     Features come from the forward hook on ``layer`` (its output, or its first input with ``hook="input"``),
-    or from ``pl_module.features(batch)`` when ``layer`` is None. Extraction runs in eval mode without gradients
+    or from ``pl_module.features(batch)`` when ``layer`` is None. With ``features="loss_gradient"`` they are
+    instead each example's loss gradient with respect to the parameters of ``layer`` (default: the last
+    submodule with parameters, usually the classifier), ``C·(D+1)`` numbers for a linear classifier, indexed for
+    maximum inner-product search (``metric="ip"``): the training points with the largest ``|<g_test, g_train>|``
+    are the likely most influential ones (see :mod:`lightning_fastif.features`; on the digits CNN this raised
+    the recall of the true top-10 helpful points among 1% kNN candidates from 0.04 to 0.79, and to 0.95 with the
+    query preconditioned by the stored last-layer Hessian, below). The
+    :class:`~lightning_fastif.module.InfluenceModule` reads the kind from the manifest and embeds its test
+    points the same way. Extraction runs in eval mode without gradients
     on the training set's dataset in index order (unshuffled, with the training loader's ``collate_fn``).
     Under DDP every rank embeds every ``world_size``-th batch (the dataset is split here, not by the training
     sampler, which pads with repeated examples), the parts are gathered on every rank (``N x D`` float32 each),
     and rank 0 writes each dataset index exactly once (sorted) while the other ranks wait. The time each snapshot
     took is logged as ``fastif/snapshot_seconds``.
+
+    With ``features="loss_gradient"`` each version also stores the Hessian of the *mean training loss* with respect
+    to ``layer``'s parameters only, ``H_last`` (``[P, P]``, ``last_layer_hessian.safetensors``; computed by rank 0 from
+    the whole training set in eval mode, the other ranks wait), and records it in the manifest entry under
+    ``"last_layer_hessian"`` (``file``, ``layer``, ``num_params``, ``params``). The influence module preconditions its
+    queries with it, ``q = (H_last + λI)⁻¹ g_test``, which brings the inner product closer to the influence score
+    itself. A layer with more than ``max_hessian_params`` parameters (or ``include_train=False``) is skipped: the
+    entry then has ``file: null`` and a ``note`` saying why, and queries stay raw gradients.
 
     Args:
         dirpath: snapshot directory (default ``<trainer.default_root_dir>/fastif_snapshot``).
@@ -241,15 +268,24 @@ class FeatureSnapshot(_SnapshotCallback):
             ``"challenge"``); names use letters, digits, ``_``, ``.``, ``-``.
         include_train: embed the training set (as dataset ``"train"``).
         layer: submodule name (``pl_module.named_modules()``) to hook; ``None`` uses ``pl_module.features``.
-        hook: ``"output"`` or ``"input"`` of ``layer`` (``layer="classifier", hook="input"``: the classifier's input).
+        hook: ``"output"`` or ``"input"`` of ``layer`` (``layer="classifier", hook="input"``: the classifier's input);
+            activations only.
+        features: ``"activations"`` (FastIF's: a layer's activations) or ``"loss_gradient"`` (per-example loss
+            gradients of ``layer``'s parameters; the training batches must carry labels).
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` for ``features="loss_gradient"`` (default
+            ``pl_module.per_example_loss``); use the loss influence is computed with.
         every_n_epochs: also snapshot after every n-th epoch (``on_train_epoch_end``); ``None``: never.
         on_fit_end: snapshot when training ends (``on_train_end``, before the strategy moves the model to CPU);
             skipped when a snapshot was already taken at that step.
         batch_size: examples per forward pass while embedding.
-        metric: ``"l2"`` or ``"cosine"``: the metric recorded for the kNN index.
+        metric: ``"l2"``, ``"cosine"`` or ``"ip"`` (inner product): the metric recorded for the kNN index;
+            ``None``: ``"l2"`` for activations, ``"ip"`` for loss gradients (``"l2"`` is refused for loss
+            gradients: it would prefer the examples with the *smallest* gradients).
         index: ``"flat"`` (exact) or ``"ivf"`` (FAISS IVF, trained and saved with the snapshot).
         nlist: IVF lists (default ~4 sqrt(N)).
         nprobe: IVF lists searched per query.
+        max_hessian_params: with ``features="loss_gradient"``, store ``H_last`` only when ``layer`` has at most this
+            many parameters (``P²`` numbers on disk, ``P`` Hessian-vector products over the training set).
 
     Raises:
         MisconfigurationException: an argument outside its accepted values (the message names it), a sharded
@@ -277,10 +313,13 @@ class FeatureSnapshot(_SnapshotCallback):
         every_n_epochs: int | None = None,
         on_fit_end: bool = True,
         batch_size: int = 256,
-        metric: Literal["l2", "cosine"] = "l2",
+        metric: Literal["l2", "cosine", "ip"] | None = None,
         index: Literal["flat", "ivf"] = "flat",
         nlist: int | None = None,
         nprobe: int = 8,
+        features: Literal["activations", "loss_gradient"] = "activations",
+        loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        max_hessian_params: int = 5000,
     ) -> None:
         super().__init__(dirpath, on_fit_end)
         _check_bool("include_train", include_train)
@@ -297,6 +336,10 @@ class FeatureSnapshot(_SnapshotCallback):
             if name == "train" and include_train:
                 raise MisconfigurationException(
                     "datasets: the name 'train' is taken by the training set; rename it or set include_train=False"
+                )
+            if name == LAST_LAYER_HESSIAN:
+                raise MisconfigurationException(
+                    f"datasets: the name {name!r} is taken by the Hessian file of loss-gradient snapshots; rename it"
                 )
             target = data.dataset if isinstance(data, DataLoader) else data
             if not (hasattr(target, "__getitem__") and hasattr(target, "__len__")):
@@ -318,14 +361,31 @@ class FeatureSnapshot(_SnapshotCallback):
         _positive_int_or_none("batch_size", batch_size)
         if batch_size is None:
             raise MisconfigurationException("batch_size: expected a positive integer, got None")
-        if metric not in ("l2", "cosine"):
-            raise MisconfigurationException(f"metric: expected 'l2' or 'cosine', got {metric!r}")
+        if features not in FEATURE_KINDS:
+            raise MisconfigurationException(f"features: expected one of {list(FEATURE_KINDS)}, got {features!r}")
+        if metric is None:
+            metric = "ip" if features == "loss_gradient" else "l2"
+        if metric not in ("l2", "cosine", "ip"):
+            raise MisconfigurationException(f"metric: expected None, 'l2', 'cosine' or 'ip', got {metric!r}")
+        if features == "loss_gradient" and metric == "l2":
+            raise MisconfigurationException(
+                "metric: 'l2' with features='loss_gradient' would prefer the training points with the smallest loss "
+                "gradients, which are the least influential; use metric='ip' (inner product, the default for loss "
+                "gradients) or 'cosine'"
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise MisconfigurationException(
+                f"loss_fn: expected None or a callable loss_fn(model, batch) -> Tensor[B], got {loss_fn!r}"
+            )
         if index not in ("flat", "ivf"):
             raise MisconfigurationException(f"index: expected 'flat' or 'ivf', got {index!r}")
         _positive_int_or_none("nlist", nlist)
         _positive_int_or_none("nprobe", nprobe)
         if nprobe is None:
             raise MisconfigurationException("nprobe: expected a positive integer, got None")
+        _positive_int_or_none("max_hessian_params", max_hessian_params)
+        if max_hessian_params is None:
+            raise MisconfigurationException("max_hessian_params: expected a positive integer, got None")
 
         self.datasets = datasets
         self.include_train = include_train
@@ -337,6 +397,10 @@ class FeatureSnapshot(_SnapshotCallback):
         self.index = index
         self.nlist = nlist
         self.nprobe = nprobe
+        self.features = features
+        self.loss_fn = loss_fn
+        self.max_hessian_params = max_hessian_params
+        self._layer = layer  # resolved in setup: the default layer of loss gradients is the model's last one
 
     @property
     @override
@@ -345,12 +409,26 @@ class FeatureSnapshot(_SnapshotCallback):
             dirpath=self.dirpath,
             layer=self.layer,
             hook=self.hook,
+            features=self.features,
             include_train=self.include_train,
             datasets=sorted(self.datasets),
         )
 
     @override
     def _check_module(self, pl_module: pl.LightningModule) -> None:
+        if self.features == "loss_gradient":
+            try:
+                self._layer = self.layer if self.layer is not None else last_layer_name(pl_module)
+                if not any(True for _ in resolve_layer(pl_module, self._layer).parameters()):
+                    raise ValueError(f"layer: {self._layer!r} holds no parameters, so it has no loss gradient")
+            except ValueError as err:
+                raise MisconfigurationException(str(err)) from err
+            if self.loss_fn is None and not callable(getattr(pl_module, "per_example_loss", None)):
+                raise MisconfigurationException(
+                    f"loss_fn: None, but {type(pl_module).__name__} defines no per_example_loss(batch) -> Tensor[B], "
+                    "which features='loss_gradient' needs; pass loss_fn=(model, batch) -> per-example losses"
+                )
+            return
         if self.layer is not None:
             try:
                 resolve_layer(pl_module, self.layer)
@@ -414,11 +492,13 @@ class FeatureSnapshot(_SnapshotCallback):
             feats = extract_features(
                 pl_module,
                 data,
-                layer=self.layer,
+                layer=self._layer,
                 hook=self.hook,
                 batch_size=self.batch_size,
                 device=pl_module.device,
                 indices=local,
+                kind=self.features,  # type: ignore[arg-type]
+                loss_fn=self.loss_fn,
                 progress=f"fastif snapshot: {name}" if show else False,
             )
         except Exception as err:  # re-raised below, after every rank knows, so none waits in the gather
@@ -437,14 +517,21 @@ class FeatureSnapshot(_SnapshotCallback):
         start = time.perf_counter()
         version = self._version(trainer)
         dirpath = self._directory()
-        embedded = {name: self._embed(trainer, pl_module, name, data) for name, data in self._sources(trainer).items()}
+        sources = self._sources(trainer)
+        embedded = {name: self._embed(trainer, pl_module, name, data) for name, data in sources.items()}
         error: str | None = None
         seconds = 0.0
         if trainer.is_global_zero:
             try:
                 files = {name: self._write(dirpath, version, name, f, i) for name, (f, i) in embedded.items()}
+                entry = self._entry(trainer, files, 0.0)
+                if self.features == "loss_gradient":
+                    # Rank 0 alone, no collective inside: the Hessian is a deterministic function of the weights
+                    # and the whole training set, identical to what any rank (or one process) would compute.
+                    entry[LAST_LAYER_HESSIAN] = self._write_hessian(pl_module, dirpath, version, sources.get("train"))
                 seconds = time.perf_counter() - start
-                self._record(version, self._entry(trainer, files, seconds))
+                entry["seconds"] = round(seconds, 4)
+                self._record(version, entry)
             except Exception as err:  # reported on every rank by _finish
                 error = f"{type(err).__name__}: {err}"
         self._finish(trainer, version, error)
@@ -470,6 +557,33 @@ class FeatureSnapshot(_SnapshotCallback):
             "dim": int(features.shape[1]),
         }
 
+    def _write_hessian(
+        self, pl_module: pl.LightningModule, dirpath: str, version: str, train: IndexedData | None
+    ) -> dict[str, Any]:
+        """Write ``H_last`` (mean training loss, feature layer's parameters only); return its manifest entry."""
+        assert self._layer is not None
+        layer = resolve_layer(pl_module, self._layer)
+        names = [f"{self._layer}.{n}" for n, _ in layer.named_parameters()]
+        num_params = sum(p.numel() for p in layer.parameters())
+        entry: dict[str, Any] = {"file": None, "layer": self._layer, "num_params": num_params, "params": names}
+        if train is None:
+            entry["note"] = "skipped: include_train=False, there is no training set to take the Hessian over"
+            return entry
+        if num_params > self.max_hessian_params:
+            entry["note"] = (
+                f"skipped: layer {self._layer!r} has {num_params} parameters, more than max_hessian_params="
+                f"{self.max_hessian_params}; queries are raw loss gradients (raise max_hessian_params to store it)"
+            )
+            return entry
+        with torch.inference_mode(False), evaluating(pl_module):
+            operator = HessianOperator(pl_module, self.loss_fn, train, params=names, batch_size=self.batch_size)
+            hessian = operator.dense(max_params=self.max_hessian_params).detach().cpu()
+        meta = {"layer": self._layer, "num_params": str(num_params), "num_train": str(len(train))}
+        save_tensors(feature_file(dirpath, version, LAST_LAYER_HESSIAN), {LAST_LAYER_HESSIAN: hessian}, meta)
+        entry["file"] = (Path(FEATURES_DIR) / version / f"{LAST_LAYER_HESSIAN}.safetensors").as_posix()
+        entry["num_train"] = len(train)
+        return entry
+
     def _entry(self, trainer: pl.Trainer, files: dict[str, Any], seconds: float) -> dict[str, Any]:
         first = next(iter(files.values()))
         return {
@@ -484,8 +598,9 @@ class FeatureSnapshot(_SnapshotCallback):
             "index": self.index,
             "nlist": self.nlist,
             "nprobe": self.nprobe,
-            "layer": self.layer,
-            "hook": self.hook if self.layer is not None else None,
+            "features": self.features,
+            "layer": self._layer,
+            "hook": self.hook if self._layer is not None and self.features == "activations" else None,
             "world_size": trainer.world_size,
             "datasets": files,
         }
@@ -627,10 +742,12 @@ class CheckpointSnapshot(_SnapshotCallback):
         version = self._version(trainer)
         dirpath = self._directory()
         error: str | None = None
+        # On every rank: reading trainer.callback_metrics computes synced torchmetrics, a collective (rank 0 alone
+        # would wait forever in its barrier).
+        monitored = self._monitored(trainer)
         if trainer.is_global_zero:
             try:
                 weights = self._selected(pl_module)
-                monitored = self._monitored(trainer)
                 meta = {"epoch": str(trainer.current_epoch), "global_step": str(trainer.global_step)}
                 if self.monitor is not None:
                     meta.update(monitor=self.monitor, monitor_value=repr(monitored))

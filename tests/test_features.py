@@ -7,7 +7,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_fastif.features import extract_features, features_of_batch, has_features_method
+from lightning_fastif.features import (
+    extract_features,
+    features_of_batch,
+    has_features_method,
+    last_layer_name,
+    loss_gradient_features,
+)
 
 
 class Net(nn.Module):
@@ -183,3 +189,64 @@ def test_wrong_batch_dimension_and_layer_run_count(data):
         extract_features(Net(), data, layer="body", hook="middle")
     with pytest.raises(ValueError, match="batch_size: expected a positive integer, got 0"):
         extract_features(Net(), data, layer="body", batch_size=0)
+
+
+def _ce(model, batch):
+    if isinstance(batch, dict):
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        return nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+    return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def test_loss_gradient_equals_autograd_and_the_closed_form(data):
+    torch.manual_seed(0)
+    net = Net().eval()
+    x, y = data.tensors
+    feats = extract_features(net, data, kind="loss_gradient", loss_fn=_ce, batch_size=5)
+    assert feats.shape == (23, 2 * 7)  # C * (D + 1): the classifier's weight and bias
+    # autograd, one example at a time
+    for i in (0, 11, 22):
+        net.zero_grad()
+        _ce(net, (x[i : i + 1], y[i : i + 1])).sum().backward()
+        expected = torch.cat([net.classifier.weight.grad.reshape(-1), net.classifier.bias.grad])
+        torch.testing.assert_close(feats[i], expected, rtol=1e-5, atol=1e-6)
+    # cross-entropy's closed form: (softmax(z) - onehot(y)) outer [h, 1]
+    with torch.no_grad():
+        h = net.body(x)
+        residual = torch.softmax(net.classifier(h), 1) - nn.functional.one_hot(y, 2)
+    closed = torch.cat([(residual[:, :, None] * h[:, None, :]).reshape(23, -1), residual], 1)
+    torch.testing.assert_close(feats, closed, rtol=1e-5, atol=1e-6)
+    assert net.training is False
+
+
+def test_loss_gradient_default_layer_dict_batches_and_model_loss():
+    torch.manual_seed(1)
+    net = DictNet().eval()
+    assert last_layer_name(net) == "classifier"
+    data = DictData(torch.randn(7, 4))
+    feats = extract_features(net, data, kind="loss_gradient", loss_fn=_ce, batch_size=3)
+    assert feats.shape == (7, 14)
+
+    class WithLoss(Net):
+        def per_example_loss(self, batch):
+            return _ce(self, batch)
+
+    model = WithLoss().eval()
+    batch = (torch.randn(4, 4), torch.tensor([0, 1, 1, 0]))
+    body = loss_gradient_features(model, batch, layer="body")  # any layer with parameters: here Linear(4, 6)
+    assert body.shape == (4, 6 * 5)
+    torch.testing.assert_close(
+        features_of_batch(model, batch, kind="loss_gradient"), loss_gradient_features(model, batch, loss_fn=_ce)
+    )
+
+
+def test_loss_gradient_bad_arguments(data):
+    net = Net()
+    with pytest.raises(ValueError, match="kind: expected one of \\['activations', 'loss_gradient'\\]"):
+        extract_features(net, data, kind="gradients")
+    with pytest.raises(ValueError, match="layer: 'body.1' holds no parameters"):
+        loss_gradient_features(net, data.tensors, layer="body.1", loss_fn=_ce)
+    with pytest.raises(TypeError, match="loss_fn: none given"):
+        loss_gradient_features(net, data.tensors)
+    with pytest.raises(ValueError, match="no submodule of ReLU owns parameters"):
+        last_layer_name(nn.ReLU())

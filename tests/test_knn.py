@@ -124,7 +124,7 @@ def test_bad_queries_and_arguments():
         index.search(torch.randn(3, 6), k=0)
     with pytest.raises(ValueError, match="NaN"):
         index.search(torch.full((1, 6), float("nan")), k=1)
-    with pytest.raises(ValueError, match="metric: expected one of \\['l2', 'cosine'\\], got 'dot'"):
+    with pytest.raises(ValueError, match="metric: expected one of \\['l2', 'cosine', 'ip'\\], got 'dot'"):
         KNNIndex(features, metric="dot")
     with pytest.raises(ValueError, match="ids: must be distinct"):
         KNNIndex(features, torch.zeros(20, dtype=torch.long))
@@ -160,3 +160,45 @@ def test_faiss_gpu_index_matches_cpu(kind):
     assert knn_recall(gpu_ids, cpu_ids) >= (0.999 if kind == "flat" else 0.95)
     big_d, big_ids = gpu.search(queries, k=3000)  # above FAISS GPU's k limit: answered on a CPU copy
     assert big_ids.shape == (20, 3000)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inner_product_metric_and_signed_search(backend):
+    features, queries = _data(n=300, d=12, q=9, seed=4)
+    features = features * torch.rand(300, 1) * 5  # norms that matter: the inner product is not the cosine
+    index = KNNIndex(features, ids=torch.arange(300) + 1000, metric="ip", backend=backend)
+    sims = queries @ features.T
+    distances, ids = index.search(queries, 7)
+    best = sims.topk(7, dim=1)
+    assert torch.equal(ids, best.indices + 1000)
+    torch.testing.assert_close(distances, -best.values, rtol=1e-5, atol=1e-5)
+    _, negative = index.search_signed(queries, 7, "negative")
+    assert torch.equal(negative, (-sims).topk(7, dim=1).indices + 1000)
+    # both: the k most helpful-direction ids, then the k most harmful-direction ones, never an id twice
+    _, both = index.search_signed(queries, 7, "both")
+    assert both.shape == (9, 14)
+    assert torch.equal(both[:, :7], ids)
+    assert torch.equal(both[:, 7:], negative)
+    _, everything = index.search_signed(queries, 200, "both")  # 2k > N: each of the N ids once
+    assert everything.shape == (9, 300)
+    assert all(torch.equal(row.sort().values, torch.arange(300) + 1000) for row in everything)
+
+
+def test_signed_search_drops_ties_found_twice():
+    # Zero vectors (e.g. the exactly-zero loss gradients of perfectly fitted points) tie at inner product 0 in
+    # both directions; the second half must hold new ids only.
+    features = torch.cat([torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), torch.zeros(6, 2)])
+    index = KNNIndex(features, metric="ip", backend="torch")
+    _, ids = index.search_signed(torch.tensor([[1.0, 0.0]]), 3, "both")
+    assert ids[0, 0] == 0
+    assert ids[0, 3] == 1
+    assert ids.unique().numel() == 6
+
+
+def test_signed_search_refuses_l2_and_bad_sign():
+    index = KNNIndex(torch.randn(10, 3), backend="torch")
+    with pytest.raises(ValueError, match="sign: 'both' needs a similarity index"):
+        index.search_signed(torch.randn(2, 3), 2, "both")
+    with pytest.raises(ValueError, match="sign: expected one of"):
+        index.search_signed(torch.randn(2, 3), 2, "up")
+    assert torch.equal(index.search_signed(torch.ones(1, 3), 2)[1], index.search(torch.ones(1, 3), 2)[1])

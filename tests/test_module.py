@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -13,10 +13,10 @@ from lightning_fastif.batches import IndexedData
 from lightning_fastif.grads import FunctionalLoss
 from lightning_fastif.knn import KNNIndex
 from lightning_fastif.models import LogisticRegression
-from lightning_fastif.module import CandidatePool, InfluenceModule
+from lightning_fastif.module import KNN_DAMPING_FLOOR, CandidatePool, InfluenceModule
 from lightning_fastif.results import InfluenceResult
-from lightning_fastif.snapshots import CheckpointSnapshot, FeatureSnapshot
-from lightning_fastif.storage import SnapshotNotFoundError, load_checkpoint
+from lightning_fastif.snapshots import LAST_LAYER_HESSIAN, CheckpointSnapshot, FeatureSnapshot
+from lightning_fastif.storage import SnapshotNotFoundError, load_checkpoint, load_tensors, save_tensors
 from tests.helpers.module_models import (
     CrashAfter,
     DictTexts,
@@ -371,3 +371,162 @@ def test_knn_index_is_not_pickled(trained, snapshot):
     clone = pickle.loads(pickle.dumps(module))
     assert clone._knn_cache is None
     assert clone.knn_index.ntotal == 60
+
+
+class _LitMLP(TinyMLP, LightningModule):
+    """TinyMLP trained by a Trainer, so a real FeatureSnapshot writes its loss-gradient features."""
+
+    def training_step(self, batch, batch_idx):
+        return self.per_example_loss(batch).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+
+CLASSIFIER_PARAMS = 3 * (6 + 1)  # TinyMLP's classifier: Linear(6, 3)
+
+
+def test_loss_gradient_snapshot_round_trip_finds_both_signs(tmp_path):
+    train, test = blobs(n_train=60, n_test=7)
+    model = _LitMLP()
+    # No room for the last layer's Hessian: the queries are the raw test gradients.
+    snap = FeatureSnapshot(
+        dirpath=tmp_path / "snap", features="loss_gradient", max_hessian_params=CLASSIFIER_PARAMS - 1
+    )
+    _trainer(tmp_path, max_epochs=5, callbacks=[snap]).fit(model, DataLoader(train, batch_size=10))
+    model.eval()
+    module = InfluenceModule(model, train_dataset=train, snapshot=tmp_path / "snap", ihvp=ExactInverse(0.01),
+                             num_candidates=5)  # fmt: skip
+    assert (module.feature_kind, module.feature_layer, module.knn_sign) == ("loss_gradient", "classifier", "both")
+    assert not module.knn_preconditioned
+    assert module.settings()["knn_preconditioner"] is None
+    # the queries are the test points' loss gradients of the classifier's parameters, exactly (autograd)
+    g_train = FunctionalLoss(model, None, "classifier.*").per_example_gradients(train.tensors).float()
+    g_test = FunctionalLoss(model, None, "classifier.*").per_example_gradients(test.tensors).float()
+    sims = g_test @ g_train.T
+    expected_ids = torch.cat([sims.topk(5, 1).indices, (-sims).topk(5, 1).indices], 1)
+    _trainer(tmp_path).predict(module, DataLoader(test, batch_size=4))
+    assert torch.equal(module.result.candidate_indices, expected_ids)
+    expected = influence_scores(model, None, test.tensors, train, ihvp=ExactInverse(0.01), candidates=expected_ids)
+    torch.testing.assert_close(module.result.scores, expected, rtol=1e-9, atol=1e-12)
+    assert module.settings()["feature_kind"] == "loss_gradient"
+    # one direction only
+    helpful = InfluenceModule(model, train_dataset=train, snapshot=tmp_path / "snap", num_candidates=5,
+                              knn_sign="helpful", ihvp=ExactInverse(0.01)).score_batch(test.tensors)  # fmt: skip
+    assert torch.equal(helpful.candidates, expected_ids[:, :5])
+    # the true most helpful and most harmful points (all parameters, exact inverse) are mostly among the 5 + 5
+    full = influence_scores(model, None, test.tensors, train, ihvp=ExactInverse(0.01))
+    hits = [int(full[t].argmax()) in expected_ids[t, :5] for t in range(7)]
+    hits += [int(full[t].argmin()) in expected_ids[t, 5:] for t in range(7)]
+    assert sum(hits) >= 10  # measured 11 of 14 (random candidates: about 1)
+    with pytest.raises(ValueError, match="feature_layer: 'hidden', but the snapshot holds loss gradients"):
+        InfluenceModule(
+            model, train_dataset=train, snapshot=tmp_path / "snap", num_candidates=5, feature_layer="hidden"
+        )
+
+
+def test_knn_sign_needs_a_loss_gradient_snapshot(trained, snapshot):
+    model, train, _, _ = trained
+    with pytest.raises(ValueError, match="knn_sign: 'helpful' needs a snapshot of loss-gradient features"):
+        InfluenceModule(model, train_dataset=train, snapshot=snapshot, num_candidates=5, knn_sign="helpful")
+    with pytest.raises(ValueError, match="knn_sign: expected"):
+        InfluenceModule(model, train_dataset=train, snapshot=snapshot, num_candidates=5, knn_sign="up")
+
+
+def _explicit_classifier_hessian(model, data):
+    """The Hessian of the mean cross-entropy over TinyMLP's classifier (weight, bias), by double backward."""
+    x, y = data.tensors
+    with torch.no_grad():
+        h = model.embed(x)
+    w, b = model.classifier.weight.detach(), model.classifier.bias.detach()
+
+    def mean_loss(flat):
+        weight, bias = flat[: w.numel()].view_as(w), flat[w.numel() :]
+        return torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, weight, bias), y)
+
+    return torch.autograd.functional.hessian(mean_loss, torch.cat([w.reshape(-1), b]))
+
+
+@pytest.fixture(scope="module")
+def gradient_snapshot(tmp_path_factory):
+    """A float64 TinyMLP fitted by a Trainer with a loss-gradient FeatureSnapshot (and its last-layer Hessian)."""
+    root = tmp_path_factory.mktemp("gradient_snapshot")
+    train, test = blobs(n_train=60, n_test=7)
+    model = _LitMLP()
+    snap = FeatureSnapshot(dirpath=root / "snap", features="loss_gradient")
+    _trainer(root, max_epochs=5, callbacks=[snap]).fit(model, DataLoader(train, batch_size=10))
+    return model.eval(), train, test, root / "snap"
+
+
+def test_loss_gradient_query_is_preconditioned_by_the_last_layer_hessian(tmp_path, gradient_snapshot):
+    model, train, test, snap = gradient_snapshot
+    h = _explicit_classifier_hessian(model, train)
+    eye = torch.eye(CLASSIFIER_PARAMS, dtype=torch.float64)
+    module = InfluenceModule(model, train_dataset=train, snapshot=snap, ihvp=ExactInverse(0.05), num_candidates=5)
+    assert module.knn_preconditioned
+    assert module.settings()["knn_preconditioner"] == {"hessian_params": CLASSIFIER_PARAMS, "damping": 0.05}
+    function = FunctionalLoss(model, None, "classifier.*")
+    g_test, g_train = function.per_example_gradients(test.tensors), function.per_example_gradients(train.tensors)
+    # q = (H_last + λI)⁻¹ g_test with λ = the estimator's damping, H_last from an explicit double backward
+    expected_q = torch.linalg.solve(h + 0.05 * eye, g_test.T).T
+    torch.testing.assert_close(module.precondition_query(g_test), expected_q.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(module.precondition_query(g_test[0]), expected_q[0].float(), rtol=1e-5, atol=1e-6)
+    # the candidates are the signed inner-product neighbours of those queries, through trainer.predict
+    sims = expected_q @ g_train.T
+    expected_ids = torch.cat([sims.topk(5, 1).indices, (-sims).topk(5, 1).indices], 1)
+    _trainer(tmp_path).predict(module, DataLoader(test, batch_size=4))
+    assert torch.equal(module.result.candidate_indices, expected_ids)
+    expected = influence_scores(model, None, test.tensors, train, ihvp=ExactInverse(0.05), candidates=expected_ids)
+    torch.testing.assert_close(module.result.scores, expected, rtol=1e-9, atol=1e-12)
+    # knn_damping overrides the estimator's λ; the factorisation is cached per module and not pickled
+    other = InfluenceModule(model, train_dataset=train, snapshot=snap, ihvp=ExactInverse(0.05), num_candidates=5,
+                            knn_damping=0.5)  # fmt: skip
+    torch.testing.assert_close(
+        other.precondition_query(g_test), torch.linalg.solve(h + 0.5 * eye, g_test.T).T.float(), rtol=1e-5, atol=1e-6
+    )
+    assert other._preconditioner is not None
+    import pickle
+
+    assert pickle.loads(pickle.dumps(other))._preconditioner is None
+
+
+def test_zero_knn_damping_on_a_singular_hessian_uses_the_floor(gradient_snapshot):
+    model, train, test, snap = gradient_snapshot
+    h = _explicit_classifier_hessian(model, train)
+    # cross-entropy: adding one vector to every class's row of (W, b) leaves the loss unchanged, so H is singular
+    assert int(torch.linalg.matrix_rank(h)) <= CLASSIFIER_PARAMS - (6 + 1)
+    module = InfluenceModule(model, train_dataset=train, snapshot=snap, ihvp=ExactInverse(0.0), num_candidates=5)
+    g_test = FunctionalLoss(model, None, "classifier.*").per_example_gradients(test.tensors)
+    floor = KNN_DAMPING_FLOOR * float(h.diagonal().abs().mean())
+    expected = torch.linalg.solve(h + floor * torch.eye(CLASSIFIER_PARAMS, dtype=torch.float64), g_test.T).T
+    q = module.precondition_query(g_test)
+    assert bool(torch.isfinite(q).all())
+    torch.testing.assert_close(q, expected.float(), rtol=1e-4, atol=1e-6)
+    assert module.score_batch(test.tensors).candidates.shape == (7, 10)
+
+
+def test_indefinite_stored_hessian_is_solved_by_lu(tmp_path, gradient_snapshot):
+    import shutil
+
+    model, train, test, snap = gradient_snapshot
+    copy = tmp_path / "snap"
+    shutil.copytree(snap, copy)
+    entry = InfluenceModule(model, train_dataset=train, snapshot=copy, num_candidates=5)._hessian_entry
+    h = load_tensors(entry["path"])[LAST_LAYER_HESSIAN]
+    indefinite = h - 0.3 * torch.eye(CLASSIFIER_PARAMS, dtype=h.dtype)  # eigenvalues below -0.1 remain
+    save_tensors(entry["path"], {LAST_LAYER_HESSIAN: indefinite})
+    module = InfluenceModule(model, train_dataset=train, snapshot=copy, num_candidates=5, knn_damping=0.1)
+    g_test = FunctionalLoss(model, None, "classifier.*").per_example_gradients(test.tensors)
+    expected = torch.linalg.solve(indefinite + 0.1 * torch.eye(CLASSIFIER_PARAMS, dtype=h.dtype), g_test.T).T
+    torch.testing.assert_close(module.precondition_query(g_test), expected.float(), rtol=1e-5, atol=1e-6)
+    assert module._preconditioner[1] == "lu"
+
+
+def test_knn_damping_and_query_validation(gradient_snapshot):
+    model, train, test, snap = gradient_snapshot
+    for bad in (-1.0, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match="knn_damping: expected None .* or a finite number >= 0"):
+            InfluenceModule(model, train_dataset=train, snapshot=snap, num_candidates=5, knn_damping=bad)
+    module = InfluenceModule(model, train_dataset=train, snapshot=snap, num_candidates=5)
+    with pytest.raises(ValueError, match=f"queries: expected \\[Q, {CLASSIFIER_PARAMS}\\] loss gradients"):
+        module.precondition_query(torch.zeros(2, 5))

@@ -15,12 +15,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_fastif.features import extract_features
 from lightning_fastif.knn import KNNIndex, faiss_available
-from lightning_fastif.snapshots import CheckpointSnapshot, FeatureSnapshot
+from lightning_fastif.snapshots import LAST_LAYER_HESSIAN, CheckpointSnapshot, FeatureSnapshot
 from lightning_fastif.storage import (
     SnapshotError,
     SnapshotNotFoundError,
     apply_checkpoint,
     load_checkpoint,
+    load_tensors,
     read_feature_snapshot,
     read_manifest,
     snapshot_versions,
@@ -160,13 +161,15 @@ def test_constructor_validation():
     cases = [
         (lambda: FeatureSnapshot(every_n_epochs=0), "every_n_epochs: expected None or a positive integer, got 0"),
         (lambda: FeatureSnapshot(hook="middle"), "hook: expected 'input' or 'output', got 'middle'"),
-        (lambda: FeatureSnapshot(metric="dot"), "metric: expected 'l2' or 'cosine', got 'dot'"),
+        (lambda: FeatureSnapshot(metric="dot"), "metric: expected None, 'l2', 'cosine' or 'ip', got 'dot'"),
         (lambda: FeatureSnapshot(index="hnsw"), "index: expected 'flat' or 'ivf', got 'hnsw'"),
         (lambda: FeatureSnapshot(batch_size=-1), "batch_size"),
         (lambda: FeatureSnapshot(on_fit_end=False), "would never take a snapshot"),
         (lambda: FeatureSnapshot(include_train=False), "nothing to embed"),
         (lambda: FeatureSnapshot(datasets={"a/b": make_dataset(3)}), "name 'a/b' is not accepted"),
         (lambda: FeatureSnapshot(datasets={"train": make_dataset(3)}), "the name 'train' is taken"),
+        (lambda: FeatureSnapshot(datasets={LAST_LAYER_HESSIAN: make_dataset(3)}), "'last_layer_hessian' is taken"),
+        (lambda: FeatureSnapshot(max_hessian_params=0), "max_hessian_params: expected None or a positive integer"),
         (lambda: FeatureSnapshot(datasets={"x": iter([1])}), "expected a map-style Dataset"),
         (lambda: FeatureSnapshot(dirpath=3), "dirpath: expected None or a directory path, got 3"),
         (lambda: CheckpointSnapshot(params=[]), "params: expected None, a name pattern"),
@@ -294,6 +297,7 @@ def test_ddp_snapshot_equals_single_process_snapshot(tmp_path):
     def callbacks(name):
         return [
             FeatureSnapshot(dirpath=tmp_path / name, layer="classifier", hook="input", batch_size=8, datasets=extra),
+            FeatureSnapshot(dirpath=tmp_path / f"{name}_grad", features="loss_gradient", loss_fn=_ce, batch_size=8),
             CheckpointSnapshot(dirpath=tmp_path / name),
         ]
 
@@ -322,4 +326,98 @@ def test_ddp_snapshot_equals_single_process_snapshot(tmp_path):
         assert torch.equal(i_ddp, torch.arange(n))  # each index exactly once, sorted
         assert torch.equal(i_ddp, i_one)
         torch.testing.assert_close(f_ddp, f_one, rtol=0, atol=1e-6)
+    # Loss-gradient features and the last layer's Hessian (rank 0, whole training set) match one process too.
+    f_ddp, _, _ = read_feature_snapshot(tmp_path / "ddp_grad")
+    f_one, _, _ = read_feature_snapshot(tmp_path / "single_grad")
+    torch.testing.assert_close(f_ddp, f_one, rtol=0, atol=1e-6)
+    h_ddp, h_one = _stored_hessian(tmp_path / "ddp_grad"), _stored_hessian(tmp_path / "single_grad")
+    assert h_ddp.shape == (CLASSIFIER_PARAMS, CLASSIFIER_PARAMS)
+    torch.testing.assert_close(h_ddp, h_one, rtol=0, atol=1e-6)
     assert _no_tmp_files(tmp_path)
+
+
+CLASSIFIER_PARAMS = 3 * (5 + 1)  # TinyClassifier's classifier: Linear(HIDDEN=5, CLASSES=3)
+
+
+def _stored_hessian(dirpath):
+    [entry] = snapshot_versions(dirpath, "features")
+    return load_tensors(dirpath / entry[LAST_LAYER_HESSIAN]["file"])[LAST_LAYER_HESSIAN]
+
+
+def _explicit_classifier_hessian(model, data):
+    """The Hessian of the mean cross-entropy over the classifier's (weight, bias), by double backward."""
+    x, y = data.tensors
+    with torch.no_grad():
+        h = model.body(x)
+    w, b = model.classifier.weight.detach(), model.classifier.bias.detach()
+
+    def mean_loss(flat):
+        weight, bias = flat[: w.numel()].view_as(w), flat[w.numel() :]
+        return torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, weight, bias), y)
+
+    return torch.autograd.functional.hessian(mean_loss, torch.cat([w.reshape(-1), b]))
+
+
+def _ce(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def test_loss_gradient_snapshot_matches_extract_features(tmp_path):
+    snapshot = FeatureSnapshot(dirpath=tmp_path / "snap", features="loss_gradient", loss_fn=_ce)
+    model = TinyClassifier()
+    _trainer(tmp_path, [snapshot], max_epochs=1).fit(model, TinyDataModule())
+    [entry] = snapshot_versions(tmp_path / "snap", "features")
+    assert (entry["features"], entry["layer"], entry["hook"], entry["metric"]) == (
+        "loss_gradient",
+        "classifier",
+        None,
+        "ip",
+    )
+    index = KNNIndex.from_snapshot(tmp_path / "snap")
+    expected = extract_features(model, make_dataset(37, seed=0), kind="loss_gradient", loss_fn=_ce)
+    assert index.metric == "ip"
+    assert index.dim == model.classifier.weight.numel() + model.classifier.bias.numel()
+    torch.testing.assert_close(index.features, expected, rtol=1e-6, atol=1e-7)
+    # The last layer's Hessian of the mean training loss (all 37 examples), as double backward computes it.
+    record = entry[LAST_LAYER_HESSIAN]
+    assert (record["layer"], record["num_params"], record["num_train"]) == ("classifier", CLASSIFIER_PARAMS, 37)
+    assert record["params"] == ["classifier.weight", "classifier.bias"]
+    assert record["file"] == f"features/{entry['version']}/{LAST_LAYER_HESSIAN}.safetensors"
+    hessian = _stored_hessian(tmp_path / "snap")
+    torch.testing.assert_close(
+        hessian, _explicit_classifier_hessian(model, make_dataset(37, seed=0)), rtol=1e-5, atol=1e-6
+    )
+    # activations stay the default, recorded as such
+    assert FeatureSnapshot().features == "activations"
+    assert FeatureSnapshot().metric == "l2"
+
+
+def test_loss_gradient_snapshot_validation(tmp_path):
+    with pytest.raises(MisconfigurationException, match="metric: 'l2' with features='loss_gradient'"):
+        FeatureSnapshot(features="loss_gradient", metric="l2")
+    with pytest.raises(MisconfigurationException, match="features: expected one of"):
+        FeatureSnapshot(features="gradients")
+    with pytest.raises(MisconfigurationException, match="loss_fn: expected None or a callable"):
+        FeatureSnapshot(features="loss_gradient", loss_fn="ce")
+    no_loss = FeatureSnapshot(dirpath=tmp_path / "a", features="loss_gradient")
+    with pytest.raises(MisconfigurationException, match="defines no per_example_loss"):
+        _trainer(tmp_path, [no_loss]).fit(TinyClassifier(), TinyDataModule())
+    no_params = FeatureSnapshot(dirpath=tmp_path / "b", features="loss_gradient", layer="body.1", loss_fn=_ce)
+    with pytest.raises(MisconfigurationException, match="'body.1' holds no parameters"):
+        _trainer(tmp_path, [no_params]).fit(TinyClassifier(), TinyDataModule())
+
+
+def test_loss_gradient_snapshot_skips_a_hessian_over_max_hessian_params(tmp_path):
+    snapshot = FeatureSnapshot(
+        dirpath=tmp_path / "snap", features="loss_gradient", loss_fn=_ce, max_hessian_params=CLASSIFIER_PARAMS - 1
+    )
+    _trainer(tmp_path, [snapshot], max_epochs=1).fit(TinyClassifier(), TinyDataModule())
+    [entry] = snapshot_versions(tmp_path / "snap", "features")
+    record = entry[LAST_LAYER_HESSIAN]
+    assert (record["file"], record["num_params"], record["layer"]) == (None, CLASSIFIER_PARAMS, "classifier")
+    assert "more than max_hessian_params=17" in record["note"]
+    assert not list((tmp_path / "snap").rglob(f"{LAST_LAYER_HESSIAN}*"))
+    # Activation snapshots store no Hessian at all.
+    plain = FeatureSnapshot(dirpath=tmp_path / "plain", layer="classifier", hook="input")
+    _trainer(tmp_path, [plain], max_epochs=1).fit(TinyClassifier(), TinyDataModule())
+    assert LAST_LAYER_HESSIAN not in snapshot_versions(tmp_path / "plain", "features")[0]
