@@ -43,7 +43,7 @@ from benchmarks.common import (
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
-ORDER = ("fastif", "engine", "knn", "quality", "peers")
+ORDER = ("fastif", "engine", "knn", "quality", "peers", "trust", "correction", "text")
 
 GOALS: dict[str, tuple[str, float | None, bool]] = {
     # key: (what the goal says, target, at_least)
