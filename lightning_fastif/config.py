@@ -288,6 +288,7 @@ class ReportConfig:
     top_n: int = 5
     verify: bool = True
     verify_num_train: int = 300
+    verify_loo: int = 0
 
 
 @dataclass
@@ -311,6 +312,7 @@ class FastIFConfig:
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    mode: str = "job"
     seed: int = 0
     threads: Optional[int] = 1  # noqa: UP045 - torch.set_num_threads; small models are fastest (and steadiest) on one
     output_dir: Any = None
@@ -407,6 +409,15 @@ def validate_config(cfg: Any) -> None:
 
     positive("knn.k", cfg.knn.k, allow_none=True)
     positive("threads", cfg.threads, allow_none=True)
+    need(
+        cfg.mode in ("job", "verify"), "mode", cfg.mode, "'job' (the whole story) or 'verify' (train, then verify only)"
+    )
+    need(
+        isinstance(cfg.report.verify_loo, int) and cfg.report.verify_loo >= 0,
+        "report.verify_loo",
+        cfg.report.verify_loo,
+        "an integer >= 0 (leave-one-out retrainings in verify)",
+    )
     need(
         cfg.knn.metric in (None, "l2", "cosine", "ip"),
         "knn.metric",

@@ -79,3 +79,31 @@ def test_bad_override_fails_before_training(tmp_path):
     assert proc.returncode != 0
     assert "knn.k=-3 is invalid" in proc.stderr
     assert not (tmp_path / "snapshot").exists()  # nothing was trained
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_verify_mode_damping_sweep_multirun(tmp_path):
+    """``-m influence.ihvp.damping=...`` with ``mode=verify``: one verify.json per damping (issue 10's sweep)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_fastif",
+        "-m",
+        "mode=verify",
+        "experiment=smoke",
+        "influence.ihvp.damping=1.0,3.0",
+        "report.verify_num_train=80",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=850, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(tmp_path.glob("*/verify.json"))
+    assert len(runs) == 2
+    dampings = sorted(json.loads(p.read_text())["ihvp"]["damping"] for p in runs)
+    assert dampings == [1.0, 3.0]
+    for p in runs:
+        checks = json.loads(p.read_text())["verify"]
+        assert -1.0 <= checks["pearson"] <= 1.0
+        assert checks["damping"] in (1.0, 3.0)
+    assert not list(tmp_path.glob("*/report"))  # verify mode writes no report
