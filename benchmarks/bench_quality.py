@@ -261,7 +261,7 @@ def mislabel_task(smoke: bool = False) -> Task:
 @functools.lru_cache(maxsize=4)
 def lds_task(smoke: bool = False) -> Task:
     """Digits MLP, and its test outputs retrained on ``M`` random halves of the training set (TRAK's LDS)."""
-    n_train, n_test, subsets, max_iter = (120, 8, 6, 60) if smoke else (500, 50, 64, 300)
+    n_train, n_test, subsets, max_iter = (120, 8, 20, 60) if smoke else (500, 50, 64, 300)
     x, y, xt, yt = _digits(n_train, n_test, seed=3)
     model = fit_mlp(x, y, l2=MLP_L2, max_iter=max_iter, hidden=_hidden(smoke))
     g = torch.Generator().manual_seed(4)

@@ -17,6 +17,7 @@ Dropout is off by default everywhere: influence treats the loss as a determinist
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,10 @@ class _Classifier(LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
+    @abstractmethod
     def logits(self, batch: Batch) -> Tensor:
-        """Logits ``[B, C]`` of the examples of ``batch``."""
-        raise NotImplementedError
+        """Logits ``[B, C]`` of the examples of ``batch`` (each subclass defines it)."""
+        raise NotImplementedError(f"{type(self).__name__} must define logits(batch) -> Tensor[B, C]")
 
     def per_example_loss(self, batch: Batch) -> Tensor:
         """Cross-entropy of each example of ``batch``: ``Tensor[B]`` (no reduction, no regulariser).
