@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -81,9 +82,10 @@ def test_quality_metrics_on_known_answers():
     lds = bench_quality.lds_task(True)
     masks = lds.truth["masks"].to(torch.float64)
     # Known answer: outputs that are exactly linear in the subset masks (random weights, so no ties among the few
-    # subsets of the smoke setting; retrained outputs can tie there and make the ranks ambiguous).
+    # subsets of the smoke setting; retrained outputs can tie there and make the ranks ambiguous). The task is cached
+    # (lru_cache): work on a copy so later tests see the real outputs.
     exact = torch.randn(lds.truth["outputs"].shape[1], masks.shape[1], dtype=torch.float64)
-    lds.truth["outputs"] = masks @ exact.T
+    lds = dataclasses.replace(lds, truth={**lds.truth, "outputs": masks @ exact.T})
     assert bench_quality.linear_datamodeling_score(lds, exact)["lds"] == pytest.approx(1.0)
     assert bench_quality.linear_datamodeling_score(lds, -exact)["lds"] == pytest.approx(-1.0)
 
