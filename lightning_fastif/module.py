@@ -55,6 +55,7 @@ from lightning_fastif.hessian import HessianOperator
 from lightning_fastif.ihvp import InverseHVP, LiSSA, relative_residual
 from lightning_fastif.influence import GRADS_MIN_TEST_POINTS, score_candidates
 from lightning_fastif.knn import KNNIndex, Sign
+from lightning_fastif.memory import measure_stage
 from lightning_fastif.params import ParamSpec, select_parameters
 from lightning_fastif.results import RESULT_FORMAT, RESULT_FORMAT_VERSION, BatchInfluence, InfluenceResult, jsonable
 from lightning_fastif.storage import (
@@ -823,20 +824,29 @@ class InfluenceModule(LightningModule):
         return features_of_batch(self.model, batch, layer=self.feature_layer, hook=self.feature_hook)
 
     def _candidates(
-        self, batch: Batch, rows: int, k: int, pool: CandidatePool | None, combine: bool, seconds: dict[str, float]
+        self,
+        batch: Batch,
+        rows: int,
+        k: int,
+        pool: CandidatePool | None,
+        combine: bool,
+        seconds: dict[str, float],
+        memory: dict[str, dict[str, Any]],
     ) -> Tensor:
         start = time.perf_counter()
-        feats = self._query_features(batch)
-        queries = feats.mean(0, keepdim=True) if combine or self.knn_query == "mean" else feats
+        with measure_stage("features", memory):
+            feats = self._query_features(batch)
+            queries = feats.mean(0, keepdim=True) if combine or self.knn_query == "mean" else feats
         seconds["features"] += time.perf_counter() - start
         start = time.perf_counter()
         index = pool.index if pool is not None else self.knn_index
         assert index is not None
         queries = queries.detach().float().cpu()
-        if self.feature_kind == "loss_gradient" and index.metric != "l2":
-            _, ids = index.search_signed(queries, k, _SEARCH_SIGN[self.knn_sign or "both"])
-        else:
-            _, ids = index.search(queries, k)
+        with measure_stage("knn", memory):
+            if self.feature_kind == "loss_gradient" and index.metric != "l2":
+                _, ids = index.search_signed(queries, k, _SEARCH_SIGN[self.knn_sign or "both"])
+            else:
+                _, ids = index.search(queries, k)
         seconds["knn"] += time.perf_counter() - start
         if bool((ids < 0).any()):
             raise RuntimeError(
@@ -970,6 +980,7 @@ class InfluenceModule(LightningModule):
         test_indices: Tensor | None = None,
     ) -> BatchInfluence:
         seconds = dict.fromkeys(STAGES, 0.0)
+        memory: dict[str, dict[str, Any]] = {}  # peak memory per stage (memory.measure_stage)
         data = pool.data if pool is not None else self.train_data
         # no_grad: torch.func transforms and the HVPs manage their own graphs; parameters outside `params` that
         # require grad would otherwise tie every gradient to a graph nobody uses.
@@ -982,7 +993,7 @@ class InfluenceModule(LightningModule):
             self._check_loss(function, batch)
             candidates = None
             if num_candidates is not None:
-                candidates = self._candidates(batch, rows, num_candidates, pool, combine, seconds)
+                candidates = self._candidates(batch, rows, num_candidates, pool, combine, seconds, memory)
             total: Tensor | None = None
             diagnostics = []
             for version, weights in self._weight_states():
@@ -993,15 +1004,18 @@ class InfluenceModule(LightningModule):
                     self.model, None, self.train_data, batch_size=self.hessian_batch_size, function=function
                 )
                 start = time.perf_counter()
-                g_test = function.per_example_gradients(batch)
-                if combine:
-                    g_test = g_test.mean(0, keepdim=True)
+                with measure_stage("test_gradients", memory, device=device):
+                    g_test = function.per_example_gradients(batch)
+                    if combine:
+                        g_test = g_test.mean(0, keepdim=True)
                 seconds["test_gradients"] += time.perf_counter() - start
                 start = time.perf_counter()
-                s_test, diag = self._solve(operator, g_test, split)
+                with measure_stage("s_test", memory, device=device):
+                    s_test, diag = self._solve(operator, g_test, split)
                 seconds["s_test"] += time.perf_counter() - start
                 start = time.perf_counter()
-                scores = self._score(function, data, s_test, candidates, split)
+                with measure_stage("scoring", memory, device=device):
+                    scores = self._score(function, data, s_test, candidates, split)
                 seconds["scoring"] += time.perf_counter() - start
                 total = scores if total is None else total + scores
                 diagnostics.append({"checkpoint": version, **diag})
@@ -1019,6 +1033,7 @@ class InfluenceModule(LightningModule):
                     "combined": combine,
                     "candidates_from": "train" if pool is None else f"pool:{pool.name}",
                     "seconds": seconds,
+                    "memory": memory,
                     "ihvp": diagnostics,
                 }
             ),
@@ -1177,6 +1192,11 @@ class InfluenceModule(LightningModule):
         if trainer is None or not trainer.loggers:
             return
         metrics = {f"fastif/time_{stage}": float(s) for stage, s in out.diagnostics["seconds"].items()}
+        for stage, record in out.diagnostics.get("memory", {}).items():
+            if isinstance(record.get("cpu_peak_bytes"), (int, float)):
+                metrics[f"fastif/peak_bytes_{stage}"] = float(record["cpu_peak_bytes"])
+            if isinstance(record.get("cuda_peak_bytes"), (int, float)):
+                metrics[f"fastif/cuda_peak_bytes_{stage}"] = float(record["cuda_peak_bytes"])
         diags = out.diagnostics["ihvp"]
         residuals = [d["residual"] for d in diags if isinstance(d.get("residual"), (int, float))]
         if residuals:
@@ -1260,7 +1280,12 @@ class InfluenceModule(LightningModule):
             "timings": {
                 "total_seconds": totals,
                 "per_batch": [
-                    {"first_test_index": b["first_test_index"], "num_test": b["num_test"], "seconds": b["seconds"]}
+                    {
+                        "first_test_index": b["first_test_index"],
+                        "num_test": b["num_test"],
+                        "seconds": b["seconds"],
+                        "memory": b.get("memory", {}),
+                    }
                     for b in batches
                 ],
             },

@@ -269,10 +269,14 @@ def test_timings_and_diagnostics_logged_and_in_manifest(tmp_path, trained, snaps
     )
     _trainer(tmp_path, logger=logger).predict(module, DataLoader(test, batch_size=4))
     assert len(logger.metrics) == 2
-    for key in ("time_features", "time_knn", "time_s_test", "time_scoring", "ihvp_residual", "ihvp_scale"):
+    keys = ("time_features", "time_knn", "time_s_test", "time_scoring", "ihvp_residual", "ihvp_scale")
+    for key in (*keys, "peak_bytes_s_test", "peak_bytes_scoring"):
         assert all(f"fastif/{key}" in m for m in logger.metrics), key
     manifest = InfluenceResult.load(tmp_path / "out").manifest
     assert set(manifest["timings"]["total_seconds"]) == {"features", "knn", "test_gradients", "s_test", "scoring"}
+    memory = manifest["timings"]["per_batch"][0]["memory"]  # peak memory per stage travels with the result
+    assert set(memory) == {"features", "knn", "test_gradients", "s_test", "scoring"}
+    assert all(record["cpu_peak_bytes"] > 0 for record in memory.values())
     [first, second] = manifest["ihvp"]
     assert first["first_test_index"] == 0
     assert second["first_test_index"] == 4
