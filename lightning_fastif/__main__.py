@@ -132,6 +132,7 @@ def run(cfg: Any) -> dict[str, Any]:
         output_dir=str(influence_dir),
         batch_size=cfg.influence.batch_size,
         hessian_batch_size=cfg.influence.hessian_batch_size,
+        max_memory=cfg.influence.max_memory,
         progress=bool(cfg.trainer.enable_progress_bar),
     )
     loader = DataLoader(_IndexedSubset(test, explained.tolist()), batch_size=4, collate_fn=_collate_of(datamodule))

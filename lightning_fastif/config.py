@@ -263,6 +263,7 @@ class InfluenceConfig:
     hessian_batch_size: int = 256
     max_test_points: int = 16
     self_influence_ihvp: str = "identity"
+    max_memory: Any = None
 
 
 @dataclass

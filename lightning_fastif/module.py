@@ -55,7 +55,7 @@ from lightning_fastif.hessian import HessianOperator
 from lightning_fastif.ihvp import InverseHVP, LiSSA, relative_residual
 from lightning_fastif.influence import GRADS_MIN_TEST_POINTS, score_candidates
 from lightning_fastif.knn import KNNIndex, Sign
-from lightning_fastif.memory import measure_stage
+from lightning_fastif.memory import measure_example_cost, measure_stage, parse_memory, plan_chunks
 from lightning_fastif.params import ParamSpec, select_parameters
 from lightning_fastif.results import RESULT_FORMAT, RESULT_FORMAT_VERSION, BatchInfluence, InfluenceResult, jsonable
 from lightning_fastif.storage import (
@@ -287,6 +287,9 @@ class InfluenceModule(LightningModule):
         score_method: ``"auto"``, ``"jvp"`` or ``"grads"`` (see :mod:`lightning_fastif.influence`).
         candidates_pool: score candidates from this :class:`CandidatePool` instead of the training set.
         progress: show a progress bar over the candidates (only when the Trainer's progress bar is on).
+        max_memory: a memory budget (``"4GB"``, ``"512MiB"`` or bytes): chunk sizes for scoring and HVPs are derived
+            from it and the measured cost of one example, per test batch (``batch_size``/``hessian_batch_size`` are
+            then ignored); too small a budget raises ``MemoryBudgetError`` naming the smallest one that works.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``train_dataset`` is not indexable, ``ihvp`` is not an
@@ -328,6 +331,7 @@ class InfluenceModule(LightningModule):
         candidates_pool: CandidatePool | None = None,
         progress: bool = True,
         knn_damping: float | None = None,
+        max_memory: str | int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -349,6 +353,10 @@ class InfluenceModule(LightningModule):
         self.top_k = _positive_int("top_k", top_k)
         self.batch_size = _positive_int("batch_size", batch_size)
         self.hessian_batch_size = _positive_int("hessian_batch_size", hessian_batch_size)
+        # A budget replaces batch_size/hessian_batch_size by chunk sizes derived per test batch (memory.plan_chunks).
+        self.max_memory = parse_memory(max_memory)
+        self._example_cost: Any = None
+        self._chunk: int | None = None
         self.parallel = _choice("parallel", parallel, _PARALLEL)
         self.knn_query = _choice("knn_query", knn_query, _KNN_QUERY)
         self.knn_sign = None if knn_sign is None else _choice("knn_sign", knn_sign, _KNN_SIGN)
@@ -913,8 +921,9 @@ class InfluenceModule(LightningModule):
         )
         parts = []
         try:
-            for start in range(lo, hi, self.batch_size):
-                stop = min(hi, start + self.batch_size)
+            chunk_size = self._chunk or self.batch_size
+            for start in range(lo, hi, chunk_size):
+                stop = min(hi, start + chunk_size)
                 if candidates is None:
                     chunk = data.gather(torch.arange(start, stop))
                     if use_grads:
@@ -928,7 +937,7 @@ class InfluenceModule(LightningModule):
                             data,
                             s_test,
                             candidates[:, start:stop],
-                            batch_size=self.batch_size,
+                            batch_size=chunk_size,
                             method="grads" if use_grads else "jvp",
                         )
                     )
@@ -940,6 +949,12 @@ class InfluenceModule(LightningModule):
         if not parts:
             return s_test.new_zeros(rows, 0)
         return torch.cat(parts, dim=1)
+
+    def _memory_plan(self, function: FunctionalLoss, rows: int, knn: bool) -> Any:
+        """Chunk sizes for this test batch from ``max_memory`` and the measured cost of one training example."""
+        if self._example_cost is None:
+            self._example_cost = measure_example_cost(function, self.train_data)
+        return plan_chunks(self._example_cost, self.max_memory, num_vectors=rows, score_directions=1 if knn else rows)
 
     def _score(
         self, function: FunctionalLoss, data: IndexedData, s_test: Tensor, candidates: Tensor | None, split: bool
@@ -1000,8 +1015,13 @@ class InfluenceModule(LightningModule):
                 if weights is not None:
                     apply_checkpoint(self.model, weights)
                 function = self._function()
+                hessian_chunk = self.hessian_batch_size
+                if self.max_memory is not None:
+                    plan = self._memory_plan(function, rows, candidates is not None)
+                    hessian_chunk, self._chunk = plan.hessian_chunk, plan.score_chunk
+                    memory["plan"] = plan.as_dict()
                 operator = HessianOperator(
-                    self.model, None, self.train_data, batch_size=self.hessian_batch_size, function=function
+                    self.model, None, self.train_data, batch_size=hessian_chunk, function=function
                 )
                 start = time.perf_counter()
                 with measure_stage("test_gradients", memory, device=device):

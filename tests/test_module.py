@@ -534,3 +534,25 @@ def test_knn_damping_and_query_validation(gradient_snapshot):
     module = InfluenceModule(model, train_dataset=train, snapshot=snap, num_candidates=5)
     with pytest.raises(ValueError, match=f"queries: expected \\[Q, {CLASSIFIER_PARAMS}\\] loss gradients"):
         module.precondition_query(torch.zeros(2, 5))
+
+
+def test_memory_budget_same_scores_and_too_small_raises(tmp_path, trained, snapshot):
+    from lightning_fastif.memory import MemoryBudgetError
+
+    model, train, test, _ = trained
+    batch = next(iter(DataLoader(test, batch_size=4)))
+    plain = InfluenceModule(model, train_dataset=train, snapshot=snapshot, ihvp=_lissa(), num_candidates=20)
+    budget = InfluenceModule(
+        model, train_dataset=train, snapshot=snapshot, ihvp=_lissa(), num_candidates=20, max_memory="64MB"
+    )
+    a, b = plain.score_batch(batch), budget.score_batch(batch)
+    torch.testing.assert_close(b.scores, a.scores, rtol=1e-6, atol=1e-8)
+    assert torch.equal(a.candidates, b.candidates)
+    assert b.diagnostics["memory"]["plan"]["max_memory"] == 64_000_000
+    tiny = InfluenceModule(
+        model, train_dataset=train, snapshot=snapshot, ihvp=_lissa(), num_candidates=20, max_memory="1KB"
+    )
+    with pytest.raises(MemoryBudgetError, match="max_memory"):
+        tiny.score_batch(batch)
+    with pytest.raises(ValueError, match="max_memory"):
+        InfluenceModule(model, train_dataset=train, snapshot=snapshot, num_candidates=20, max_memory="lots")
