@@ -107,3 +107,9 @@ def test_verify_mode_damping_sweep_multirun(tmp_path):
         assert -1.0 <= checks["pearson"] <= 1.0
         assert checks["damping"] in (1.0, 3.0)
     assert not list(tmp_path.glob("*/report"))  # verify mode writes no report
+    from lightning_fastif.verify import summarize_verify_sweep
+
+    png = summarize_verify_sweep(tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["damping"] for r in rows] == [1.0, 3.0]
