@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from lightning_fastif import distributed
-from lightning_fastif.batches import Batch, IndexedData
+from lightning_fastif.batches import Batch, IndexedData, move_batch
 from lightning_fastif.features import LABEL_KEYS, default_forward
 from lightning_fastif.grads import LossFn, check_losses, default_loss_fn, evaluating
 from lightning_fastif.ihvp import InverseHVP
@@ -110,7 +110,7 @@ def accuracy(model: nn.Module, data: Any, *, batch_size: int = 256) -> float:
     preds, targets = [], []
     with evaluating(model), torch.no_grad():
         for _, batch in source.chunks(batch_size):
-            batch = _to(batch, device)
+            batch = move_batch(batch, device)
             preds.append(predicted_labels(model, batch).cpu())
             targets.append(_labels(batch).cpu())
     pred, target = torch.cat(preds), torch.cat(targets)
@@ -125,15 +125,9 @@ def misclassified_indices(model: nn.Module, data: Any, *, batch_size: int = 256)
     wrong = []
     with evaluating(model), torch.no_grad():
         for idx, batch in source.chunks(batch_size):
-            batch = _to(batch, device)
+            batch = move_batch(batch, device)
             wrong.append(idx[(predicted_labels(model, batch) != _labels(batch)).cpu()])
     return torch.cat(wrong)
-
-
-def _to(batch: Batch, device: torch.device) -> Batch:
-    from lightning_fastif.batches import move_batch
-
-    return move_batch(batch, device)
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -253,7 +247,7 @@ def _correction_steps(
 ) -> None:
     for step in range(num_steps):
         anchor_idx = torch.randperm(len(anchor_data), generator=generator)[: min(num_anchors, len(anchor_data))]
-        anchor_batch = _to(anchor_data.gather(anchor_idx), device)
+        anchor_batch = move_batch(anchor_data.gather(anchor_idx), device)
         try:
             with evaluating(model), torch.no_grad():
                 before = float(check_losses(loss_fn(model, anchor_batch), anchor_idx.numel(), "loss_fn").mean())
@@ -274,7 +268,7 @@ def _correction_steps(
             order = scores.argsort(descending=selection == "helpful")[:top_m]
             chosen, chosen_scores = candidates[order], scores[order]
         chosen = distributed.broadcast_object(chosen)  # every rank steps on the same points
-        batch = _to(source.gather(chosen), device)
+        batch = move_batch(source.gather(chosen), device)
         sign = -harmful_weight if selection == "downweight_harmful" else 1.0
         model.train()
         opt.zero_grad()
