@@ -109,9 +109,9 @@ def _trainer(root: str, **kwargs: Any) -> Any:
 def _train(root: str, epochs: int, limit: int | None) -> tuple[Any, Any, str]:
     from lightning.pytorch import seed_everything
 
-    from lightning_fastif.data import DigitsDataModule
-    from lightning_fastif.models import DigitsClassifier
-    from lightning_fastif.snapshots import FeatureSnapshot
+    from lightning_fastif.app.data import DigitsDataModule
+    from lightning_fastif.app.models import DigitsClassifier
+    from lightning_fastif.lightning.snapshots import FeatureSnapshot
 
     seed_everything(0, verbose=False)
     data = DigitsDataModule(val_fraction=0.1, test_fraction=0.1, batch_size=64, seed=0)
@@ -144,7 +144,7 @@ def _recall_table(
     model: Any, snapshot: str, batch: Any, original: torch.Tensor, n_train: int, gradient_fn: Any, precondition: Any
 ) -> dict[str, list[tuple[float, float]]]:
     """(helpful, harmful) recall of the original top-10s at each k of RECALL_PERCENT, for each embedding/search."""
-    from lightning_fastif.knn import KNNIndex
+    from lightning_fastif.search.knn import KNNIndex
 
     raw = KNNIndex.from_snapshot(os.path.join(os.path.dirname(snapshot), "snapshot_raw"))
     grad = KNNIndex.from_snapshot(snapshot)
@@ -179,8 +179,8 @@ def _lissa(settings: dict[str, Any], scale: float) -> Any:
 
 
 def _ddp_wall(model: Any, data: Any, snapshot: str, module_kwargs: dict[str, Any], devices: int, root: str) -> float:
-    from lightning_fastif.module import InfluenceModule
-    from lightning_fastif.results import InfluenceResult
+    from lightning_fastif.io.results import InfluenceResult
+    from lightning_fastif.lightning.module import InfluenceModule
 
     output = os.path.join(root, f"ddp{devices}")
     module = InfluenceModule(model, snapshot=snapshot, parallel="test", output_dir=output, **module_kwargs)
@@ -199,10 +199,10 @@ def run(*, smoke: bool = False, threads: int = 1) -> dict[str, Any]:
     _quiet()
     set_threads(threads)
     from lightning_fastif import influence_scores
-    from lightning_fastif.features import loss_gradient_features
-    from lightning_fastif.grads import FunctionalLoss
-    from lightning_fastif.hessian import HessianOperator
-    from lightning_fastif.module import InfluenceModule
+    from lightning_fastif.core.grads import FunctionalLoss
+    from lightning_fastif.core.hessian import HessianOperator
+    from lightning_fastif.lightning.module import InfluenceModule
+    from lightning_fastif.search.features import loss_gradient_features
 
     cfg = SMOKE if smoke else FULL
     root = tempfile.mkdtemp(prefix="bench_fastif_")

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.common import jsonable, machine_info, markdown_table, module_main, set_threads, time_call, write_atomic
-from lightning_fastif.knn import KNNIndex, faiss_available, knn_recall
+from lightning_fastif.search.knn import KNNIndex, faiss_available, knn_recall
 
 DIM = 128
 QUERIES = 100
@@ -46,8 +46,8 @@ def _snapshot_seconds(n: int, index: str, workdir: Path) -> float:
     """Seconds a FeatureSnapshot at the end of a one-step fit takes over ``n`` examples (as it records them)."""
     import lightning.pytorch as pl
 
-    from lightning_fastif.snapshots import FeatureSnapshot
-    from lightning_fastif.storage import snapshot_versions
+    from lightning_fastif.io.storage import snapshot_versions
+    from lightning_fastif.lightning.snapshots import FeatureSnapshot
 
     class MLP(pl.LightningModule):
         def __init__(self) -> None:

@@ -5,7 +5,7 @@ Four parts, on all-MiniLM-L6-v2 with its top two layers and a linear head traina
 * **Throughput at max length 128** (batches of 16 snippets padded to 128 tokens): a plain training step (forward,
   backward, Adam), JVP candidate scoring (one ``s_test`` direction, the engine's default for kNN candidates) and
   vmap per-example gradients, over the trainable parameters; each as examples per second, interleaved repeats,
-  median. The same three on the **cached frozen prefix** (:class:`~lightning_fastif.text_experiments.CachedTopClassifier`:
+  median. The same three on the **cached frozen prefix** (:class:`~examples.text_experiments.CachedTopClassifier`:
   the four frozen layers run once per text, their output stored; only the top layers run), with the one-time cost of
   the prefix. Peak RSS growth of each.
 * **s_test by LiSSA setting** (minibatch size, recursion depth) over the same parameters at length 128: seconds for
@@ -41,11 +41,7 @@ from benchmarks.common import (
     set_threads,
     write_atomic,
 )
-from lightning_fastif.batches import IndexedData
-from lightning_fastif.grads import FunctionalLoss, evaluating
-from lightning_fastif.hessian import HessianOperator
-from lightning_fastif.ihvp import LiSSA
-from lightning_fastif.text_experiments import (
+from examples.text_experiments import (
     CUE_FULL,
     CUE_SMALL,
     DIGITS_FULL,
@@ -74,6 +70,10 @@ from lightning_fastif.text_experiments import (
     write_simulatability_report,
     write_spurious_cue_report,
 )
+from lightning_fastif.core.batches import IndexedData
+from lightning_fastif.core.grads import FunctionalLoss, evaluating
+from lightning_fastif.core.hessian import HessianOperator
+from lightning_fastif.core.ihvp import LiSSA
 
 RESULTS_PATH = Path(__file__).with_name("results_text.json")
 REPORTS_DIR = Path(__file__).with_name("text_reports")
@@ -83,7 +83,7 @@ LISSA_SETTINGS_SMOKE = ((1, 2), (4, 2))
 
 def _padded_texts(max_length: int, n: int) -> Any:
     """``n`` Rotten Tomatoes training snippets tokenised and padded to ``max_length`` (no per-batch trimming)."""
-    from lightning_fastif.data import RottenTomatoesDataModule
+    from lightning_fastif.app.data import RottenTomatoesDataModule
 
     dm = RottenTomatoesDataModule(max_train=n, max_eval=8, max_length=max_length)
     dm.setup("fit")

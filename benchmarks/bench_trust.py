@@ -1,9 +1,9 @@
 """Trust the numbers: what LiSSA's "auto" settings choose and cost, memory per stage under a budget, a damping sweep.
 
-On the digits CNN of :mod:`lightning_fastif.models` (``DigitsClassifier(conv1_channels=4, conv2_channels=8, hidden_dim=16)``, trained
+On the digits CNN of :mod:`lightning_fastif.app.models` (``DigitsClassifier(conv1_channels=4, conv2_channels=8, hidden_dim=16)``, trained
 briefly with Adam), influence is taken over its last two layers, ``hidden.*`` and ``classifier.*`` (2,234
 parameters, separated by a ReLU: a non-convex slice), in float64, for 8 test points against all 1,079 training
-points, so that :class:`~lightning_fastif.ihvp.ExactInverse` gives the reference at every damping. Three parts:
+points, so that :class:`~lightning_fastif.core.ihvp.ExactInverse` gives the reference at every damping. Three parts:
 
 1. **auto against fixed settings**: ``LiSSA(scale="auto", recursion_depth="auto")`` (last iterate and with
    ``tail_fraction=0.5``) against FastIF's fixed settings at the same damping (``scale=1e4``, 1,000 steps; the
@@ -40,7 +40,7 @@ from lightning_fastif import (
     LiSSADivergenceError,
     influence_scores,
 )
-from lightning_fastif.memory import format_bytes, measure_example_cost, plan_chunks
+from lightning_fastif.core.memory import format_bytes, measure_example_cost, plan_chunks
 
 OUT_DIR = Path(__file__).resolve().parent / "trust"
 PARAMS = ["hidden.*", "classifier.*"]
@@ -50,8 +50,8 @@ DAMPING = 1.0
 
 def digits_problem(smoke: bool) -> dict[str, Any]:
     """The trained digits CNN (float64 afterwards), its training set and 8 test points."""
-    from lightning_fastif.data import DigitsDataModule
-    from lightning_fastif.models import DigitsClassifier
+    from lightning_fastif.app.data import DigitsDataModule
+    from lightning_fastif.app.models import DigitsClassifier
 
     torch.manual_seed(0)
     dm = DigitsDataModule(seed=0)
@@ -92,7 +92,7 @@ def digits_problem(smoke: bool) -> dict[str, Any]:
 
 
 def function_chunks(train: TensorDataset, size: int = 256) -> Any:
-    from lightning_fastif.batches import IndexedData
+    from lightning_fastif.core.batches import IndexedData
 
     return IndexedData(train).chunks(size)
 

@@ -23,11 +23,11 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_fastif import LiSSA
-from lightning_fastif.correction import accuracy, compare_selections
-from lightning_fastif.data import SpuriousDigitsDataModule
-from lightning_fastif.models import DigitsClassifier
-from lightning_fastif.module import InfluenceModule
-from lightning_fastif.snapshots import FeatureSnapshot
+from lightning_fastif.app.data import SpuriousDigitsDataModule
+from lightning_fastif.app.models import DigitsClassifier
+from lightning_fastif.lightning.correction import accuracy, compare_selections
+from lightning_fastif.lightning.module import InfluenceModule
+from lightning_fastif.lightning.snapshots import FeatureSnapshot
 
 
 def run_demo(

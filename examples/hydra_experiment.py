@@ -13,8 +13,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from lightning_fastif.__main__ import run
-from lightning_fastif.config import register_configs
+from lightning_fastif.app.config import register_configs
+from lightning_fastif.app.main import run
 
 register_configs()
 

@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from lightning_fastif import FeatureSnapshot, InfluenceModule, LiSSA
-from lightning_fastif.data import DigitsDataModule
-from lightning_fastif.models import DigitsClassifier
+from lightning_fastif.app.data import DigitsDataModule
+from lightning_fastif.app.models import DigitsClassifier
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", default="outputs/quickstart")

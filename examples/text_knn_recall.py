@@ -13,13 +13,17 @@ Writes ``knn_recall.json``, ``knn_recall.md`` and ``knn_recall.png`` into ``--ou
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_fastif.text_experiments import (
+# The experiments' shared code sits beside this script (examples/text_experiments.py), not in the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from text_experiments import (  # noqa: E402
     EXPLAIN_FULL,
     EXPLAIN_SMALL,
     add_text_arguments,

@@ -14,14 +14,17 @@ Writes ``simulatability.json``, ``simulatability.md`` and ``simulatability.png``
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_fastif.ihvp import LiSSA
-from lightning_fastif.text_experiments import (
+# The experiments' shared code sits beside this script (examples/text_experiments.py), not in the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from text_experiments import (  # noqa: E402
     DIGITS_FULL,
     DIGITS_SMALL,
     EXPLAIN_FULL,
@@ -34,6 +37,8 @@ from lightning_fastif.text_experiments import (
     train_text_model,
     write_simulatability_report,
 )
+
+from lightning_fastif.core.ihvp import LiSSA
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ Writes ``spurious_cue.json``, ``spurious_cue.md`` and ``spurious_cue_correction.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,10 @@ from typing import Any
 
 import torch
 
-from lightning_fastif.text_experiments import (
+# The experiments' shared code sits beside this script (examples/text_experiments.py), not in the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from text_experiments import (  # noqa: E402
     CUE_FULL,
     CUE_SMALL,
     add_text_arguments,

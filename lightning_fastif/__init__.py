@@ -5,33 +5,43 @@ helpful**: removing a training point with a positive score from the ``n`` traini
 loss by about ``score / n``.
 """
 
-from lightning_fastif.batches import IndexedData
-from lightning_fastif.correction import ErrorCorrection, compare_selections, correct_errors
-from lightning_fastif.features import extract_features, features_of_batch
-from lightning_fastif.grads import FunctionalLoss, evaluating, per_example_gradients
-from lightning_fastif.hessian import HessianOperator
-from lightning_fastif.ihvp import (
+from lightning_fastif._moved import install as _install_moved_modules
+from lightning_fastif.core.batches import IndexedData
+from lightning_fastif.core.grads import FunctionalLoss, evaluating, per_example_gradients
+from lightning_fastif.core.hessian import HessianOperator
+from lightning_fastif.core.ihvp import (
     ConjugateGradient,
     ExactInverse,
     Identity,
     InverseHVP,
     LiSSA,
-    LiSSADivergenceError,
     relative_residual,
 )
-from lightning_fastif.influence import influence_scores, inverse_hvp_of_test, score_candidates, self_influence
-from lightning_fastif.knn import KNNIndex, knn_recall
-from lightning_fastif.memory import MemoryBudgetError, measure_stage, parse_memory
-from lightning_fastif.module import CandidatePool, InfluenceModule
-from lightning_fastif.params import select_parameters
-from lightning_fastif.results import BatchInfluence, InfluenceResult
-from lightning_fastif.snapshots import CheckpointSnapshot, FeatureSnapshot
-from lightning_fastif.storage import SnapshotError, SnapshotNotFoundError, apply_checkpoint, load_checkpoint
-from lightning_fastif.verify import VerifyReport, verify
+from lightning_fastif.core.influence import influence_scores, inverse_hvp_of_test, score_candidates, self_influence
+from lightning_fastif.core.memory import measure_stage, parse_memory
+from lightning_fastif.core.params import select_parameters
+from lightning_fastif.core.verify import VerifyReport, verify
+from lightning_fastif.errors import (
+    ArgumentError,
+    LiSSADivergenceError,
+    MemoryBudgetError,
+    SnapshotError,
+    SnapshotNotFoundError,
+)
+from lightning_fastif.io.results import BatchInfluence, InfluenceResult
+from lightning_fastif.io.storage import apply_checkpoint, load_checkpoint
+from lightning_fastif.lightning.correction import ErrorCorrection, compare_selections, correct_errors
+from lightning_fastif.lightning.module import CandidatePool, InfluenceModule
+from lightning_fastif.lightning.snapshots import CheckpointSnapshot, FeatureSnapshot
+from lightning_fastif.search.features import extract_features, features_of_batch
+from lightning_fastif.search.knn import KNNIndex, knn_recall
+
+_install_moved_modules()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "BatchInfluence",
     "CandidatePool",
     "CheckpointSnapshot",

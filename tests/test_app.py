@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize
 from hydra.core.global_hydra import GlobalHydra
 
-from lightning_fastif.config import register_configs
+from lightning_fastif.app.config import register_configs
 
 REPORT_FILES = [
     "report.md",
@@ -39,7 +39,7 @@ def check_run(out):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_main_job_smoke_in_process(tmp_path):
-    from lightning_fastif.__main__ import run
+    from lightning_fastif.app.main import run
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -107,7 +107,7 @@ def test_verify_mode_damping_sweep_multirun(tmp_path):
         assert -1.0 <= checks["pearson"] <= 1.0
         assert checks["damping"] in (1.0, 3.0)
     assert not list(tmp_path.glob("*/report"))  # verify mode writes no report
-    from lightning_fastif.verify import summarize_verify_sweep
+    from lightning_fastif.app.sweep import summarize_verify_sweep
 
     png = summarize_verify_sweep(tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

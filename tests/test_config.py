@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from lightning_fastif.config import (
+from lightning_fastif.app.config import (
     EXPERIMENTS,
     GROUPS,
     CallbacksConfig,
@@ -57,7 +57,7 @@ def test_every_registered_node_matches_its_signature_and_instantiates():
         keys = {k for k in cfg if k != "_target_"}
         accepted = target_arguments(cfg._target_)
         assert keys <= accepted, (node.__name__, keys - accepted)
-        if not cfg._target_.startswith("lightning_fastif.models.Text") and "interpolation" not in str(cfg):
+        if not cfg._target_.startswith("lightning_fastif.app.models.Text") and "interpolation" not in str(cfg):
             resolved = {k: v for k, v in OmegaConf.to_container(cfg).items() if not (isinstance(v, str) and "${" in v)}
             instantiate(resolved)
 

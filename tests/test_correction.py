@@ -10,10 +10,10 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fastif.correction import ErrorCorrection, accuracy, correct_errors, misclassified_indices
-from lightning_fastif.ihvp import LiSSA
-from lightning_fastif.module import InfluenceModule
-from lightning_fastif.snapshots import FeatureSnapshot
+from lightning_fastif.core.ihvp import LiSSA
+from lightning_fastif.lightning.correction import ErrorCorrection, accuracy, correct_errors, misclassified_indices
+from lightning_fastif.lightning.module import InfluenceModule
+from lightning_fastif.lightning.snapshots import FeatureSnapshot
 from tests.helpers.correction_models import CueNet, WeightsPerRank, cue_problem
 
 

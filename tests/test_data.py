@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch.utils.data import RandomSampler, SequentialSampler
 
-from lightning_fastif.batches import IndexedData
-from lightning_fastif.data import (
+from lightning_fastif.app.data import (
     DEFAULT_CUE_WORD,
     DigitsDataModule,
     DrugReviewsDataModule,
@@ -22,6 +21,7 @@ from lightning_fastif.data import (
     load_tokenizer,
     minilm_path,
 )
+from lightning_fastif.core.batches import IndexedData
 
 needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="needs scikit-learn")
 needs_text = pytest.mark.skipif(

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_fastif.features import (
+from lightning_fastif.search.features import (
     extract_features,
     features_of_batch,
     has_features_method,

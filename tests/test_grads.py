@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_fastif.grads import FunctionalLoss, evaluating, per_example_gradients
-from lightning_fastif.hessian import HessianOperator
+from lightning_fastif.core.grads import FunctionalLoss, evaluating, per_example_gradients
+from lightning_fastif.core.hessian import HessianOperator
 from tests.helpers.exact import (
     LogReg,
     breast_cancer,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lightning_fastif.hessian import HessianOperator
-from lightning_fastif.ihvp import ConjugateGradient, ExactInverse, Identity, LiSSA, LiSSADivergenceError
+from lightning_fastif.core.hessian import HessianOperator
+from lightning_fastif.core.ihvp import ConjugateGradient, ExactInverse, Identity, LiSSA, LiSSADivergenceError
 from tests.helpers.exact import breast_cancer, cross_entropy_loss, explicit_hessian, fit_logreg, tiny_mlp_problem
 
 DAMPING = 0.05

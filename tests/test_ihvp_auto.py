@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lightning_fastif import ConjugateGradient, ExactInverse, HessianOperator, LiSSA, LiSSADivergenceError
-from lightning_fastif.verify import pearson
+from lightning_fastif.core.verify import pearson
 from tests.helpers.exact import breast_cancer, cross_entropy_loss, fit_logreg, tiny_mlp_problem
 
 MLP_DAMPING = 0.05

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_fastif.knn import KNNIndex, default_nlist, faiss_available, faiss_gpu_available, knn_recall
-from lightning_fastif.storage import SnapshotError
+from lightning_fastif.io.storage import SnapshotError
+from lightning_fastif.search.knn import KNNIndex, default_nlist, faiss_available, faiss_gpu_available, knn_recall
 
 BACKENDS = [
     "torch",
@@ -46,7 +46,7 @@ def test_flat_search_equals_brute_force_with_dataset_ids(backend, metric):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chunked_torch_merge_and_k_equal_n(backend, monkeypatch):
-    import lightning_fastif.knn as knn
+    import lightning_fastif.search.knn as knn
 
     # Tiny chunks force the running top-k merge across many database and query blocks.
     monkeypatch.setattr(knn, "_DB_CHUNK", 7)

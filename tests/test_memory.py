@@ -17,8 +17,8 @@ from lightning_fastif import (
     influence_scores,
     self_influence,
 )
-from lightning_fastif.influence import _gradients_in_chunks, diagnostic_metrics
-from lightning_fastif.memory import (
+from lightning_fastif.core.influence import _gradients_in_chunks, diagnostic_metrics
+from lightning_fastif.core.memory import (
     RUNTIME_OVERHEAD,
     ExampleCost,
     MemoryBudgetError,

@@ -12,8 +12,8 @@ from lightning.pytorch import Trainer, seed_everything
 from torch.func import functional_call, grad, jvp, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fastif.models import DigitsClassifier, LogisticRegression, TextClassifier, tiny_bert
-from lightning_fastif.params import select_parameters
+from lightning_fastif.app.models import DigitsClassifier, LogisticRegression, TextClassifier, tiny_bert
+from lightning_fastif.core.params import select_parameters
 
 needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="needs scikit-learn")
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
@@ -88,7 +88,7 @@ def test_digits_classifier_dropout_and_errors():
 
 @needs_sklearn
 def test_digits_classifier_trains_in_a_trainer(tmp_path):
-    from lightning_fastif.data import DigitsDataModule
+    from lightning_fastif.app.data import DigitsDataModule
 
     seed_everything(0, verbose=False)
     dm = DigitsDataModule(seed=0)
@@ -105,7 +105,7 @@ def test_digits_classifier_trains_in_a_trainer(tmp_path):
 
 @needs_sklearn
 def test_digits_classifier_reaches_95_percent(tmp_path):
-    from lightning_fastif.data import DigitsDataModule
+    from lightning_fastif.app.data import DigitsDataModule
 
     seed_everything(0, verbose=False)
     dm = DigitsDataModule(seed=0)
@@ -117,7 +117,7 @@ def test_digits_classifier_reaches_95_percent(tmp_path):
 
 @needs_sklearn
 def test_default_model_learns_the_spurious_cue(tmp_path):
-    from lightning_fastif.data import SpuriousDigitsDataModule
+    from lightning_fastif.app.data import SpuriousDigitsDataModule
 
     seed_everything(0, verbose=False)
     dm = SpuriousDigitsDataModule(seed=0)
@@ -280,7 +280,7 @@ def test_tiny_bert_trains_on_dict_batches(tmp_path):
 def test_minilm_loads_offline_and_runs_torch_func():
     from safetensors.torch import load_file
 
-    from lightning_fastif.data import load_tokenizer, minilm_path
+    from lightning_fastif.app.data import load_tokenizer, minilm_path
 
     start = time.perf_counter()
     model = TextClassifier(train_layers=1)

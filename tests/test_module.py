@@ -9,14 +9,14 @@ from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fastif import ExactInverse, LiSSA, influence_scores, inverse_hvp_of_test, score_candidates
-from lightning_fastif.batches import IndexedData
-from lightning_fastif.grads import FunctionalLoss
-from lightning_fastif.knn import KNNIndex
-from lightning_fastif.models import LogisticRegression
-from lightning_fastif.module import KNN_DAMPING_FLOOR, CandidatePool, InfluenceModule
-from lightning_fastif.results import InfluenceResult
-from lightning_fastif.snapshots import LAST_LAYER_HESSIAN, CheckpointSnapshot, FeatureSnapshot
-from lightning_fastif.storage import SnapshotNotFoundError, load_checkpoint, load_tensors, save_tensors
+from lightning_fastif.app.models import LogisticRegression
+from lightning_fastif.core.batches import IndexedData
+from lightning_fastif.core.grads import FunctionalLoss
+from lightning_fastif.io.results import InfluenceResult
+from lightning_fastif.io.storage import SnapshotNotFoundError, load_checkpoint, load_tensors, save_tensors
+from lightning_fastif.lightning.module import KNN_DAMPING_FLOOR, CandidatePool, InfluenceModule
+from lightning_fastif.lightning.snapshots import LAST_LAYER_HESSIAN, CheckpointSnapshot, FeatureSnapshot
+from lightning_fastif.search.knn import KNNIndex
 from tests.helpers.module_models import (
     CrashAfter,
     DictTexts,
@@ -537,7 +537,7 @@ def test_knn_damping_and_query_validation(gradient_snapshot):
 
 
 def test_memory_budget_same_scores_and_too_small_raises(tmp_path, trained, snapshot):
-    from lightning_fastif.memory import MemoryBudgetError
+    from lightning_fastif.core.memory import MemoryBudgetError
 
     model, train, test, _ = trained
     batch = next(iter(DataLoader(test, batch_size=4)))

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_fastif.params import flatten, select_parameters, unflatten
+from lightning_fastif.core.params import flatten, select_parameters, unflatten
 
 
 class Net(nn.Module):

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from lightning_fastif.report import Code, Heading, Image, Paragraph, Report, Table, escape_markdown, format_value
+from lightning_fastif.app.report import Code, Heading, Image, Paragraph, Report, Table, escape_markdown, format_value
 
 
 def _files(directory):

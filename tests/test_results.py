@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from lightning_fastif.results import BatchInfluence, InfluenceResult, jsonable
-from lightning_fastif.storage import SnapshotError, SnapshotNotFoundError, write_manifest
+from lightning_fastif.io.results import BatchInfluence, InfluenceResult, jsonable
+from lightning_fastif.io.storage import SnapshotError, SnapshotNotFoundError, write_manifest
 
 
 @pytest.fixture

@@ -13,10 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_fastif.features import extract_features
-from lightning_fastif.knn import KNNIndex, faiss_available
-from lightning_fastif.snapshots import LAST_LAYER_HESSIAN, CheckpointSnapshot, FeatureSnapshot
-from lightning_fastif.storage import (
+from lightning_fastif.io.storage import (
     SnapshotError,
     SnapshotNotFoundError,
     apply_checkpoint,
@@ -26,6 +23,9 @@ from lightning_fastif.storage import (
     read_manifest,
     snapshot_versions,
 )
+from lightning_fastif.lightning.snapshots import LAST_LAYER_HESSIAN, CheckpointSnapshot, FeatureSnapshot
+from lightning_fastif.search.features import extract_features
+from lightning_fastif.search.knn import KNNIndex, faiss_available
 from tests.helpers.snapshot_models import (
     CrashAtEpoch,
     TinyClassifier,

@@ -11,16 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_fastif.distributed import (
-    all_reduce_mean,
-    all_reduce_sum,
-    barrier,
-    broadcast_object,
-    gather_uneven,
-    rank,
-    world_size,
-)
-from lightning_fastif.storage import (
+from lightning_fastif.io.storage import (
     SnapshotError,
     SnapshotNotFoundError,
     apply_checkpoint,
@@ -33,6 +24,15 @@ from lightning_fastif.storage import (
     resolve_version,
     save_tensors,
     write_manifest,
+)
+from lightning_fastif.lightning.distributed import (
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    gather_uneven,
+    rank,
+    world_size,
 )
 
 
@@ -107,7 +107,7 @@ def test_manifest_round_trip_and_errors(tmp_path):
 
 
 def _fake_snapshot(tmp_path):
-    from lightning_fastif.storage import empty_snapshot_manifest
+    from lightning_fastif.io.storage import empty_snapshot_manifest
 
     manifest = empty_snapshot_manifest()
     for step, name in [(4, "epoch=0-step=4"), (8, "epoch=1-step=8")]:
@@ -173,7 +173,7 @@ def test_collectives_are_identities_without_a_process_group():
 
 
 def _collectives_worker(proc: int, world: int, init_file: str, out_dir: str) -> None:
-    """Run the collectives of ``lightning_fastif.distributed`` under gloo and save each rank's results."""
+    """Run the collectives of ``lightning_fastif.lightning.distributed`` under gloo and save each rank's results."""
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=proc, world_size=world, timeout=timedelta(seconds=60)
     )

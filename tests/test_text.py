@@ -2,7 +2,7 @@
 
 Per-example gradients, JVP scores and HVPs are compared with plain autograd, example by example; influence runs end
 to end through FeatureSnapshot + InfluenceModule + trainer.predict; the fused-attention error and the vmap fallback
-for BERT's 2-D mask path are checked; the cached frozen prefix (lightning_fastif.text_experiments) is exact; the
+for BERT's 2-D mask path are checked; the cached frozen prefix (examples.text_experiments) is exact; the
 spurious-cue example runs at its smallest setting and writes its report.
 """
 
@@ -20,16 +20,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
-from lightning_fastif.batches import IndexedData
-from lightning_fastif.grads import FunctionalLoss
-from lightning_fastif.ihvp import LiSSA
-from lightning_fastif.influence import influence_scores
-from lightning_fastif.knn import KNNIndex
-from lightning_fastif.models import TextClassifier, tiny_bert
-from lightning_fastif.module import InfluenceModule
-from lightning_fastif.params import flatten, select_parameters
-from lightning_fastif.snapshots import FeatureSnapshot
-from lightning_fastif.text_experiments import (
+from examples.text_experiments import (
     CachedTopClassifier,
     fixed_lissa,
     hidden_states_loader,
@@ -41,6 +32,15 @@ from lightning_fastif.text_experiments import (
     simulatability_rates,
     train_text_model,
 )
+from lightning_fastif.app.models import TextClassifier, tiny_bert
+from lightning_fastif.core.batches import IndexedData
+from lightning_fastif.core.grads import FunctionalLoss
+from lightning_fastif.core.ihvp import LiSSA
+from lightning_fastif.core.influence import influence_scores
+from lightning_fastif.core.params import flatten, select_parameters
+from lightning_fastif.lightning.module import InfluenceModule
+from lightning_fastif.lightning.snapshots import FeatureSnapshot
+from lightning_fastif.search.knn import KNNIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PARAMS = ["encoder.encoder.layer.1.*", "classifier.*"]
@@ -198,7 +198,7 @@ def test_2d_mask_falls_back_to_a_loop_with_the_same_values():
 
 
 def test_cached_top_layers_equal_the_model(tmp_path):
-    from lightning_fastif.data import TokenizedTexts
+    from lightning_fastif.app.data import TokenizedTexts
 
     model = tiny_bert(num_layers=3, train_layers=2, seed=7).eval()
     batch = text_batch(size=6, length=11)
@@ -249,7 +249,7 @@ def influence_end_to_end(
     model: TextClassifier, params: list[str], tmp_path: Path, *, n_train: int, epochs: int
 ) -> None:
     """Fit with a FeatureSnapshot, score by ``trainer.predict``, compare with the engine on the same candidates."""
-    from lightning_fastif.data import RottenTomatoesDataModule
+    from lightning_fastif.app.data import RottenTomatoesDataModule
 
     dm = RottenTomatoesDataModule(max_train=n_train, max_eval=8, max_length=32, batch_size=8)
     dm.setup("fit")
@@ -378,7 +378,7 @@ def minilm():
 
 @pytest.mark.slow
 def test_gradients_jvp_and_hvp_equal_autograd_on_minilm(minilm):
-    from lightning_fastif.data import RottenTomatoesDataModule
+    from lightning_fastif.app.data import RottenTomatoesDataModule
 
     dm = RottenTomatoesDataModule(max_train=4, max_eval=4, max_length=24)
     dm.setup("fit")
@@ -405,7 +405,7 @@ def test_spurious_cue_example_smallest_setting_on_minilm(tmp_path):
 def test_loader_is_what_the_engine_takes():
     # A DataLoader carries the collate that trims cached states; IndexedData keeps it.
     model = tiny_bert(num_layers=2, seed=9).eval()
-    from lightning_fastif.data import TokenizedTexts
+    from lightning_fastif.app.data import TokenizedTexts
 
     batch = text_batch(size=4, length=7)
     texts = TokenizedTexts(batch["input_ids"], batch["attention_mask"], batch["labels"], ["t"] * 4)

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_fastif import ExactInverse, Identity, LiSSA
-from lightning_fastif.verify import (
+from lightning_fastif.core.verify import (
     DEFAULT_THRESHOLDS,
     VerifyReport,
     last_layer_parameters,

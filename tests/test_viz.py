@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from lightning_fastif import viz
+from lightning_fastif.app import viz
 
 matplotlib = pytest.importorskip("matplotlib")
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_fastif.models import _Classifier
+from lightning_fastif.app.models import _Classifier
 
 
 def cue_problem(n: int = 240, seed: int = 0):

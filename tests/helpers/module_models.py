@@ -8,8 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
-from lightning_fastif.knn import KNNIndex
-from lightning_fastif.storage import (
+from lightning_fastif.io.storage import (
     CHECKPOINTS_DIR,
     FEATURES_DIR,
     checkpoint_file,
@@ -17,6 +16,7 @@ from lightning_fastif.storage import (
     save_tensors,
     write_manifest,
 )
+from lightning_fastif.search.knn import KNNIndex
 
 
 class TinyMLP(nn.Module):

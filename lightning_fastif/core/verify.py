@@ -7,7 +7,7 @@ trust these settings on this model?" on a problem small enough to solve exactly:
 1. parameters restricted to the last layer(s) of the model, whole modules taken from the output backwards while
    they fit in ``max_params`` (or the ``params`` you give);
 2. a random subset of ``num_train`` training points (the Hessian is taken over them);
-3. scores of the configured estimator against :class:`~lightning_fastif.ihvp.ExactInverse` with the same damping:
+3. scores of the configured estimator against :class:`~lightning_fastif.core.ihvp.ExactInverse` with the same damping:
    Pearson and Spearman correlations and top-10 overlap per test point (averaged), and the estimator's relative
    residual ``‖(H + λI)x − g_test‖ / ‖g_test‖`` over the whole subset;
 4. with ``loo > 0``, leave-one-out retraining of that many training points of the subset (those of largest
@@ -38,18 +38,17 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset, TensorDataset, default_collate
 
-from lightning_fastif.batches import Batch, IndexedData
-from lightning_fastif.grads import FunctionalLoss, LossFn, evaluating
-from lightning_fastif.hessian import HessianOperator
-from lightning_fastif.ihvp import ExactInverse, InverseHVP, relative_residual
-from lightning_fastif.params import ParamSpec, select_parameters, unflatten
+from lightning_fastif.core.batches import Batch, IndexedData
+from lightning_fastif.core.grads import FunctionalLoss, LossFn, evaluating
+from lightning_fastif.core.hessian import HessianOperator
+from lightning_fastif.core.ihvp import ExactInverse, InverseHVP, relative_residual
+from lightning_fastif.core.params import ParamSpec, select_parameters, unflatten
 
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "pearson": 0.95,
@@ -327,7 +326,7 @@ def verify(
 
     Example::
 
-        >>> from lightning_fastif.ihvp import LiSSA
+        >>> from lightning_fastif.core.ihvp import LiSSA
         >>> report = verify(model, None, train, test_batch, ihvp=LiSSA(0.01))  # doctest: +SKIP
         >>> print(report)  # doctest: +SKIP
     """
@@ -448,49 +447,3 @@ def _leave_one_out(
     if loo >= 2:
         report.loo_pearson = pearson(est_mean[chosen] / n, actual_t)
         report.loo_pearson_exact = pearson(exact_mean[chosen] / n, actual_t)
-
-
-def summarize_verify_sweep(sweep_dir: str | Path, path: str | Path | None = None) -> Path:
-    """Plot a ``mode=verify`` multirun: correlation to exact and residual against damping (one point per run).
-
-    ``python -m lightning_fastif -m mode=verify influence.ihvp.damping=0.3,1,3,10`` writes one ``verify.json`` per
-    run under Hydra's sweep directory; this collects them, writes ``sweep.json`` and a PNG (default
-    ``<sweep_dir>/damping_sweep.png``) and returns the PNG's path.
-
-    Raises:
-        FileNotFoundError: if ``sweep_dir`` holds no ``*/verify.json``.
-    """
-    import json
-
-    from lightning_fastif.storage import atomic_write_bytes
-    from lightning_fastif.viz import plot_sweep
-
-    sweep_dir = Path(sweep_dir)
-    files = sorted(sweep_dir.glob("*/verify.json"))
-    if not files:
-        raise FileNotFoundError(f"sweep_dir: no */verify.json under {str(sweep_dir)!r}; run a `-m mode=verify` sweep")
-    rows = []
-    for f in files:
-        checks = json.loads(f.read_text())["verify"]
-        rows.append(
-            {
-                "damping": float(checks["damping"]),
-                "pearson": checks["pearson"],
-                "spearman": checks["spearman"],
-                "residual": checks["residual"],
-                "passed": checks["passed"],
-                "run": f.parent.name,
-            }
-        )
-    rows.sort(key=lambda row: row["damping"])
-    atomic_write_bytes(sweep_dir / "sweep.json", json.dumps(rows, indent=2).encode())
-    return plot_sweep(
-        [r["damping"] for r in rows],
-        {"Pearson vs exact": [r["pearson"] for r in rows], "Spearman vs exact": [r["spearman"] for r in rows]},
-        Path(path) if path is not None else sweep_dir / "damping_sweep.png",
-        xlabel="damping λ",
-        ylabel="correlation with exact influence",
-        secondary={"relative residual": [r["residual"] for r in rows]},
-        secondary_label="residual ‖(H+λI)x − v‖/‖v‖",
-        title="LiSSA against exact influence, by damping",
-    )

@@ -288,7 +288,7 @@ class TextClassifier(_Classifier):
     Args:
         num_classes: number of classes.
         model_path: a folder with a BERT ``config.json`` and weights; ``None`` for all-MiniLM-L6-v2
-            (:func:`lightning_fastif.data.minilm_path`).
+            (:func:`lightning_fastif.app.data.minilm_path`).
         encoder_config: keyword arguments of a ``transformers.BertConfig`` for a randomly initialised encoder
             instead of pretrained weights (see :func:`tiny_bert`); ``model_path`` is then ignored.
         train_layers: number of top encoder layers to fine-tune, from 0 (head only) to the number of layers.
@@ -376,7 +376,7 @@ class TextClassifier(_Classifier):
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """Tokenise ``texts`` with the encoder's tokenizer (MiniLM's for :func:`tiny_bert`) to ``max_length``."""
         if self._tokenizer is None:
-            from lightning_fastif.data import load_tokenizer
+            from lightning_fastif.app.data import load_tokenizer
 
             path = self.hparams.model_path if self.hparams.encoder_config is None else None
             self._tokenizer = load_tokenizer(path)
@@ -401,7 +401,7 @@ def _build_encoder(model_path: str | None, encoder_config: dict[str, Any] | None
         config = BertConfig(**{**dict(encoder_config), **overrides})
         config._attn_implementation = "eager"
         return BertModel(config, add_pooling_layer=False)
-    from lightning_fastif.data import minilm_path
+    from lightning_fastif.app.data import minilm_path
 
     path = Path(model_path) if model_path is not None else minilm_path()
     if not (path / "config.json").is_file():

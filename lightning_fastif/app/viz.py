@@ -12,7 +12,7 @@ random baselines in grey.
 * :func:`plot_recall_curve`: recall of the full-influence top points among the k nearest neighbours.
 * :func:`plot_sweep`: a quantity against a setting (damping, LiSSA depth ...).
 * :func:`format_text_explanation`, :func:`text_explanation_blocks`: a text example and its helpful and harmful
-  training examples, as Markdown or as :mod:`lightning_fastif.report` blocks.
+  training examples, as Markdown or as :mod:`lightning_fastif.app.report` blocks.
 
 matplotlib is an optional dependency (``pip install matplotlib``, part of the ``app`` extra). It is imported inside
 each plot function, and figures are built on :class:`matplotlib.figure.Figure`, which renders with Agg and touches
@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_fastif.report import Block, Heading, Paragraph, Quote, Table, render_markdown
-from lightning_fastif.storage import PathLike, atomic_path
+from lightning_fastif.app.report import Block, Heading, Paragraph, Quote, Table, render_markdown
+from lightning_fastif.io.storage import PathLike, atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -93,7 +93,7 @@ def _figure(figsize: tuple[float, float]) -> Figure:
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError(
-            "lightning_fastif.viz needs matplotlib to draw plots: pip install matplotlib "
+            "lightning_fastif.app.viz needs matplotlib to draw plots: pip install matplotlib "
             "(or pip install 'lightning-fastif[app]')"
         ) from err
     return Figure(figsize=figsize, layout="constrained")
@@ -1333,11 +1333,11 @@ def text_explanation_blocks(
     level: int = 3,
     max_chars: int = 300,
 ) -> list[Block]:
-    """The blocks of :func:`format_text_explanation`, to add to a :class:`~lightning_fastif.report.Report`.
+    """The blocks of :func:`format_text_explanation`, to add to a :class:`~lightning_fastif.app.report.Report`.
 
     Example::
 
-        >>> from lightning_fastif.report import Report
+        >>> from lightning_fastif.app.report import Report
         >>> import tempfile
         >>> blocks = text_explanation_blocks("Dull.", "neg", "pos", [("Dull plot.", "neg", 0.4)], [])
         >>> Report(tempfile.mkdtemp(), "Text").add_blocks(blocks).write().name

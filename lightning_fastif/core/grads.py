@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from lightning_fastif.batches import Batch, IndexedData, batch_size_of, move_batch, slice_batch
-from lightning_fastif.params import ParamSpec, flatten, select_parameters, unflatten
+from lightning_fastif.core.batches import Batch, IndexedData, batch_size_of, move_batch, slice_batch
+from lightning_fastif.core.params import ParamSpec, flatten, select_parameters, unflatten
 
 LossFn = Callable[[nn.Module, Batch], Tensor]
 """``loss_fn(model, batch) -> Tensor[B]``: the per-example losses of a batch (no reduction)."""
@@ -138,7 +138,7 @@ class FunctionalLoss:
     Args:
         model: the model (any ``nn.Module``); it is not modified.
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; defaults to ``model.per_example_loss``.
-        params: which parameters to differentiate (see :func:`~lightning_fastif.params.select_parameters`).
+        params: which parameters to differentiate (see :func:`~lightning_fastif.core.params.select_parameters`).
 
     Example::
 

@@ -7,7 +7,7 @@ FastIF scores only a test point's k nearest training points in feature space (k 
 * ``metric="l2"``: distances are **squared** Euclidean distances (FAISS's convention);
 * ``metric="cosine"``: distances are **cosine distances** ``1 - cos(q, x)`` (features are L2-normalised);
 * ``metric="ip"``: distances are **negated inner products** ``-<q, x>`` (maximum inner-product search, for
-  loss-gradient embeddings whose norms matter: see :mod:`lightning_fastif.features`);
+  loss-gradient embeddings whose norms matter: see :mod:`lightning_fastif.search.features`);
 
 all sorted ascending, nearest first. ``search_signed(..., sign="negative")`` searches ``-q`` instead of ``q``,
 and ``sign="both"`` returns the ``k`` nearest of ``q`` followed by the ``k`` nearest of ``-q`` (no id twice), so that
@@ -34,7 +34,7 @@ import torch
 from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor
 
-from lightning_fastif.storage import (
+from lightning_fastif.io.storage import (
     PathLike,
     SnapshotError,
     SnapshotNotFoundError,

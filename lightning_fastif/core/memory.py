@@ -47,8 +47,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_fastif.batches import IndexedData, batch_size_of
-from lightning_fastif.grads import FunctionalLoss, evaluating
+from lightning_fastif.core.batches import IndexedData, batch_size_of
+from lightning_fastif.core.grads import FunctionalLoss, evaluating
+from lightning_fastif.errors import MemoryBudgetError
 
 _UNITS = {
     "": 1,
@@ -74,10 +75,6 @@ RUNTIME_OVERHEAD = 4 * 10**6
 (measured 1-2 MB above the tensor count on the digits CNN; rounded up)."""
 KNN_BYTES_PER_ELEMENT = 12
 """float32 similarity, distance and a top-k temporary per (query, database row) of the distance block."""
-
-
-class MemoryBudgetError(ValueError):
-    """``max_memory`` cannot hold the work of a single example."""
 
 
 def parse_memory(value: str | int | float | None, *, name: str = "max_memory") -> int | None:

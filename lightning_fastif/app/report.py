@@ -39,7 +39,7 @@ from urllib.parse import quote
 
 from torch import Tensor
 
-from lightning_fastif.storage import PathLike, atomic_write_bytes
+from lightning_fastif.io.storage import PathLike, atomic_write_bytes
 
 MARKDOWN_NAME = "report.md"
 HTML_NAME = "index.html"
@@ -402,7 +402,7 @@ class Report:
         return list(seen)
 
     def add_blocks(self, blocks: Iterable[Block]) -> Report:
-        """Append ready-made blocks, e.g. those of :func:`lightning_fastif.viz.text_explanation_blocks`."""
+        """Append ready-made blocks, e.g. those of :func:`lightning_fastif.app.viz.text_explanation_blocks`."""
         for i, block in enumerate(blocks):
             if not isinstance(block, Block):
                 raise TypeError(f"blocks[{i}]: expected a report Block, got {type(block).__name__}")

@@ -1,6 +1,6 @@
 """FastIF's text experiments on MiniLM at small scale, and the cached frozen prefix that makes them affordable.
 
-**The cached prefix.** A :class:`~lightning_fastif.models.TextClassifier` fine-tunes only its top encoder layers;
+**The cached prefix.** A :class:`~lightning_fastif.app.models.TextClassifier` fine-tunes only its top encoder layers;
 the embeddings and the layers below are frozen. Their output for a given text never changes, so it is computed
 once (:func:`prefix_hidden_states`) and stored as a :class:`HiddenStates` dataset, and a
 :class:`CachedTopClassifier` runs only the top layers, mean pooling and the head on it. It *shares* those modules
@@ -40,10 +40,10 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_fastif.batches import Batch, IndexedData, move_batch
-from lightning_fastif.grads import evaluating
-from lightning_fastif.models import TextClassifier, additive_attention_mask
-from lightning_fastif.storage import atomic_write_bytes
+from lightning_fastif.app.models import TextClassifier, additive_attention_mask
+from lightning_fastif.core.batches import Batch, IndexedData, move_batch
+from lightning_fastif.core.grads import evaluating
+from lightning_fastif.io.storage import atomic_write_bytes
 
 __all__ = [
     "CachedTopClassifier",
@@ -180,14 +180,14 @@ def prefix_hidden_states(model: TextClassifier, data: Any, layer: int, *, batch_
 
     Example::
 
-        >>> from lightning_fastif.models import tiny_bert
-        >>> from lightning_fastif.data import TokenizedTexts
+        >>> from lightning_fastif.app.models import tiny_bert
+        >>> from lightning_fastif.app.data import TokenizedTexts
         >>> texts = TokenizedTexts(torch.randint(1, 99, (3, 6)), torch.ones(3, 6, dtype=torch.long),
         ...                        torch.tensor([0, 1, 0]), ["a", "b", "c"])
         >>> prefix_hidden_states(tiny_bert(), texts, 1).hidden_states.shape
         torch.Size([3, 6, 32])
     """
-    from lightning_fastif.data import collate_text_batch
+    from lightning_fastif.app.data import collate_text_batch
 
     if not (isinstance(layer, int) and 0 <= layer <= model.num_layers):
         raise ValueError(f"layer: expected an integer in [0, {model.num_layers}], got {layer!r}")
@@ -246,7 +246,7 @@ class CachedTopClassifier(LightningModule):
 
     Example::
 
-        >>> from lightning_fastif.models import tiny_bert
+        >>> from lightning_fastif.app.models import tiny_bert
         >>> head = CachedTopClassifier.from_model(tiny_bert(num_layers=2), first_layer=1)
         >>> head.patterns
         ['layer.1.*', 'classifier.*']
@@ -401,8 +401,8 @@ class TextRun:
     """A trained text classifier and what the experiments take from it.
 
     Attributes:
-        datamodule: the :class:`~lightning_fastif.data.RottenTomatoesDataModule` (texts, cue flags).
-        model: the :class:`~lightning_fastif.models.TextClassifier` (its top layers trained).
+        datamodule: the :class:`~lightning_fastif.app.data.RottenTomatoesDataModule` (texts, cue flags).
+        model: the :class:`~lightning_fastif.app.models.TextClassifier` (its top layers trained).
         head: a :class:`CachedTopClassifier` over the layers influence is taken over (and the head), sharing the
             model's modules.
         data: the head's inputs (cached hidden states) by split name, aligned with the data module's splits.
@@ -434,7 +434,7 @@ def build_text_classifier(
     Raises:
         ValueError: for an unknown ``encoder``.
     """
-    from lightning_fastif.models import tiny_bert
+    from lightning_fastif.app.models import tiny_bert
 
     if encoder not in ENCODERS:
         raise ValueError(f"encoder: expected one of {ENCODERS}, got {encoder!r}")
@@ -494,9 +494,9 @@ def train_text_model(
     """
     from lightning.pytorch import seed_everything
 
-    from lightning_fastif.correction import accuracy
-    from lightning_fastif.data import RottenTomatoesDataModule
-    from lightning_fastif.snapshots import FeatureSnapshot
+    from lightning_fastif.app.data import RottenTomatoesDataModule
+    from lightning_fastif.lightning.correction import accuracy
+    from lightning_fastif.lightning.snapshots import FeatureSnapshot
 
     if not (isinstance(influence_layers, int) and 1 <= influence_layers <= train_layers):
         raise ValueError(
@@ -582,7 +582,7 @@ def fixed_lissa(
     batch_size: int = 2,
     seed: int = 0,
 ) -> Any:
-    """A :class:`~lightning_fastif.ihvp.LiSSA` whose ``scale`` is estimated once here, so repeated solves (one per
+    """A :class:`~lightning_fastif.core.ihvp.LiSSA` whose ``scale`` is estimated once here, so repeated solves (one per
     correction step, one per copy of the model) skip the power iterations (``scale="auto"`` redoes them for every
     new Hessian operator).
 
@@ -591,8 +591,8 @@ def fixed_lissa(
         >>> ihvp = fixed_lissa(run.head, run.loader("train"), recursion_depth=10)  # doctest: +SKIP
         >>> ihvp.settings()["scale"]  # a number, no longer "auto"  # doctest: +SKIP
     """
-    from lightning_fastif.hessian import HessianOperator
-    from lightning_fastif.ihvp import LiSSA
+    from lightning_fastif.core.hessian import HessianOperator
+    from lightning_fastif.core.ihvp import LiSSA
 
     probe = LiSSA(damping=damping, batch_size=batch_size, seed=seed, scale_batches=4, power_iterations=10)
     with evaluating(model):
@@ -652,8 +652,8 @@ def spurious_cue_experiment(
         >>> result = spurious_cue_experiment(run, seeds=(0, 1), num_steps=5)  # doctest: +SKIP
         >>> result["correction"]["helpful"]["gain_mean"]  # doctest: +SKIP
     """
-    from lightning_fastif.correction import accuracy, correct_errors
-    from lightning_fastif.module import InfluenceModule
+    from lightning_fastif.lightning.correction import accuracy, correct_errors
+    from lightning_fastif.lightning.module import InfluenceModule
 
     if "challenge" not in run.data:
         raise KeyError("run: trained without a cue word, so it has no challenge split; pass cue_word to train it")
@@ -770,7 +770,7 @@ def influence_on_predictions(
 
     FastIF explains predictions: the test label is replaced by the model's predicted class, so a *helpful* point
     is one whose removal would make the model less sure of what it predicted. Every training point is scored
-    (through :class:`~lightning_fastif.module.InfluenceModule` with ``num_candidates=None``; materialised
+    (through :class:`~lightning_fastif.lightning.module.InfluenceModule` with ``num_candidates=None``; materialised
     per-example gradients, shared by all test points).
 
     Returns:
@@ -782,8 +782,8 @@ def influence_on_predictions(
         ...                                  ihvp=fixed_lissa(run.head, run.loader("train")), num_test=8)
         >>> found["scores"].shape  # [8, N]  # doctest: +SKIP
     """
-    from lightning_fastif.correction import predicted_labels
-    from lightning_fastif.module import InfluenceModule
+    from lightning_fastif.lightning.correction import predicted_labels
+    from lightning_fastif.lightning.module import InfluenceModule
 
     source = IndexedData(test_data, name="test_data")
     indices = _pick(len(source), num_test, seed)
@@ -929,7 +929,7 @@ def knn_recall_curve(scores: Tensor, neighbours: Tensor, ks: Sequence[int], *, t
 
 def knn_neighbours(run: TextRun, split: str, test_indices: Tensor) -> Tensor:
     """Every training index ordered by distance (nearest first) to each test point, in the snapshot's kNN index."""
-    from lightning_fastif.knn import KNNIndex
+    from lightning_fastif.search.knn import KNNIndex
 
     index = KNNIndex.from_snapshot(run.snapshot)
     batch = IndexedData(run.loader(split)).gather(test_indices)
@@ -1012,11 +1012,11 @@ def knn_recall_experiment(
 
 
 def train_digits_model(*, epochs: int = 5, max_train: int | None = None, seed: int = 0) -> tuple[Any, Any]:
-    """A :class:`~lightning_fastif.models.DigitsClassifier` trained on the digits (returns ``(model, datamodule)``)."""
+    """A digits classifier (:class:`~lightning_fastif.app.models.DigitsClassifier`) trained; ``(model, datamodule)``."""
     from lightning.pytorch import seed_everything
 
-    from lightning_fastif.data import DigitsDataModule
-    from lightning_fastif.models import DigitsClassifier
+    from lightning_fastif.app.data import DigitsDataModule
+    from lightning_fastif.app.models import DigitsClassifier
 
     dm = DigitsDataModule(seed=seed)
     dm.setup("fit")
@@ -1046,7 +1046,7 @@ def train_digits_model(*, epochs: int = 5, max_train: int | None = None, seed: i
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically (tensors become lists)."""
-    from lightning_fastif.results import jsonable
+    from lightning_fastif.io.results import jsonable
 
     return atomic_write_bytes(path, (json.dumps(jsonable(data), indent=2) + "\n").encode("utf-8"))
 
@@ -1105,8 +1105,8 @@ def plot_rates(results: Mapping[str, Mapping[str, Any]], path: str | Path) -> Pa
     """Grouped bars: the simulatability rate of each selection, per model (helpful/random/harmful colours)."""
     from matplotlib.figure import Figure
 
-    from lightning_fastif.storage import atomic_path
-    from lightning_fastif.viz import HARMFUL_COLOR, HELPFUL_COLOR, RANDOM_COLOR
+    from lightning_fastif.app.viz import HARMFUL_COLOR, HELPFUL_COLOR, RANDOM_COLOR
+    from lightning_fastif.io.storage import atomic_path
 
     colors = {"helpful": HELPFUL_COLOR, "random": RANDOM_COLOR, "harmful": HARMFUL_COLOR}
     names = list(results)
@@ -1134,8 +1134,8 @@ def plot_rates(results: Mapping[str, Mapping[str, Any]], path: str | Path) -> Pa
 
 
 def _example_rows(run: TextRun, indices: Sequence[int], scores: Sequence[float] | None = None) -> list[str]:
-    from lightning_fastif.report import escape_markdown
-    from lightning_fastif.viz import shorten_text
+    from lightning_fastif.app.report import escape_markdown
+    from lightning_fastif.app.viz import shorten_text
 
     dm = run.datamodule
     labels = dm.labels_of("train")
@@ -1152,7 +1152,7 @@ def _example_rows(run: TextRun, indices: Sequence[int], scores: Sequence[float] 
 
 def write_spurious_cue_report(out_dir: str | Path, run: TextRun, result: Mapping[str, Any]) -> dict[str, Path]:
     """Write ``spurious_cue.json``, ``spurious_cue.md`` and ``spurious_cue_correction.png`` into ``out_dir``."""
-    from lightning_fastif.viz import plot_accuracy_bars
+    from lightning_fastif.app.viz import plot_accuracy_bars
 
     out = Path(out_dir)
     table = result["correction"]
@@ -1244,7 +1244,7 @@ def write_simulatability_report(
 
 def write_knn_recall_report(out_dir: str | Path, run: TextRun, result: Mapping[str, Any]) -> dict[str, Path]:
     """Write ``knn_recall.json``, ``knn_recall.md`` and ``knn_recall.png`` into ``out_dir``."""
-    from lightning_fastif.viz import plot_recall_curve
+    from lightning_fastif.app.viz import plot_recall_curve
 
     out = Path(out_dir)
     recall = result["recall"]

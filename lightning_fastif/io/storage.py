@@ -6,7 +6,7 @@ most the file being written. Tensors are stored as safetensors (never pickle), s
 code.
 
 The second half of the module describes the directory that the snapshot callbacks write (see
-``lightning_fastif.snapshots``) and reads it back without Lightning::
+``lightning_fastif.lightning.snapshots``) and reads it back without Lightning::
 
     <dirpath>/manifest.json                              versions of each kind, and the latest one
     <dirpath>/features/<version>/<dataset>.safetensors   tensors "features" [N, D] float32, "indices" [N] int64
@@ -30,6 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from lightning_fastif.errors import SnapshotError, SnapshotNotFoundError
+
 MANIFEST_NAME = "manifest.json"
 """File name of the manifest inside a snapshot (or results) directory."""
 
@@ -39,14 +41,6 @@ FEATURES_DIR = "features"
 CHECKPOINTS_DIR = "checkpoints"
 
 PathLike = str | os.PathLike
-
-
-class SnapshotError(RuntimeError):
-    """A snapshot, manifest or tensor file is missing, unreadable or inconsistent; the message names the path."""
-
-
-class SnapshotNotFoundError(SnapshotError, FileNotFoundError):
-    """A snapshot directory, manifest or tensor file does not exist (also a ``FileNotFoundError``)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -257,7 +251,7 @@ def write_manifest(dirpath: PathLike, manifest: Mapping[str, Any]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Snapshot directory layout (written by lightning_fastif.snapshots, read here without Lightning)
+# Snapshot directory layout (written by lightning_fastif.lightning.snapshots, read here without Lightning)
 # ---------------------------------------------------------------------------------------------------------------------
 
 SnapshotKind = Literal["features", "checkpoints"]
@@ -304,7 +298,7 @@ def snapshot_versions(dirpath: PathLike, kind: SnapshotKind) -> list[dict[str, A
         >>> snapshot_versions(tempfile.mkdtemp(), "features")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        lightning_fastif.storage.SnapshotNotFoundError: manifest (manifest.json) of ... not found: ...
+        lightning_fastif.io.storage.SnapshotNotFoundError: manifest (manifest.json) of ... not found: ...
     """
     if kind not in (FEATURES_DIR, CHECKPOINTS_DIR):
         raise ValueError(f"kind: expected 'features' or 'checkpoints', got {kind!r}")

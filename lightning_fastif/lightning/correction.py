@@ -8,7 +8,7 @@ step on them, and repeat ``num_steps`` times, recomputing kNN and influence afte
 
 One core, two entry points:
 
-* :func:`correct_errors`: after training, on any model and :class:`~lightning_fastif.module.InfluenceModule`;
+* :func:`correct_errors`: after training, on any model and :class:`~lightning_fastif.lightning.module.InfluenceModule`;
 * :class:`ErrorCorrection`: a Lightning callback running the same core at configured moments of ``trainer.fit``.
 
 Selections: ``"helpful"`` (FastIF), ``"harmful"`` (the most harmful points, FastIF's contrast), ``"random"`` (the
@@ -33,13 +33,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from lightning_fastif import distributed
-from lightning_fastif.batches import Batch, IndexedData, move_batch
-from lightning_fastif.features import LABEL_KEYS, default_forward
-from lightning_fastif.grads import LossFn, check_losses, default_loss_fn, evaluating
-from lightning_fastif.ihvp import InverseHVP
-from lightning_fastif.params import ParamSpec
-from lightning_fastif.storage import atomic_write_bytes
+from lightning_fastif.core.batches import Batch, IndexedData, move_batch
+from lightning_fastif.core.grads import LossFn, check_losses, default_loss_fn, evaluating
+from lightning_fastif.core.ihvp import InverseHVP
+from lightning_fastif.core.params import ParamSpec
+from lightning_fastif.io.storage import atomic_write_bytes
+from lightning_fastif.lightning import distributed
+from lightning_fastif.search.features import LABEL_KEYS, default_forward
 
 SELECTIONS = ("helpful", "harmful", "random", "downweight_harmful")
 
@@ -156,7 +156,7 @@ def correct_errors(
 
     Args:
         model: the model to correct (the one ``influence`` wraps; updated in place).
-        influence: an :class:`~lightning_fastif.module.InfluenceModule` over ``model`` (kNN candidates, estimator).
+        influence: an :class:`~lightning_fastif.InfluenceModule` over ``model`` (kNN candidates, estimator).
         anchors: examples whose predictions should improve (a Dataset or DataLoader); ``num_anchors`` drawn per step.
         loss_fn: per-example loss (default ``model.per_example_loss``).
         num_anchors: anchors per step (FastIF: 10).
@@ -166,7 +166,7 @@ def correct_errors(
         optimizer: an optimizer over ``model``'s parameters to use instead of plain SGD (e.g. the model's own).
         selection: one of ``"helpful"``, ``"harmful"``, ``"random"``, ``"downweight_harmful"``.
         harmful_weight: the weight of the ascent step in ``"downweight_harmful"``.
-        pool: a :class:`~lightning_fastif.module.CandidatePool` of unseen examples to choose from instead of the
+        pool: a :class:`~lightning_fastif.CandidatePool` of unseen examples to choose from instead of the
             training set (FastIF's data augmentation); the chosen examples are the ones trained on.
         eval_dataset: where accuracy is measured before and after (skipped when None).
         seed: seeds the anchor draws and the random selection.
@@ -294,7 +294,7 @@ def _correction_steps(
 def _fix_auto_scale(influence: Any, diagnostics: dict[str, Any] | list[dict[str, Any]]) -> None:
     """After the first step, keep LiSSA's auto-estimated scale: a few small steps barely move the Hessian's spectrum,
     and re-estimating it (power iteration over several batches) would cost more than the recursion itself."""
-    from lightning_fastif.ihvp import LiSSA
+    from lightning_fastif.core.ihvp import LiSSA
 
     if isinstance(diagnostics, list):  # one entry per checkpoint; the first is the live weights or the latest
         diagnostics = diagnostics[0] if diagnostics else {}
@@ -307,8 +307,8 @@ class ErrorCorrection(Callback):
     """Correct the model's errors during ``trainer.fit`` with FastIF's influence-guided fine-tuning.
 
     At each configured moment (every ``every_n_epochs`` epochs, at the given ``epochs``, and/or at the end of fit),
-    builds an :class:`~lightning_fastif.module.InfluenceModule` over the model being trained (kNN candidates from the
-    latest :class:`~lightning_fastif.snapshots.FeatureSnapshot` in ``snapshot_dir``, or every training point when
+    builds an :class:`~lightning_fastif.InfluenceModule` over the model being trained (kNN candidates from the
+    latest :class:`~lightning_fastif.FeatureSnapshot` in ``snapshot_dir``, or every training point when
     ``num_candidates`` is None) and runs :func:`correct_errors`. Accuracy on ``eval_dataset`` before and after, and
     the points used, are logged to the Trainer's loggers (``fastif/correction_acc_before``, ``..._after``) and written
     to ``<dirpath>/correction.json``.
@@ -437,7 +437,7 @@ class ErrorCorrection(Callback):
     def _run(self, trainer: Trainer, pl_module: LightningModule, moment: str) -> None:
         if moment in self._done:  # a resumed fit does not repeat a correction
             return
-        from lightning_fastif.module import CandidatePool, InfluenceModule
+        from lightning_fastif.lightning.module import CandidatePool, InfluenceModule
 
         train_dataset = _train_dataset(trainer)
         anchors = self.anchors
@@ -484,15 +484,15 @@ class ErrorCorrection(Callback):
 
     def _pool_index(self, pl_module: LightningModule) -> Any:
         """A kNN index over the pool's features under the current weights (the pool is small and changes nothing)."""
-        from lightning_fastif.features import extract_features
-        from lightning_fastif.knn import KNNIndex
+        from lightning_fastif.search.features import extract_features
+        from lightning_fastif.search.knn import KNNIndex
 
         return KNNIndex(extract_features(pl_module, self.pool))
 
     def _snapshot_dir(self, trainer: Trainer) -> str:
         if self.snapshot_dir is not None:
             return self.snapshot_dir
-        from lightning_fastif.snapshots import FeatureSnapshot
+        from lightning_fastif.lightning.snapshots import FeatureSnapshot
 
         for cb in trainer.callbacks:
             if isinstance(cb, FeatureSnapshot) and getattr(cb, "dirpath", None):

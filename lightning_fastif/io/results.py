@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_fastif.storage import (
+from lightning_fastif.io.storage import (
     PathLike,
     SnapshotError,
     load_tensors,

@@ -1,6 +1,6 @@
 """The Hessian of the mean training loss over the selected parameters, as an operator on batches of vectors.
 
-``H = (1/N) Σ_i ∇²ℓ_i(θ)`` over the ``N`` training examples. Inverse-HVP estimators (:mod:`lightning_fastif.ihvp`)
+``H = (1/N) Σ_i ∇²ℓ_i(θ)`` over the ``N`` training examples. Inverse-HVP estimators (:mod:`lightning_fastif.core.ihvp`)
 only see this operator: full-data products streamed in chunks (CG, the residual check), products over random
 minibatches (LiSSA), or the explicit matrix (ExactInverse, small ``P`` only). Every product takes ``V`` vectors at
 once, so the test points of a batch share each pass over the training data.
@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_fastif.batches import Batch, IndexedData, batch_size_of, slice_batch
-from lightning_fastif.grads import FunctionalLoss, LossFn
-from lightning_fastif.params import ParamSpec
+from lightning_fastif.core.batches import Batch, IndexedData, batch_size_of, slice_batch
+from lightning_fastif.core.grads import FunctionalLoss, LossFn
+from lightning_fastif.core.params import ParamSpec
 
 
 class HessianOperator:
@@ -25,10 +25,10 @@ class HessianOperator:
         model: the model (evaluated as it is: callers put it in eval mode).
         loss_fn: per-example loss ``loss_fn(model, batch) -> Tensor[B]`` (default ``model.per_example_loss``).
         train_data: a map-style ``Dataset`` or a ``DataLoader`` over one (its ``collate_fn`` is used).
-        params: which parameters (see :func:`~lightning_fastif.params.select_parameters`).
+        params: which parameters (see :func:`~lightning_fastif.core.params.select_parameters`).
         batch_size: chunk size of every product: full-data products, and minibatches larger than it (a LiSSA
             ``batch_size`` above it is summed chunk by chunk, same result). A memory bound, not a statistical choice;
-            :func:`~lightning_fastif.memory.plan_chunks` derives it from a ``max_memory`` budget.
+            :func:`~lightning_fastif.core.memory.plan_chunks` derives it from a ``max_memory`` budget.
 
     Example::
 

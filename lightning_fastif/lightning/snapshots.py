@@ -1,7 +1,7 @@
 """Lightning callbacks that capture, while the user trains, what influence is later computed from.
 
 * :class:`FeatureSnapshot` embeds the training set (and any extra named datasets) into one feature vector per
-  example and stores them with their dataset indices, ready for :class:`~lightning_fastif.knn.KNNIndex`.
+  example and stores them with their dataset indices, ready for :class:`~lightning_fastif.search.knn.KNNIndex`.
 * :class:`CheckpointSnapshot` stores the weights (selected parameters, or the whole model) at chosen epochs
   or steps, so influence can be computed at any of them or summed over several (TracIn-style).
 
@@ -16,7 +16,7 @@ Both write into one snapshot directory (default ``<trainer.default_root_dir>/fas
 Versions are named ``epoch=<E>-step=<S>`` (``trainer.current_epoch`` and ``trainer.global_step`` at that
 moment). Each file is written by rank 0 to a temporary name and renamed, then the manifest is updated the same
 way, while the other ranks wait; a crash loses at most the file in flight. Read the directory back with
-:func:`~lightning_fastif.storage.read_feature_snapshot`, :meth:`KNNIndex.from_snapshot` and
+:func:`~lightning_fastif.io.storage.read_feature_snapshot`, :meth:`KNNIndex.from_snapshot` and
 :func:`load_checkpoint` (none of which need Lightning).
 """
 
@@ -41,19 +41,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_fastif.batches import IndexedData
-from lightning_fastif.distributed import gather_uneven
-from lightning_fastif.features import (
-    FEATURE_KINDS,
-    extract_features,
-    has_features_method,
-    last_layer_name,
-    resolve_layer,
-)
-from lightning_fastif.grads import evaluating
-from lightning_fastif.hessian import HessianOperator
-from lightning_fastif.knn import KNNIndex
-from lightning_fastif.storage import (
+from lightning_fastif.core.batches import IndexedData
+from lightning_fastif.core.grads import evaluating
+from lightning_fastif.core.hessian import HessianOperator
+from lightning_fastif.io.storage import (
     CHECKPOINTS_DIR,
     FEATURES_DIR,
     SnapshotError,
@@ -67,6 +58,15 @@ from lightning_fastif.storage import (
     save_tensors,
     write_manifest,
 )
+from lightning_fastif.lightning.distributed import gather_uneven
+from lightning_fastif.search.features import (
+    FEATURE_KINDS,
+    extract_features,
+    has_features_method,
+    last_layer_name,
+    resolve_layer,
+)
+from lightning_fastif.search.knn import KNNIndex
 
 __all__ = [
     "CheckpointSnapshot",
@@ -243,10 +243,10 @@ class FeatureSnapshot(_SnapshotCallback):
     instead each example's loss gradient with respect to the parameters of ``layer`` (default: the last
     submodule with parameters, usually the classifier), ``C·(D+1)`` numbers for a linear classifier, indexed for
     maximum inner-product search (``metric="ip"``): the training points with the largest ``|<g_test, g_train>|``
-    are the likely most influential ones (see :mod:`lightning_fastif.features`; on the digits CNN this raised
+    are the likely most influential ones (see :mod:`lightning_fastif.search.features`; on the digits CNN this raised
     the recall of the true top-10 helpful points among 1% kNN candidates from 0.04 to 0.79, and to 0.95 with the
     query preconditioned by the stored last-layer Hessian, below). The
-    :class:`~lightning_fastif.module.InfluenceModule` reads the kind from the manifest and embeds its test
+    :class:`~lightning_fastif.lightning.module.InfluenceModule` reads the kind from the manifest and embeds its test
     points the same way. Extraction runs in eval mode without gradients
     on the training set's dataset in index order (unshuffled, with the training loader's ``collate_fn``).
     Under DDP every rank embeds every ``world_size``-th batch (the dataset is split here, not by the training

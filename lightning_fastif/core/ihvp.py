@@ -1,7 +1,7 @@
 """Inverse Hessian-vector products: ``x = (H + λI)⁻¹ v`` for a batch of vectors, behind one small interface.
 
 ``damping`` is the same λ for every estimator. Each estimator takes a
-:class:`~lightning_fastif.hessian.HessianOperator` and ``V`` vectors ``[V, P]`` and returns ``[V, P]``; after a call,
+:class:`~lightning_fastif.HessianOperator` and ``V`` vectors ``[V, P]`` and returns ``[V, P]``; after a call,
 ``estimator.diagnostics`` holds what it did (settings as used, iterations, time, and the relative residual
 ``‖(H + λI)x − v‖ / ‖v‖`` measured with one HVP over up to ``residual_examples`` training examples).
 
@@ -28,12 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_fastif.hessian import HessianOperator
-
-
-class LiSSADivergenceError(ArithmeticError):
-    """LiSSA's recursion diverged: ``scale`` is below the minibatch Hessian's largest eigenvalue, or the Hessian
-    has eigenvalues below ``-damping`` (a non-convex model that needs more damping)."""
+from lightning_fastif.core.hessian import HessianOperator
+from lightning_fastif.errors import LiSSADivergenceError
 
 
 def relative_residual(

@@ -19,14 +19,14 @@ without its label keys.
   default :func:`last_layer_name`, e.g. the classifier), ``[B, P]``. For a classifier ``z = W h + b`` with
   cross-entropy this is ``(softmax(z) - onehot(y)) ⊗ [h, 1]``, of dimension ``C·(D+1)``; it is computed for any
   loss and any model by ``torch.func`` on that layer's parameters only
-  (:meth:`~lightning_fastif.grads.FunctionalLoss.per_example_gradients`), so it needs the labels of the batch.
+  (:meth:`~lightning_fastif.core.grads.FunctionalLoss.per_example_gradients`), so it needs the labels of the batch.
   Why: influence is ``g_testᵀ (H + λI)⁻¹ g_train``, so the training points with the largest ``|<g_test,
   g_train>|`` restricted to the last layer are the likely most helpful (positive) and most harmful (negative)
   ones. The *inner product* matters, not the angle: the most influential points are those with large gradients
   (high loss), which both L2 and cosine distances ignore. On the digits CNN (N = 1,437; see
   ``benchmarks/bench_fastif.py``), the original top-10 helpful points were found among k = 1% kNN candidates
   0.04 of the time with the classifier's input and L2, 0.79 with this embedding searched by inner product towards
-  ``+g_test`` (:meth:`KNNIndex.search_signed <lightning_fastif.knn.KNNIndex.search_signed>`), and 0.95 (harmful:
+  ``+g_test`` (:meth:`KNNIndex.search_signed <lightning_fastif.search.knn.KNNIndex.search_signed>`), and 0.95 (harmful:
   0.955) when the query is ``(H_last + λI)⁻¹ g_test``, ``H_last`` the last layer's Hessian of the mean training
   loss, which ``FeatureSnapshot`` stores and the influence module applies.
 
@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_fastif.batches import Batch, IndexedData, batch_size_of, move_batch
-from lightning_fastif.grads import FunctionalLoss
+from lightning_fastif.core.batches import Batch, IndexedData, batch_size_of, move_batch
+from lightning_fastif.core.grads import FunctionalLoss
 
 ForwardFn = Callable[[nn.Module, Batch], Any]
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -154,7 +154,7 @@ def loss_gradient_features(
     """Per-example loss gradients with respect to the parameters of ``layer``: ``[B, P]`` float32.
 
     ``P`` is the number of parameters of ``layer`` and its submodules (``C·(D+1)`` for a linear classifier with
-    bias). Computed by ``torch.func`` on those parameters only (:class:`~lightning_fastif.grads.FunctionalLoss`),
+    bias). Computed by ``torch.func`` on those parameters only (:class:`~lightning_fastif.core.grads.FunctionalLoss`),
     so any loss and any batch structure work; the model's train/eval mode is left as it is.
 
     Args:

@@ -47,18 +47,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_fastif.batches import Batch, IndexedData, batch_size_of, map_tensors, move_batch
-from lightning_fastif.distributed import all_reduce_sum, barrier, broadcast_object, gather_uneven, rank, world_size
-from lightning_fastif.features import check_kind, features_of_batch, has_features_method, resolve_layer
-from lightning_fastif.grads import FunctionalLoss, LossFn, evaluating
-from lightning_fastif.hessian import HessianOperator
-from lightning_fastif.ihvp import InverseHVP, LiSSA, relative_residual
-from lightning_fastif.influence import GRADS_MIN_TEST_POINTS, score_candidates
-from lightning_fastif.knn import KNNIndex, Sign
-from lightning_fastif.memory import measure_example_cost, measure_stage, parse_memory, plan_chunks
-from lightning_fastif.params import ParamSpec, select_parameters
-from lightning_fastif.results import RESULT_FORMAT, RESULT_FORMAT_VERSION, BatchInfluence, InfluenceResult, jsonable
-from lightning_fastif.storage import (
+from lightning_fastif.core.batches import Batch, IndexedData, batch_size_of, map_tensors, move_batch
+from lightning_fastif.core.grads import FunctionalLoss, LossFn, evaluating
+from lightning_fastif.core.hessian import HessianOperator
+from lightning_fastif.core.ihvp import InverseHVP, LiSSA, relative_residual
+from lightning_fastif.core.influence import GRADS_MIN_TEST_POINTS, score_candidates
+from lightning_fastif.core.memory import measure_example_cost, measure_stage, parse_memory, plan_chunks
+from lightning_fastif.core.params import ParamSpec, select_parameters
+from lightning_fastif.io.results import RESULT_FORMAT, RESULT_FORMAT_VERSION, BatchInfluence, InfluenceResult, jsonable
+from lightning_fastif.io.storage import (
     PathLike,
     SnapshotError,
     SnapshotNotFoundError,
@@ -72,6 +69,16 @@ from lightning_fastif.storage import (
     save_tensors,
     write_manifest,
 )
+from lightning_fastif.lightning.distributed import (
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    gather_uneven,
+    rank,
+    world_size,
+)
+from lightning_fastif.search.features import check_kind, features_of_batch, has_features_method, resolve_layer
+from lightning_fastif.search.knn import KNNIndex, Sign
 
 __all__ = ["CandidatePool", "InfluenceModule"]
 
@@ -173,7 +180,7 @@ class CandidatePool:
 
     Args:
         dataset: a map-style dataset (or a ``DataLoader`` over one, whose ``collate_fn`` is used).
-        index: a :class:`~lightning_fastif.knn.KNNIndex` whose ids are dataset indices of the pool (``None``: only
+        index: a :class:`~lightning_fastif.KNNIndex` whose ids are dataset indices of the pool (``None``: only
             ``num_candidates=None`` works, every pool example is a candidate).
         name: recorded in the results' settings.
 
@@ -232,8 +239,8 @@ class InfluenceModule(LightningModule):
     Wraps the trained model (an ``nn.Module`` or a ``LightningModule``, stored as the submodule ``model`` so the
     Trainer moves it to the device) and a snapshot directory written by ``FeatureSnapshot`` (and
     ``CheckpointSnapshot`` for ``checkpoints``). ``trainer.predict(module, test_loader)`` returns one
-    :class:`~lightning_fastif.results.BatchInfluence` per batch; the whole run is :attr:`result` (rank 0) and, with
-    ``output_dir``, on disk (:meth:`InfluenceResult.load <lightning_fastif.results.InfluenceResult.load>`).
+    :class:`~lightning_fastif.io.results.BatchInfluence` per batch; the whole run is :attr:`result` (rank 0) and, with
+    ``output_dir``, on disk (:meth:`InfluenceResult.load <lightning_fastif.io.results.InfluenceResult.load>`).
 
     The model must provide a per-example loss: ``loss_fn(model, batch) -> Tensor[B]``, or a method
     ``model.per_example_loss(batch) -> Tensor[B]`` (no reduction). Test batches must have the training batches'
@@ -284,7 +291,7 @@ class InfluenceModule(LightningModule):
             singular (cross-entropy's always is: adding one vector to every class's weights leaves the loss
             unchanged), so ``λ = 0`` must still factorise; the floor only bounds the gain of such null directions,
             in which training gradients have no component anyway.
-        score_method: ``"auto"``, ``"jvp"`` or ``"grads"`` (see :mod:`lightning_fastif.influence`).
+        score_method: ``"auto"``, ``"jvp"`` or ``"grads"`` (see :mod:`lightning_fastif.core.influence`).
         candidates_pool: score candidates from this :class:`CandidatePool` instead of the training set.
         progress: show a progress bar over the candidates (only when the Trainer's progress bar is on).
         max_memory: a memory budget (``"4GB"``, ``"512MiB"`` or bytes): chunk sizes for scoring and HVPs are derived
@@ -764,7 +771,7 @@ class InfluenceModule(LightningModule):
                 training set).
 
         Returns:
-            A :class:`~lightning_fastif.results.BatchInfluence` with ``candidates [T, K]``, ``scores [T, K]`` and
+            A :class:`~lightning_fastif.io.results.BatchInfluence` with ``candidates [T, K]``, ``scores [T, K]`` and
             ``diagnostics`` (seconds per stage, inverse-HVP diagnostics).
 
         Example::

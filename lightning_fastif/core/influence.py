@@ -14,7 +14,7 @@ How candidates are scored (``method``):
   than ``32`` test points under ``"auto"``).
 
 Chunk sizes are fixed (``batch_size``, ``hessian_batch_size``) unless ``max_memory`` is given (``"4GB"``): then
-they are derived from the budget and the measured memory of one example (:mod:`lightning_fastif.memory`); chunking
+they are derived from the budget and the measured memory of one example (:mod:`lightning_fastif.core.memory`); chunking
 never changes the scores beyond float rounding. Pass a dict as ``diagnostics`` to receive what the estimator did,
 seconds and peak memory per stage, and the memory plan; :func:`diagnostic_metrics` flattens it for a logger.
 """
@@ -27,12 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_fastif.batches import Batch, IndexedData, batch_size_of, slice_batch
-from lightning_fastif.grads import FunctionalLoss, LossFn, evaluating
-from lightning_fastif.hessian import HessianOperator
-from lightning_fastif.ihvp import InverseHVP
-from lightning_fastif.memory import MemoryBudgetError, MemoryPlan, measure_example_cost, measure_stage, plan_chunks
-from lightning_fastif.params import ParamSpec
+from lightning_fastif.core.batches import Batch, IndexedData, batch_size_of, slice_batch
+from lightning_fastif.core.grads import FunctionalLoss, LossFn, evaluating
+from lightning_fastif.core.hessian import HessianOperator
+from lightning_fastif.core.ihvp import InverseHVP
+from lightning_fastif.core.memory import MemoryBudgetError, MemoryPlan, measure_example_cost, measure_stage, plan_chunks
+from lightning_fastif.core.params import ParamSpec
 
 _METHODS = ("auto", "jvp", "grads")
 GRADS_MIN_TEST_POINTS = 32
@@ -214,7 +214,7 @@ def influence_scores(
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]``, per-example losses; ``None`` uses ``model.per_example_loss``.
         test_batch: a batch of ``T`` test points (tuple or dict of tensors, as the loss takes it).
         train_data: the training set: a map-style ``Dataset`` or a ``DataLoader`` over one.
-        ihvp: the inverse-HVP estimator (:class:`~lightning_fastif.ihvp.LiSSA`, ``ConjugateGradient``, ...).
+        ihvp: the inverse-HVP estimator (:class:`~lightning_fastif.core.ihvp.LiSSA`, ``ConjugateGradient``, ...).
         params: which parameters (name patterns, modules; default: all trainable).
         candidates: ``None`` to score every training point, or ``[T, K]`` training indices per test point.
         batch_size: candidates per pass (ignored when ``max_memory`` is given).
@@ -222,7 +222,7 @@ def influence_scores(
         method: ``"auto"``, ``"jvp"`` or ``"grads"`` (see the module docstring).
         max_memory: a memory budget (``"4GB"``, ``"512MiB"``, bytes): chunk sizes of the test gradients, the
             scoring and the Hessian products are derived from it and the measured cost of one example (see
-            :mod:`lightning_fastif.memory`); the scores are the same as without it.
+            :mod:`lightning_fastif.core.memory`); the scores are the same as without it.
         diagnostics: a dict to fill with ``ihvp`` (the estimator's diagnostics: settings as used, iterations,
             residual, seconds), ``stages`` (seconds and peak memory of ``test_gradients``, ``inverse_hvp``,
             ``scoring``), ``memory_plan`` (or ``None``), ``chunks`` and ``method``.
@@ -237,7 +237,7 @@ def influence_scores(
     Example::
 
         >>> from torch.utils.data import TensorDataset
-        >>> from lightning_fastif.ihvp import ExactInverse
+        >>> from lightning_fastif.core.ihvp import ExactInverse
         >>> net = nn.Linear(2, 1).double()
         >>> mse = lambda m, b: (m(b[0]).squeeze(-1) - b[1]) ** 2
         >>> train = TensorDataset(torch.randn(8, 2, dtype=torch.float64), torch.randn(8, dtype=torch.float64))
@@ -309,7 +309,7 @@ def self_influence(
     Example::
 
         >>> from torch.utils.data import TensorDataset
-        >>> from lightning_fastif.ihvp import Identity
+        >>> from lightning_fastif.core.ihvp import Identity
         >>> net = nn.Linear(2, 1)
         >>> mse = lambda m, b: (m(b[0]).squeeze(-1) - b[1]) ** 2
         >>> self_influence(net, mse, TensorDataset(torch.randn(5, 2), torch.randn(5)), ihvp=Identity()).shape
