@@ -30,6 +30,7 @@ from lightning_fastif.errors import (
 )
 from lightning_fastif.io.results import BatchInfluence, InfluenceResult
 from lightning_fastif.io.storage import apply_checkpoint, load_checkpoint
+from lightning_fastif.lightning.arguments import ComputeArguments, CorrectionArguments, SearchArguments
 from lightning_fastif.lightning.correction import ErrorCorrection, compare_selections, correct_errors
 from lightning_fastif.lightning.module import CandidatePool, InfluenceModule
 from lightning_fastif.lightning.snapshots import CheckpointSnapshot, FeatureSnapshot
@@ -45,6 +46,8 @@ __all__ = [
     "BatchInfluence",
     "CandidatePool",
     "CheckpointSnapshot",
+    "ComputeArguments",
+    "CorrectionArguments",
     "ConjugateGradient",
     "ErrorCorrection",
     "FeatureSnapshot",
@@ -52,6 +55,7 @@ __all__ = [
     "InfluenceResult",
     "KNNIndex",
     "MemoryBudgetError",
+    "SearchArguments",
     "SnapshotError",
     "SnapshotNotFoundError",
     "VerifyReport",
