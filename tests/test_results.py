@@ -111,3 +111,11 @@ def test_batch_influence_and_jsonable():
     assert "InfluenceResult(num_test=1, num_candidates=3)" in InfluenceResult(
         torch.tensor([0]), batch.candidates, batch.scores
     ).summary(n=1)
+
+
+def test_summary_labels_helpful_and_harmful_by_sign():
+    all_positive = InfluenceResult(torch.tensor([0]), torch.tensor([[4, 7, 9]]), torch.tensor([[0.5, 2.0, 1.0]]))
+    line = all_positive.summary(n=2).splitlines()[1]
+    assert line == "  test 0: helpful 7(+2), 9(+1) | harmful none"
+    mixed = InfluenceResult(torch.tensor([3]), torch.tensor([[4, 7, 9]]), torch.tensor([[0.5, -2.0, -1.0]]))
+    assert mixed.summary(n=5).splitlines()[1] == "  test 3: helpful 4(+0.5) | harmful 7(-2), 9(-1)"

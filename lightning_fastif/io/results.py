@@ -261,17 +261,21 @@ class InfluenceResult:
         return f"InfluenceResult(num_test={self.num_test}, num_candidates={self.num_candidates})"
 
     def summary(self, n: int = 3, tests: int = 5) -> str:
-        """A short text table: for the first ``tests`` test points, the top ``n`` helpful and harmful candidates."""
+        """A short text table: for the first ``tests`` test points, up to ``n`` helpful and ``n`` harmful candidates.
+
+        Labelled by sign: "helpful" lists only positive scores (highest first), "harmful" only negative ones (most
+        negative first); a side with no such candidate says ``none``.
+        """
+
+        def listed(ranked: Ranked, keep: Any) -> str:
+            pairs = [(i, s) for i, s in zip(ranked.indices.tolist(), ranked.scores.tolist(), strict=True) if keep(s)]
+            return ", ".join(f"{i}({s:+.3g})" for i, s in pairs[:n]) or "none"
+
         lines = [f"{self!r} (positive = helpful)"]
         for t in self.test_indices[:tests].tolist():
-            good, bad = self.top_helpful(t, n), self.top_harmful(t, n)
-            fmt = ", ".join
-            lines.append(
-                f"  test {t}: helpful "
-                + fmt(f"{i}({s:+.3g})" for i, s in zip(good.indices.tolist(), good.scores.tolist()))
-                + " | harmful "
-                + fmt(f"{i}({s:+.3g})" for i, s in zip(bad.indices.tolist(), bad.scores.tolist()))
-            )
+            good = listed(self.top_helpful(t, None), lambda s: s > 0)
+            bad = listed(self.top_harmful(t, None), lambda s: s < 0)
+            lines.append(f"  test {t}: helpful {good} | harmful {bad}")
         return "\n".join(lines)
 
     # ---------------------------------------------------------------------------------------------- combine
