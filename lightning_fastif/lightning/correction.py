@@ -155,9 +155,8 @@ class ErrorCorrection(Callback):
                 "never runs), got False"
             )
         top_m = self.steps.top_m
-        if num_candidates is not None and (
-            isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < top_m
-        ):
+        check_int("num_candidates", num_candidates, allow_none=True)
+        if num_candidates is not None and num_candidates < top_m:
             raise ArgumentError(
                 f"num_candidates: expected None (every training point) or an integer >= top_m ({top_m}), "
                 f"got {num_candidates!r}"
@@ -238,7 +237,12 @@ class ErrorCorrection(Callback):
         train_dataset = _train_dataset(trainer)
         anchors = self.anchors
         if self.anchors_from == "misclassified":
-            wrong = misclassified_indices(pl_module, self.eval_dataset)
+            try:
+                wrong = misclassified_indices(pl_module, self.eval_dataset)
+            except ArgumentError as exc:  # a model without classes has nothing misclassified
+                raise ArgumentError(
+                    f"anchors_from: expected 'dataset' (with anchors) for this model, got 'misclassified' ({exc})"
+                ) from exc
             if wrong.numel() == 0:
                 self._record(trainer, moment, None)
                 return

@@ -206,7 +206,10 @@ def correct_errors(
             f"top_m: expected at most the {len(source)} examples to choose from, got {args.top_m}; lower top_m"
         )
     loss_fn = loss_fn if loss_fn is not None else default_loss_fn(model)
-    opt = optimizer or torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    if optimizer is None:
+        opt: torch.optim.Optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    else:
+        opt = optimizer
     report = CorrectionReport(selection=args.selection)
     start = time.perf_counter()
     if eval_dataset is not None:
