@@ -25,6 +25,7 @@ import torch
 from lightning_fastif import LiSSA
 from lightning_fastif.app.data import SpuriousDigitsDataModule
 from lightning_fastif.app.models import DigitsClassifier
+from lightning_fastif.lightning.arguments import CorrectionArguments
 from lightning_fastif.lightning.correction import accuracy, compare_selections
 from lightning_fastif.lightning.module import InfluenceModule
 from lightning_fastif.lightning.snapshots import FeatureSnapshot
@@ -80,8 +81,7 @@ def run_demo(
             dm.challenge_eval_dataset,
             make_influence=make_influence,
             seeds=[seed],
-            num_steps=num_steps,
-            lr=lr,
+            steps=CorrectionArguments(num_steps=num_steps, lr=lr),
         )
         per_seed.append({"seed": seed, "test_accuracy": accuracy(model, dm.test_dataset), **table})
     summary: dict[str, Any] = {

@@ -652,6 +652,7 @@ def spurious_cue_experiment(
         >>> result = spurious_cue_experiment(run, seeds=(0, 1), num_steps=5)  # doctest: +SKIP
         >>> result["correction"]["helpful"]["gain_mean"]  # doctest: +SKIP
     """
+    from lightning_fastif.lightning.arguments import CorrectionArguments
     from lightning_fastif.lightning.correction import accuracy, correct_errors
     from lightning_fastif.lightning.module import InfluenceModule
 
@@ -685,10 +686,7 @@ def spurious_cue_experiment(
                 model,
                 influence,
                 anchors,
-                num_anchors=num_anchors,
-                top_m=top_m,
-                num_steps=num_steps,
-                lr=lr,
+                steps=CorrectionArguments(num_anchors=num_anchors, top_m=top_m, num_steps=num_steps, lr=lr),
                 selection=selection,
                 seed=seed,
             )

@@ -1,20 +1,40 @@
-"""ErrorCorrection: the core (correct_errors), the callback in a Trainer (CPU and DDP), resume, and bad input."""
+"""ErrorCorrection: the core (correct_errors), the callback in a Trainer (CPU and DDP), resume, bad input, models
+without classes or with a whole-batch forward, and a step that diverges."""
 
 import copy
 import json
+import socket
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_fastif.core.batches import labels_of
 from lightning_fastif.core.ihvp import LiSSA
-from lightning_fastif.lightning.correction import ErrorCorrection, accuracy, correct_errors, misclassified_indices
+from lightning_fastif.errors import ArgumentError
+from lightning_fastif.lightning.arguments import CorrectionArguments
+from lightning_fastif.lightning.correction import (
+    ErrorCorrection,
+    accuracy,
+    compare_selections,
+    correct_errors,
+    evaluation_metric,
+    misclassified_indices,
+    model_outputs,
+)
 from lightning_fastif.lightning.module import InfluenceModule
 from lightning_fastif.lightning.snapshots import FeatureSnapshot
-from tests.helpers.correction_models import CueNet, WeightsPerRank, cue_problem
+from tests.helpers.correction_models import (
+    ChoicesPerRank,
+    CueNet,
+    DictDataset,
+    LinearRegressor,
+    WholeBatchNet,
+    cue_problem,
+    regression_problem,
+)
 
 
 def fast_lissa() -> LiSSA:
@@ -92,8 +112,7 @@ def test_callback_in_trainer_runs_changes_weights_and_logs(tmp_path):
         eval_dataset=challenge,
         epochs=[0],
         on_fit_end=True,
-        num_steps=2,
-        lr=0.05,
+        steps=CorrectionArguments(num_steps=2, lr=0.05),
         num_candidates=60,
         ihvp=fast_lissa(),
         dirpath=str(tmp_path / "corr"),
@@ -122,7 +141,8 @@ def test_callback_in_trainer_runs_changes_weights_and_logs(tmp_path):
     assert [h["moment"] for h in correction.history] == ["epoch=0", "fit_end"]
     first = correction.history[0]
     assert len(first["steps"]) == 2
-    assert first["accuracy_before"] is not None
+    assert first["metric"] == "accuracy"
+    assert first["accuracy_before"] == first["metric_before"]
     assert any(s["anchor_loss_after"] != s["anchor_loss_before"] for s in first["steps"])  # the weights moved
     saved = json.loads((tmp_path / "corr" / "correction.json").read_text())
     assert saved["done"] == ["epoch=0", "fit_end"]
@@ -185,8 +205,7 @@ def test_resume_does_not_repeat_a_correction(tmp_path):
             anchors=anchors,
             epochs=[0],
             on_fit_end=False,
-            num_steps=1,
-            lr=0.05,
+            steps={"num_steps": 1, "lr": 0.05},
             num_candidates=None,
             ihvp=fast_lissa(),
             dirpath=str(tmp_path / "corr"),
@@ -213,18 +232,45 @@ def test_resume_does_not_repeat_a_correction(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"anchors": TensorDataset(torch.zeros(0, 5), torch.zeros(0).long())}, "anchors=.*empty.*non-empty Dataset"),
-        ({"num_steps": 0}, "num_steps=0 is invalid; accepted: a positive integer"),
-        ({"top_m": 50, "num_candidates": 20}, r"num_candidates=20 is invalid; accepted: .* >= top_m \(50\)"),
-        ({"selection": "best"}, "selection='best' is invalid"),
-        ({"anchors": None}, "anchors=None is invalid"),
-        ({"on_fit_end": False}, "otherwise it never runs"),
+        ({"anchors": TensorDataset(torch.zeros(0, 5), torch.zeros(0).long())}, "anchors: expected a non-empty Dataset"),
+        ({"num_steps": 0}, "num_steps: expected an integer >= 1, got 0"),
+        ({"steps": {"num_steps": 0}}, "num_steps: expected an integer >= 1, got 0"),
+        ({"steps": {"numsteps": 3}}, r"steps: CorrectionArguments has no field\(s\) \['numsteps'\]"),
+        ({"top_m": 50, "num_candidates": 20}, r"num_candidates: expected None .* >= top_m \(50\), got 20"),
+        ({"selection": "best"}, "selection: expected one of .*, got 'best'"),
+        ({"harmful_weight": float("nan")}, "harmful_weight: expected a finite number >= 0, got nan"),
+        ({"harmful_weight": -1.0}, "harmful_weight: expected a finite number >= 0, got -1.0"),
+        ({"harmful_weight": "1"}, "harmful_weight: expected a finite number >= 0, got '1'"),
+        ({"anchors": None}, "anchors: expected a Dataset of anchor examples .*, got None"),
+        ({"anchors_from": "errors"}, "anchors_from: expected one of \\['dataset', 'misclassified'\\], got 'errors'"),
+        ({"epochs": [0, -1]}, r"epochs\[1\]: expected an integer >= 0, got -1"),
+        ({"every_n_epochs": 0}, "every_n_epochs: expected an integer >= 1 or None, got 0"),
+        ({"on_fit_end": False}, "on_fit_end: expected True when .* never runs"),
+        ({"snapshot_dir": 3}, "snapshot_dir: expected a directory path or None, got 3"),
     ],
 )
 def test_callback_bad_arguments(kwargs, match):
     base = {"anchors": cue_problem(n=10)[1]}
-    with pytest.raises(MisconfigurationException, match=match):
+    with pytest.raises(ArgumentError, match=match):
         ErrorCorrection(**{**base, **kwargs})
+
+
+def test_legacy_flat_arguments_warn_and_equal_the_group():
+    anchors = cue_problem(n=10)[1]
+    with pytest.warns(
+        DeprecationWarning, match=r"steps=CorrectionArguments\(num_steps=\.\.\., lr=\.\.\., seed"
+    ) as seen:
+        legacy = ErrorCorrection(anchors=anchors, num_steps=3, lr=0.5, seed=4, optimizer="model")
+    assert seen[0].filename == __file__  # the warning points at the caller's line
+    grouped = ErrorCorrection(
+        anchors=anchors, steps=CorrectionArguments(num_steps=3, lr=0.5, seed=4, optimizer="model")
+    )
+    assert legacy.steps == grouped.steps == CorrectionArguments(num_steps=3, lr=0.5, seed=4, optimizer="model")
+    assert (
+        legacy.state_key == grouped.state_key == "ErrorCorrection{'selection': 'helpful', 'top_m': 10, 'num_steps': 3}"
+    )
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['num_step'\]"):
+        ErrorCorrection(anchors=anchors, num_step=3)
 
 
 def test_core_bad_input(trained):
@@ -233,21 +279,273 @@ def test_core_bad_input(trained):
     influence = InfluenceModule(
         m, train_dataset=train, snapshot=snap, num_candidates=20, ihvp=fast_lissa(), progress=False
     )
-    with pytest.raises(ValueError, match="anchors: the dataset is empty"):
+    with pytest.raises(ArgumentError, match="anchors: expected a non-empty Dataset, got an empty TensorDataset"):
         correct_errors(m, influence, TensorDataset(torch.zeros(0, 5), torch.zeros(0).long()))
-    with pytest.raises(ValueError, match="top_m: 30 is larger than the 20 kNN candidates"):
+    with pytest.raises(ArgumentError, match="top_m: expected at most the 20 kNN candidates, got 30"):
         correct_errors(m, influence, anchors, top_m=30)
-    with pytest.raises(ValueError, match="num_steps: must be a positive integer, got 0"):
+    with pytest.raises(ArgumentError, match="num_steps: expected an integer >= 1, got 0"):
         correct_errors(m, influence, anchors, num_steps=0)
+    with pytest.raises(ArgumentError, match="harmful_weight: expected a finite number >= 0, got nan"):
+        correct_errors(m, influence, anchors, steps=CorrectionArguments(), harmful_weight=float("nan"))
     bad_anchors = TensorDataset(torch.zeros(4, 3), torch.zeros(4).long())  # wrong feature size for the model
-    with pytest.raises(ValueError, match="anchors: the loss function cannot take a batch of anchors"):
+    with pytest.raises(ArgumentError, match="anchors: expected examples the loss function accepts"):
         correct_errors(m, influence, bad_anchors)
+    torch.testing.assert_close(
+        torch.cat([p.reshape(-1) for p in m.parameters()]),
+        torch.cat([p.reshape(-1) for p in model.parameters()]),
+        rtol=0,
+        atol=0,
+    )  # refused input leaves the model as it was
+
+
+def test_steps_group_equals_flat_keywords(trained):
+    model, train, anchors, challenge, snap = trained
+    reports = []
+    for kwargs in (
+        {"num_steps": 2, "lr": 0.05, "top_m": 4},
+        {"steps": CorrectionArguments(num_steps=2, lr=0.05, top_m=4)},
+    ):
+        m = copy.deepcopy(model)
+        influence = InfluenceModule(
+            m, train_dataset=train, snapshot=snap, num_candidates=30, ihvp=fast_lissa(), progress=False
+        )
+        reports.append(correct_errors(m, influence, anchors, **kwargs))
+    assert reports[0].used_indices == reports[1].used_indices
+    assert len(reports[0].used_indices) == 8
+
+
+class _NaNOnStep:
+    """A per-example loss that turns NaN on the ``nan_step``-th training-mode call (the step's gradient)."""
+
+    def __init__(self, nan_step: int) -> None:
+        self.nan_step, self.train_calls = nan_step, 0
+
+    def __call__(self, model, batch):
+        losses = model.per_example_loss(batch)
+        if model.training:
+            self.train_calls += 1
+            if self.train_calls == self.nan_step + 1:
+                return losses * float("nan")
+        return losses
+
+
+@pytest.mark.parametrize("with_optimizer", [False, True])
+def test_a_step_that_makes_weights_non_finite_restores_them_and_raises(trained, with_optimizer):
+    model, train, anchors, challenge, snap = trained
+    settings = CorrectionArguments(num_steps=3, lr=0.05, top_m=5, selection="random", seed=7)
+    reference = copy.deepcopy(model)  # the same draws with a finite loss: the points step 1 takes
+    full = InfluenceModule(reference, train_dataset=train, num_candidates=None, ihvp=fast_lissa(), progress=False)
+    expected = correct_errors(reference, full, anchors, steps=settings).steps[1].chosen_indices
+
+    m = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    influence = InfluenceModule(m, train_dataset=train, num_candidates=None, ihvp=fast_lissa(), progress=False)
+    optimizer = torch.optim.Adam(m.parameters(), lr=0.05) if with_optimizer else None
+    with pytest.raises(
+        FloatingPointError, match=r"step 1 \(selection 'random'.*\) on training indices (\[.*\])"
+    ) as err:
+        correct_errors(m, influence, anchors, steps=settings, loss_fn=_NaNOnStep(1), optimizer=optimizer)
+    assert str(expected) in str(err.value)
+    assert "body.0.weight" in str(err.value)
+    after = m.state_dict()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name  # the weights from before step 0, not before step 1
+    if optimizer is not None:
+        assert optimizer.state_dict()["state"] == {}  # Adam's moments from steps 0 and 1 are gone too
+
+
+def test_regression_model_with_eval_dataset_reports_the_mean_loss(tmp_path):
+    pl.seed_everything(4)
+    train, evaluation = regression_problem()
+    model = LinearRegressor()
+    fit(model, train, tmp_path, epochs=1)
+    x, y = evaluation.tensors
+
+    def mse(m):
+        with torch.no_grad():
+            return float(((m(x) - y) ** 2).mean())
+
+    before = mse(model)
+    influence = InfluenceModule(model, train_dataset=train, num_candidates=None, ihvp=fast_lissa(), progress=False)
+    report = correct_errors(
+        model, influence, evaluation, steps=CorrectionArguments(num_steps=3, lr=0.05, top_m=8), eval_dataset=evaluation
+    )
+    assert report.metric == "loss"
+    assert report.accuracy_before is None
+    assert report.accuracy_after is None
+    assert report.metric_before == pytest.approx(before, rel=1e-5)
+    assert report.metric_after == pytest.approx(mse(model), rel=1e-5)
+    assert report.gain == pytest.approx(report.metric_before - report.metric_after)
+    assert report.metric_after < report.metric_before  # the most helpful points for the evaluation loss lower it
+    with pytest.raises(ArgumentError, match=r"model: expected class scores .* got outputs of shape \(60,\)"):
+        accuracy(model, evaluation)
+
+
+def test_regression_model_in_the_callback(tmp_path):
+    pl.seed_everything(5)
+    train, evaluation = regression_problem()
+    correction = ErrorCorrection(
+        anchors=evaluation,
+        eval_dataset=evaluation,
+        steps=CorrectionArguments(num_steps=2, lr=0.05, top_m=8),
+        num_candidates=None,
+        ihvp=fast_lissa(),
+        dirpath=str(tmp_path / "corr"),
+    )
+    logger = CSVLogger(tmp_path, name="logs")
+    fit(LinearRegressor(), train, tmp_path, epochs=2, callbacks=[correction], logger=logger)
+    (entry,) = correction.history
+    assert entry["metric"] == "loss"
+    assert entry["accuracy_before"] is None
+    assert entry["metric_after"] < entry["metric_before"]
+    logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "fastif/correction_loss_before" in logged
+    assert "fastif/correction_acc_before" not in logged
+
+
+def test_whole_batch_forward_with_dict_batches(trained):
+    model, train, anchors, challenge, snap = trained
+    pl.seed_everything(6)
+    net = WholeBatchNet()
+    dict_train, dict_challenge = DictDataset(train), DictDataset(challenge)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(60):  # trained (full batch), so the Hessian is near positive definite for LiSSA
+        optimizer.zero_grad()
+        net.per_example_loss({"x": train.tensors[0], "label": train.tensors[1]}).mean().backward()
+        optimizer.step()
+    x, y = challenge.tensors
+    with torch.no_grad():
+        expected = float((net({"x": x}).argmax(-1) == y).float().mean())
+    assert accuracy(net, dict_challenge) == pytest.approx(expected, abs=1e-6)
+    assert evaluation_metric(net, dict_challenge) == ("accuracy", pytest.approx(expected, abs=1e-6))
+    wrong = misclassified_indices(net, dict_challenge)
+    assert wrong.numel() == round((1 - expected) * len(challenge))
+    influence = InfluenceModule(net, train_dataset=dict_train, num_candidates=None, ihvp=fast_lissa(), progress=False)
+    report = correct_errors(
+        net,
+        influence,
+        DictDataset(anchors),
+        steps=CorrectionArguments(num_steps=2, lr=0.05, top_m=5),
+        eval_dataset=dict_challenge,
+    )
+    assert report.metric == "accuracy"
+    assert report.metric_before == pytest.approx(expected, abs=1e-6)
+    assert report.metric_after == pytest.approx(accuracy(net, dict_challenge))
+    assert len(report.used_indices) == 10
+
+
+def test_model_outputs_hook_order():
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 1, 0])
+
+    class WithLogits(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("logits(batch) comes first")
+
+        def logits(self, batch):
+            return torch.ones(len(batch[0]), 3)
+
+    class WithPredictStep(pl.LightningModule):
+        def forward(self, x):
+            raise AssertionError("predict_step comes before the forward")
+
+        def predict_step(self, batch, batch_idx, dataloader_idx=0):
+            return torch.tensor([1, 1, 1, 1])
+
+    class Keywords(torch.nn.Module):
+        def forward(self, x):
+            return torch.stack([x[:, 0], -x[:, 0]], 1)
+
+    assert model_outputs(WithLogits(), (x, y)).shape == (4, 3)
+    assert model_outputs(WithPredictStep(), (x, y)).tolist() == [1, 1, 1, 1]
+    torch.testing.assert_close(model_outputs(Keywords(), {"x": x, "label": y}), torch.stack([x[:, 0], -x[:, 0]], 1))
+    data = TensorDataset(x, y)
+    assert accuracy(WithPredictStep(), data) == 0.5  # integer predictions [B] count as labels
+
+
+def test_labels_of():
+    y = torch.tensor([1, 0])
+    assert labels_of((torch.zeros(2, 3), y)) is y
+    assert labels_of([torch.zeros(2, 3), torch.zeros(2), y]) is y
+    for key in ("labels", "label", "y", "target", "targets"):
+        assert labels_of({"input_ids": torch.zeros(2, 4), key: y}) is y
+    assert labels_of({"label": y, "labels": torch.zeros(2)}) is not y  # "labels" is looked up first
+    with pytest.raises(ArgumentError, match=r"batch: expected a dict with one of the label keys .*, got a dict"):
+        labels_of({"input_ids": torch.zeros(2, 4)})
+    with pytest.raises(ArgumentError, match="batch: expected a tuple/list .* got Tensor"):
+        labels_of(torch.zeros(2, 3))
+
+
+def test_compare_selections_on_a_regression_model(tmp_path):
+    pl.seed_everything(8)
+    train, evaluation = regression_problem()
+    model = LinearRegressor()
+    fit(model, train, tmp_path, epochs=1)
+
+    def make(m):
+        return InfluenceModule(m, train_dataset=train, num_candidates=None, ihvp=fast_lissa(), progress=False)
+
+    table = compare_selections(
+        model, evaluation, evaluation, make_influence=make, seeds=[0], steps={"num_steps": 2, "lr": 0.05, "top_m": 8}
+    )
+    for selection in ("helpful", "harmful", "random"):
+        row = table[selection]
+        assert row["metric"] == "loss"
+        assert row["gain_mean"] == pytest.approx(row["before"] - row["after_mean"])
+    gains = {k: v["gain_mean"] for k, v in table.items()}
+    # Measured (seed 8): helpful 3.84, random 1.19, harmful 0.12; every step on an underfit line lowers the loss.
+    assert gains["helpful"] > gains["random"] + 1.0, gains
+    assert gains["random"] > gains["harmful"] + 0.5, gains
+
+
+def test_default_feature_snapshot_and_error_correction_pair(tmp_path):
+    """FeatureSnapshot() with its default directory and ErrorCorrection(num_candidates=...) find each other."""
+    pl.seed_everything(9)
+    train, anchors, challenge = cue_problem(n=120)
+    correction = ErrorCorrection(anchors=anchors, num_candidates=50, ihvp=fast_lissa())
+    trainer = fit(CueNet(), train, tmp_path, epochs=1, callbacks=[FeatureSnapshot(), correction])
+    assert trainer.state.finished
+    (entry,) = correction.history
+    assert entry["moment"] == "fit_end"
+    assert [len(s["chosen_indices"]) for s in entry["steps"]] == [10] * 10  # the defaults: 10 steps of 10 points
+    assert (tmp_path / "fastif_snapshot" / "manifest.json").exists()
+    saved = json.loads((tmp_path / "fastif_correction" / "correction.json").read_text())
+    assert saved["done"] == ["fit_end"]
+
+
+class _CountBatches(pl.Callback):
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches += 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "snapshot", "match"),
+    [
+        ({"params": "encoder.*", "num_candidates": None}, False, "params: the pattern 'encoder.\\*' matches no"),
+        ({"num_candidates": 50}, False, "snapshot_dir: expected a FeatureSnapshot directory"),
+    ],
+)
+def test_setup_refuses_before_the_first_training_step(tmp_path, kwargs, snapshot, match):
+    train, anchors, _ = cue_problem(n=60)
+    count = _CountBatches()
+    with pytest.raises(ArgumentError, match=match):
+        fit(CueNet(), train, tmp_path, epochs=1, callbacks=[ErrorCorrection(anchors=anchors, **kwargs), count])
+    assert count.batches == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.ddp
-@pytest.mark.timeout(300)
-def test_callback_under_ddp_two_processes(tmp_path):
-    """Both ranks run the same correction (same anchors, same chosen points) and end with identical weights."""
+@pytest.mark.timeout(900)
+def test_callback_under_ddp_two_processes(tmp_path, monkeypatch):
+    """Each rank scores the candidates itself; the points each rank chose (written per rank) must agree."""
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     pl.seed_everything(3)
     train, anchors, challenge = cue_problem(n=96)
     correction = ErrorCorrection(
@@ -255,8 +553,7 @@ def test_callback_under_ddp_two_processes(tmp_path):
         eval_dataset=challenge,
         epochs=[0],
         on_fit_end=False,
-        num_steps=2,
-        lr=0.05,
+        steps=CorrectionArguments(num_steps=2, lr=0.05),
         num_candidates=40,
         ihvp=fast_lissa(),
         dirpath=str(tmp_path / "corr"),
@@ -274,13 +571,16 @@ def test_callback_under_ddp_two_processes(tmp_path):
         callbacks=[
             FeatureSnapshot(dirpath=tmp_path / "snap", every_n_epochs=1),
             correction,
-            WeightsPerRank(str(tmp_path)),
+            ChoicesPerRank(str(tmp_path)),
         ],
     )
     trainer.fit(CueNet(), DataLoader(train, batch_size=16))
     saved = json.loads((tmp_path / "corr" / "correction.json").read_text())
     assert saved["done"] == ["epoch=0"]
-    assert len(saved["corrections"][0]["steps"]) == 2
-    w0 = torch.load(tmp_path / "weights-rank0.pt", weights_only=True)
-    w1 = torch.load(tmp_path / "weights-rank1.pt", weights_only=True)
-    torch.testing.assert_close(w0, w1, rtol=0, atol=0)
+    steps = saved["corrections"][0]["steps"]
+    assert len(steps) == 2
+    rank0 = json.loads((tmp_path / "choices-rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "choices-rank1.json").read_text())
+    assert [len(c) for c in rank0] == [10, 10]
+    assert rank0 == rank1  # the ranks chose the same points on their own
+    assert rank0 == [s["chosen_indices"] for s in steps]  # and stepped on them

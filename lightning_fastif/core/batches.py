@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
+from lightning_fastif.errors import ArgumentError
+
 Batch = Any
 """A tensor, a tuple/list of tensors, or a mapping of tensors, all sharing their first dimension."""
 
@@ -39,6 +41,50 @@ def tensors_of(batch: Batch) -> list[Tensor]:
     if isinstance(batch, (tuple, list)):
         return [t for v in batch for t in tensors_of(v)]
     return []
+
+
+LABEL_KEYS: tuple[str, ...] = ("labels", "label", "y", "target", "targets")
+"""Keys under which a dict batch holds its labels, in the order :func:`labels_of` looks for them."""
+
+
+def labels_of(batch: Batch) -> Any:
+    """Return the labels (targets) of ``batch``.
+
+    A dict batch holds them under the first of :data:`LABEL_KEYS` it has (``"labels"``, ``"label"``, ``"y"``,
+    ``"target"``, ``"targets"``); a tuple/list batch ``(inputs..., labels)`` holds them last.
+
+    Args:
+        batch: a dict batch, or a tuple/list of at least two elements.
+
+    Returns:
+        The labels as stored in the batch (a tensor for ``DataLoader`` batches).
+
+    Raises:
+        ArgumentError: if the batch is a dict with none of the label keys, a tuple/list of fewer than two
+            elements, or any other type (a bare tensor carries no labels).
+
+    Example::
+
+        >>> labels_of((torch.zeros(3, 2), torch.tensor([0, 1, 1]))).tolist()
+        [0, 1, 1]
+        >>> labels_of({"input_ids": torch.zeros(2, 4), "label": torch.tensor([1, 0])}).tolist()
+        [1, 0]
+    """
+    if isinstance(batch, Mapping):
+        for key in LABEL_KEYS:
+            if key in batch:
+                return batch[key]
+        raise ArgumentError(
+            f"batch: expected a dict with one of the label keys {list(LABEL_KEYS)}, got a dict with keys "
+            f"{sorted(map(str, batch))}"
+        )
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[-1]
+    what = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+    raise ArgumentError(
+        f"batch: expected a tuple/list (inputs..., labels) or a dict with one of the keys {list(LABEL_KEYS)}, "
+        f"got {what}"
+    )
 
 
 def batch_size_of(batch: Batch) -> int:

@@ -53,3 +53,90 @@ class WeightsPerRank(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         flat = torch.cat([p.detach().reshape(-1).cpu() for p in pl_module.parameters()])
         torch.save(flat, f"{self.dirpath}/weights-rank{trainer.global_rank}.pt")
+
+
+class ChoicesPerRank(pl.Callback):
+    """Writes, per rank, the training points this rank's own scores chose at each correction step.
+
+    Every rank steps on rank 0's choice; ``chosen_by_rank[rank]`` is what this rank would have chosen itself, so
+    comparing the files shows whether the ranks agreed rather than only that rank 0's choice was broadcast.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        import json
+
+        from lightning_fastif.lightning.correction import ErrorCorrection
+
+        correction = next(cb for cb in trainer.callbacks if isinstance(cb, ErrorCorrection))
+        rank = trainer.global_rank
+        own = [step["chosen_by_rank"][rank] for h in correction.history for step in h["steps"]]
+        with open(f"{self.dirpath}/choices-rank{rank}.json", "w") as f:
+            json.dump(own, f)
+
+
+def regression_problem(n: int = 160, seed: int = 0):
+    """``y = x·w + 0.1·noise`` with float targets: a training set and an evaluation set of 60 examples."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.tensor([1.5, -2.0, 0.5])
+
+    def make(m: int) -> TensorDataset:
+        x = torch.randn(m, 3, generator=g)
+        return TensorDataset(x, x @ w + 0.1 * torch.randn(m, generator=g))
+
+    return make(n), make(60)
+
+
+class LinearRegressor(pl.LightningModule):
+    """A linear model with mean squared error: no classes, a single float output per example."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+    def per_example_loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        return (self(x) - y) ** 2
+
+    def features(self, batch) -> torch.Tensor:
+        return batch[0]
+
+    def training_step(self, batch, batch_idx):
+        return self.per_example_loss(batch).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class DictDataset(torch.utils.data.Dataset):
+    """The cue problem's examples as dicts ``{"x": Tensor[5], "label": int}`` (collated into a dict batch)."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.x, self.y = data.tensors
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "label": self.y[i]}
+
+
+class WholeBatchNet(nn.Module):
+    """A classifier whose ``forward`` takes the whole dict batch (no ``logits`` method, no ``predict_step``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 16), nn.Tanh())
+        self.classifier = nn.Linear(16, 2)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.classifier(self.body(batch["x"]))
+
+    def per_example_loss(self, batch: dict) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch), batch["label"], reduction="none")
