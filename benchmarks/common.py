@@ -42,6 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# The benchmarks import the correlations from here; their one implementation is the package's.
+from lightning_fastif.metrics import pearson, spearman  # noqa: F401
+
 HEADLINE_KEYS = (
     "fastif_speedup",
     "fastif_spearman",
@@ -215,48 +218,7 @@ class PeakMemory:
         self.peak_mb = max(self.peak_mb, current_rss_mb())
 
 
-# -- correlations ---------------------------------------------------------------------------------------------------
-def _as_vector(x: Any) -> Tensor:
-    return torch.as_tensor(x, dtype=torch.float64).reshape(-1)
-
-
-def pearson(a: Any, b: Any) -> float:
-    """Pearson correlation of two equal-length sequences (NaN when either is constant).
-
-    Example::
-
-        >>> round(pearson([1, 2, 3], [2, 4, 7]), 3)
-        0.993
-    """
-    x, y = _as_vector(a), _as_vector(b)
-    if x.shape != y.shape or x.numel() < 2:
-        raise ValueError(f"pearson: need two sequences of equal length >= 2, got {tuple(x.shape)} and {tuple(y.shape)}")
-    x, y = x - x.mean(), y - y.mean()
-    denom = float(x.norm() * y.norm())
-    return float((x * y).sum()) / denom if denom > 0 else math.nan
-
-
-def ranks(x: Any) -> Tensor:
-    """Ranks from 1, ties given their average rank (as ``scipy.stats.rankdata``)."""
-    v = _as_vector(x)
-    uniq, inverse, counts = torch.unique(v, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).to(torch.float64)
-    average = ends - (counts.to(torch.float64) - 1) / 2
-    del uniq
-    return average[inverse]
-
-
-def spearman(a: Any, b: Any) -> float:
-    """Spearman rank correlation (Pearson of the tie-averaged ranks).
-
-    Example::
-
-        >>> spearman([1, 2, 3, 4], [10, 20, 25, 100])
-        1.0
-    """
-    return pearson(ranks(a), ranks(b))
-
-
+# -- averages -------------------------------------------------------------------------------------------------------
 def nanmean(values: Sequence[float]) -> float:
     """Mean of the finite values (NaN when none)."""
     finite = [v for v in values if v is not None and math.isfinite(v)]

@@ -1103,7 +1103,7 @@ def plot_rates(results: Mapping[str, Mapping[str, Any]], path: str | Path) -> Pa
     """Grouped bars: the simulatability rate of each selection, per model (helpful/random/harmful colours)."""
     from matplotlib.figure import Figure
 
-    from lightning_fastif.app.viz import HARMFUL_COLOR, HELPFUL_COLOR, RANDOM_COLOR
+    from lightning_fastif.app.plots import HARMFUL_COLOR, HELPFUL_COLOR, RANDOM_COLOR
     from lightning_fastif.io.storage import atomic_path
 
     colors = {"helpful": HELPFUL_COLOR, "random": RANDOM_COLOR, "harmful": HARMFUL_COLOR}
@@ -1133,7 +1133,7 @@ def plot_rates(results: Mapping[str, Mapping[str, Any]], path: str | Path) -> Pa
 
 def _example_rows(run: TextRun, indices: Sequence[int], scores: Sequence[float] | None = None) -> list[str]:
     from lightning_fastif.app.report import escape_markdown
-    from lightning_fastif.app.viz import shorten_text
+    from lightning_fastif.app.text_explanations import shorten_text
 
     dm = run.datamodule
     labels = dm.labels_of("train")
@@ -1150,7 +1150,7 @@ def _example_rows(run: TextRun, indices: Sequence[int], scores: Sequence[float] 
 
 def write_spurious_cue_report(out_dir: str | Path, run: TextRun, result: Mapping[str, Any]) -> dict[str, Path]:
     """Write ``spurious_cue.json``, ``spurious_cue.md`` and ``spurious_cue_correction.png`` into ``out_dir``."""
-    from lightning_fastif.app.viz import plot_accuracy_bars
+    from lightning_fastif.app.plots import plot_accuracy_bars
 
     out = Path(out_dir)
     table = result["correction"]
@@ -1242,7 +1242,7 @@ def write_simulatability_report(
 
 def write_knn_recall_report(out_dir: str | Path, run: TextRun, result: Mapping[str, Any]) -> dict[str, Path]:
     """Write ``knn_recall.json``, ``knn_recall.md`` and ``knn_recall.png`` into ``out_dir``."""
-    from lightning_fastif.app.viz import plot_recall_curve
+    from lightning_fastif.app.plots import plot_recall_curve
 
     out = Path(out_dir)
     recall = result["recall"]

@@ -34,8 +34,9 @@ from lightning_fastif.lightning.arguments import ComputeArguments, CorrectionArg
 from lightning_fastif.lightning.correction import ErrorCorrection, compare_selections, correct_errors
 from lightning_fastif.lightning.module import CandidatePool, InfluenceModule
 from lightning_fastif.lightning.snapshots import CheckpointSnapshot, FeatureSnapshot
+from lightning_fastif.metrics import knn_recall
 from lightning_fastif.search.features import extract_features, features_of_batch
-from lightning_fastif.search.knn import KNNIndex, knn_recall
+from lightning_fastif.search.knn import KNNIndex
 
 _install_moved_modules()
 

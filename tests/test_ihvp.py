@@ -5,13 +5,10 @@ import torch
 
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp import ConjugateGradient, ExactInverse, Identity, LiSSA, LiSSADivergenceError
+from lightning_fastif.metrics import pearson
 from tests.helpers.exact import breast_cancer, cross_entropy_loss, explicit_hessian, fit_logreg, tiny_mlp_problem
 
 DAMPING = 0.05
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import html
 import re
+from html.parser import HTMLParser
 
 import pytest
 import torch
 
-from lightning_fastif.app.report import Code, Heading, Image, Paragraph, Report, Table, escape_markdown, format_value
+from lightning_fastif.app.report import (
+    Code,
+    Heading,
+    Image,
+    Paragraph,
+    Quote,
+    Report,
+    Table,
+    escape_markdown,
+    format_value,
+)
 
 
 def _files(directory):
@@ -150,3 +162,135 @@ def test_escape_and_format_helpers():
     assert format_value(True) == "true"
     assert format_value([1, 2.5]) == "1, 2.5"
     assert format_value(float("inf")) == "inf"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prose is Markdown, data is escaped
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The opening sentence of the app's report: its own formatting must render, not show as characters.
+PROSE = (
+    "Scores are influence estimates `g_testᵀ (H + λI)⁻¹ g_train`; **positive = helpful** (removing the training "
+    "point would raise the test loss by about score/n), negative = harmful."
+)
+DATA = "a*b_c|d<e> **x** `y` &amp; 1. _z_"
+
+
+def _mixed_report(directory):
+    return (
+        Report(directory, "Run of model_v2 | *digits*")
+        .add_paragraph(PROSE)
+        .add_paragraph(f"Test point *7*, label {escape_markdown(DATA)}: see [the graph](graph.png) and `label_noise`.")
+        .add_paragraph(DATA, markdown=False)
+        .add_heading(f"Class {DATA}", 3)
+        .add_table(["label", "score"], [[DATA, 0.5], ["plain", -1]])
+        .add_blocks([Quote(DATA)])
+    )
+
+
+def test_prose_keeps_its_formatting_in_markdown(tmp_path):
+    _mixed_report(tmp_path).write()
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    prose = [line for line in md.splitlines() if line.startswith(("Scores are", "Test point"))]
+    assert prose[0] == PROSE
+    for line in prose:
+        own = line.replace(escape_markdown(DATA), "")  # the report's own words, without the data placed in them
+        assert "\\*" not in own
+        assert "\\`" not in own
+    assert prose[1].startswith("Test point *7*, label a\\*b\\_c\\|d\\<e\\> \\*\\*x\\*\\* \\`y\\` \\&amp; 1. \\_z\\_:")
+    # Data is escaped wherever it stands on its own: the plain paragraph, the heading, the table cell, the quote.
+    escaped = escape_markdown(DATA)
+    assert f"\n{escaped}\n" in md
+    assert f"### Class {escaped}" in md
+    assert f"| {escaped} | 0.5 |" in md
+    assert f"> {escaped}" in md
+    page = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "<strong>positive = helpful</strong>" in page
+    assert "<code>g_testᵀ (H + λI)⁻¹ g_train</code>" in page
+    assert "**" not in page.split("<body>")[1].replace(html.escape(DATA, quote=False), "")
+
+
+def test_prose_lines_that_would_change_the_block_stay_a_paragraph():
+    md = Paragraph("# not a heading\n> not a quote\n* not a list\n2. not a list\n---\n    not code").to_markdown()
+    assert md.split("  \n") == [
+        "\\# not a heading",
+        "\\> not a quote",
+        "\\* not a list",
+        "2\\. not a list",
+        "\\---",
+        "not code",
+    ]
+    assert Paragraph("a <b>tag</b> &copy; `<i>`").to_markdown() == "a \\<b>tag\\</b> \\&copy; `<i>`"
+
+
+class _Canonical(HTMLParser):
+    """The structure and text of an HTML body: tags without attributes (links keep their target), text as
+    characters (entities resolved, then escaped once), whitespace collapsed."""
+
+    KEEP = {"h1", "h2", "h3", "p", "strong", "em", "code", "a", "br", "table", "tr", "th", "td", "blockquote"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.KEEP:
+            self.parts.append(f"<a {dict(attrs)['href']}>" if tag == "a" else f"<{tag}>")
+
+    def handle_endtag(self, tag):
+        if tag in self.KEEP and tag != "br":
+            self.parts.append(f"</{tag}>")
+
+    def handle_data(self, data):
+        self.parts.append(html.escape(data, quote=False))
+
+    @classmethod
+    def of(cls, markup):
+        parser = cls()
+        parser.feed(markup)
+        text = re.sub(r"\s+", " ", "".join(parser.parts))
+        return re.sub(r"\s*(<[^>]*>)\s*", r"\1", text).strip()
+
+
+def test_markdown_renders_like_the_html_page(tmp_path):
+    markdown_it = pytest.importorskip("markdown_it")
+    _mixed_report(tmp_path).write()
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    page = (tmp_path / "index.html").read_text(encoding="utf-8")
+    rendered = markdown_it.MarkdownIt("commonmark").enable("table").render(md)
+    from_markdown = _Canonical.of(rendered)
+    from_page = _Canonical.of(page.split("<body>")[1].split("</body>")[0])
+    assert from_markdown == from_page
+    # The prose's formatting became elements; the data shows literally, character for character.
+    assert "<strong>positive = helpful</strong>" in from_page
+    assert "<code>g_testᵀ (H + λI)⁻¹ g_train</code>" in from_page
+    assert "<em>7</em>" in from_page
+    assert "<a graph.png>the graph</a>" in from_page
+    assert "<code>label_noise</code>" in from_page
+    data = html.escape(DATA, quote=False)
+    assert f"<td>{data}</td>" in from_page
+    assert f"<p>{data}</p>" in from_page
+    assert f"<h3>Class {data}</h3>" in from_page
+    assert f"<blockquote><p>{data}</p></blockquote>" in from_page
+    assert "<h1>Run of model_v2 | *digits*</h1>" in from_page
+
+
+@pytest.mark.parametrize(
+    "prose",
+    [
+        "a **b** c *d* e _f_ g `h` i",
+        "snake_case_name and **bold_with_underscores**",
+        "2 * 3 * 4 = 24",
+        "**bold *nested* text** and ***both***",
+        "use `a*b` and ``x ` y``",
+        "escaped \\*not em\\* and \\`not code\\`",
+        "a < b > c & d &copy; <b>x</b> <!-- c --> <http://x.y>",
+        "[link](http://a.b/c?d=1&e=2) and [not a link] (x)",
+        "line one\nline two with **bold**\n- dash line\n1) item\n#tag\n# heading\n* * *\ntext\n===",
+    ],
+)
+def test_prose_renders_the_same_in_both_files(prose):
+    markdown_it = pytest.importorskip("markdown_it")
+    block = Paragraph(prose)
+    rendered = markdown_it.MarkdownIt("commonmark").render(block.to_markdown())
+    assert _Canonical.of(rendered) == _Canonical.of(block.to_html())

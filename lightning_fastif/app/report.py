@@ -8,7 +8,17 @@ The report of the main job (and of the text job) is a directory::
 
 Both files are built from the same blocks (:class:`Heading`, :class:`Paragraph`, :class:`Quote`, :class:`Table`,
 :class:`Image`, :class:`Code`, :class:`FileList`), so they never disagree, and no Markdown package is needed.
-Text given to a block is plain text: it is escaped for Markdown (``|``, ``*``, ``_``, ``<`` ...) and for HTML.
+
+Two kinds of text go into a report, and only one of them is escaped:
+
+* **prose**, the report's own words, is Markdown: a :class:`Paragraph` keeps ``**strong**``, ``*emphasis*``,
+  code spans and ``[links](url)`` as written, and renders them in both files (see :func:`prose_to_html`);
+* **data** (labels, file names, texts of examples, table cells) is shown literally: table cells, headings, quotes,
+  captions and ``Paragraph(text, markdown=False)`` are escaped for Markdown (``|``, ``*``, ``_``, ``<`` ...) and for
+  HTML. Data inside prose goes through :func:`escape_markdown` first::
+
+      Paragraph(f"True label: {escape_markdown(label)}; **misclassified**.")
+
 Both files are written atomically. This module imports no Lightning and needs no Markdown package.
 
 Example::
@@ -39,6 +49,8 @@ from urllib.parse import quote
 
 from torch import Tensor
 
+from lightning_fastif.app.markdown_text import escape_markdown, prose_to_html, prose_to_markdown
+from lightning_fastif.errors import check_bool
 from lightning_fastif.io.storage import PathLike, atomic_write_bytes
 
 MARKDOWN_NAME = "report.md"
@@ -62,10 +74,6 @@ __all__ = [
     "render_markdown",
 ]
 
-# Characters with a meaning in inline Markdown (CommonMark and GitHub tables); a backslash makes each literal.
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~])")
-# A line starting like a list item, a setext underline or an ordered item would change the block's kind.
-_LINE_START = re.compile(r"^(\s*)([-+=]|\d+[.)])(?=\s|$)")
 _NEWLINES = re.compile(r"\r\n|\r|\n")
 
 _CSS = (
@@ -77,26 +85,6 @@ _CSS = (
     "blockquote{border-left:4px solid #ccc;margin:1em 0;padding:.2em 1em;color:#333}"
     "pre{background:#f6f8fa;padding:1em;overflow:auto}code{font-size:90%}"
 )
-
-
-def escape_markdown(text: Any) -> str:
-    """Escape ``text`` so Markdown shows it literally, inside a paragraph or a table cell.
-
-    Backslash-escapes ``\\ ` * _ [ ] < > # | ~`` and a line start that would begin a list.
-
-    Example::
-
-        >>> escape_markdown("a|b *c* <br>")
-        'a\\\\|b \\\\*c\\\\* \\\\<br\\\\>'
-    """
-    lines = _NEWLINES.split(str(text))
-    return "\n".join(_LINE_START.sub(_escape_marker, _MARKDOWN_SPECIAL.sub(r"\\\1", line)) for line in lines)
-
-
-def _escape_marker(match: re.Match[str]) -> str:
-    # Only punctuation can be backslash-escaped: "1." becomes "1\.", "-" becomes "\-".
-    marker = match.group(2)
-    return f"{match.group(1)}{marker[:-1]}\\{marker[-1]}"
 
 
 def _one_line(text: Any) -> str:
@@ -172,15 +160,34 @@ class Heading(Block):
 
 @dataclass(frozen=True)
 class Paragraph(Block):
-    """Plain text; line breaks inside it are kept."""
+    """A paragraph; line breaks inside it are kept.
+
+    Args:
+        text: the report's own prose, in Markdown (``**strong**``, ``*emphasis*``, code spans, links) rendered in
+            both files; data placed inside it goes through :func:`escape_markdown` first. With
+            ``markdown=False``, plain text shown literally (for a paragraph that is data as a whole).
+        markdown: whether ``text`` is Markdown prose (default) or plain text.
+
+    Example::
+
+        >>> Paragraph("**positive** = helpful").to_html()
+        '<p><strong>positive</strong> = helpful</p>'
+        >>> print(Paragraph("**not bold**", markdown=False).to_markdown())
+        \\*\\*not bold\\*\\*
+    """
 
     text: str
+    markdown: bool = True
 
     def to_markdown(self) -> str:
+        if self.markdown:
+            return prose_to_markdown(self.text)
         # Two trailing spaces are Markdown's hard line break; a blank line would end the paragraph.
-        return "  \n".join(line for line in escape_markdown(self.text).split("\n"))
+        return "  \n".join(escape_markdown(self.text).split("\n"))
 
     def to_html(self) -> str:
+        if self.markdown:
+            return f"<p>{prose_to_html(self.text)}</p>"
         return "<p>" + "<br>\n".join(html.escape(line) for line in _NEWLINES.split(str(self.text))) + "</p>"
 
 
@@ -321,10 +328,10 @@ def render_markdown(blocks: Iterable[Block]) -> str:
 
     Example::
 
-        >>> print(render_markdown([Heading("Result", 3), Paragraph("a_b")]))
-        ### Result
+        >>> print(render_markdown([Heading("a_b", 3), Paragraph("**a_b**")]))
+        ### a\\_b
         <BLANKLINE>
-        a\\_b
+        **a_b**
         <BLANKLINE>
     """
     return "\n\n".join(b.to_markdown() for b in blocks) + "\n"
@@ -402,7 +409,8 @@ class Report:
         return list(seen)
 
     def add_blocks(self, blocks: Iterable[Block]) -> Report:
-        """Append ready-made blocks, e.g. those of :func:`lightning_fastif.app.viz.text_explanation_blocks`."""
+        """Append ready-made blocks, e.g. those of
+        :func:`lightning_fastif.app.text_explanations.text_explanation_blocks`."""
         for i, block in enumerate(blocks):
             if not isinstance(block, Block):
                 raise TypeError(f"blocks[{i}]: expected a report Block, got {type(block).__name__}")
@@ -416,9 +424,12 @@ class Report:
         self._blocks.append(Heading(text, level))
         return self
 
-    def add_paragraph(self, text: str) -> Report:
-        """Append a paragraph of plain text."""
-        self._blocks.append(Paragraph(text))
+    def add_paragraph(self, text: str, *, markdown: bool = True) -> Report:
+        """Append a paragraph: the report's own prose in Markdown, or plain text with ``markdown=False``.
+
+        Data inside prose (labels, file names) goes through :func:`escape_markdown` first; see :class:`Paragraph`.
+        """
+        self._blocks.append(Paragraph(text, check_bool("markdown", markdown)))
         return self
 
     def add_quote(self, text: str) -> Report:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lightning_fastif.app.viz import plot_sweep
+from lightning_fastif.app.plots import plot_sweep
 from lightning_fastif.io.storage import atomic_write_bytes
 
 

@@ -49,6 +49,7 @@ from lightning_fastif.core.grads import FunctionalLoss, LossFn, evaluating
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp import ExactInverse, InverseHVP, relative_residual
 from lightning_fastif.core.params import ParamSpec, select_parameters, unflatten
+from lightning_fastif.metrics import pearson, spearman, top_k_overlap
 
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "pearson": 0.95,
@@ -106,40 +107,6 @@ def _subset(data: IndexedData, indices: Tensor) -> IndexedData:
     if isinstance(dataset, TensorDataset) and data.collate_fn is default_collate:
         return IndexedData(TensorDataset(*(t[indices] for t in dataset.tensors)))
     return IndexedData(Subset(dataset, indices.tolist()), collate_fn=data.collate_fn)
-
-
-def _ranks(x: Tensor) -> Tensor:
-    """Ranks with ties averaged (for Spearman's correlation)."""
-    order = x.argsort()
-    ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(x.numel(), dtype=x.dtype, device=x.device)
-    values, inverse = torch.unique(x, return_inverse=True)
-    if values.numel() < x.numel():
-        sums = torch.zeros(values.numel(), dtype=x.dtype).index_add_(0, inverse, ranks)
-        counts = torch.zeros(values.numel(), dtype=x.dtype).index_add_(0, inverse, torch.ones_like(x))
-        ranks = (sums / counts)[inverse]
-    return ranks
-
-
-def pearson(a: Tensor, b: Tensor) -> float:
-    """Pearson's correlation of two vectors (``nan`` when either is constant)."""
-    a, b = a.double().flatten(), b.double().flatten()
-    a, b = a - a.mean(), b - b.mean()
-    denom = float(a.norm() * b.norm())
-    return float((a * b).sum()) / denom if denom > 0 else math.nan
-
-
-def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman's rank correlation of two vectors (ties get average ranks)."""
-    return pearson(_ranks(a.double().flatten()), _ranks(b.double().flatten()))
-
-
-def top_k_overlap(estimate: Tensor, exact: Tensor, k: int = 10) -> float:
-    """The fraction of the ``k`` most helpful points by ``exact`` that ``estimate`` also puts in its top ``k``."""
-    k = min(k, exact.numel())
-    a = set(estimate.topk(k).indices.tolist())
-    b = set(exact.topk(k).indices.tolist())
-    return len(a & b) / k
 
 
 @dataclass

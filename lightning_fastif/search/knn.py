@@ -44,6 +44,7 @@ from lightning_fastif.io.storage import (
     resolve_version,
     save_tensors,
 )
+from lightning_fastif.metrics import knn_recall as knn_recall  # moved to metrics; this path still imports it
 
 _FAISS_AVAILABLE = RequirementCache(module="faiss")
 """Truthy when ``import faiss`` works; evaluated on first use only."""
@@ -82,24 +83,6 @@ def default_nlist(n: int) -> int:
         400
     """
     return max(1, min(n, int(round(4 * math.sqrt(n)))))
-
-
-def knn_recall(found: Tensor, exact: Tensor) -> float:
-    """Mean over queries of the fraction of the exact neighbours that were found.
-
-    Args:
-        found: ``[Q, k]`` ids returned by an approximate search.
-        exact: ``[Q, k']`` ids of the exact neighbours.
-
-    Example::
-
-        >>> knn_recall(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[2, 1], [3, 5]]))
-        0.75
-    """
-    if found.dim() != 2 or exact.dim() != 2 or found.shape[0] != exact.shape[0]:
-        raise ValueError(f"found, exact: expected [Q, k] tensors with the same Q, got {found.shape}, {exact.shape}")
-    hits = [len(set(f.tolist()) & set(e.tolist())) / max(1, e.numel()) for f, e in zip(found, exact, strict=True)]
-    return float(sum(hits) / max(1, len(hits)))
 
 
 def _check_choice(name: str, value: Any, accepted: tuple[Any, ...]) -> None:
