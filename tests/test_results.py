@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from lightning_fastif.errors import SnapshotError, SnapshotNotFoundError
+from lightning_fastif.io.atomic import write_manifest
 from lightning_fastif.io.results import BatchInfluence, InfluenceResult, jsonable
-from lightning_fastif.io.storage import SnapshotError, SnapshotNotFoundError, write_manifest
 
 
 @pytest.fixture

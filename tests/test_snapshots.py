@@ -13,14 +13,12 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_fastif.io.storage import (
-    SnapshotError,
-    SnapshotNotFoundError,
+from lightning_fastif.errors import SnapshotError, SnapshotNotFoundError
+from lightning_fastif.io.atomic import load_tensors, read_manifest
+from lightning_fastif.io.snapshot_store import (
     apply_checkpoint,
     load_checkpoint,
-    load_tensors,
     read_feature_snapshot,
-    read_manifest,
     snapshot_versions,
 )
 from lightning_fastif.lightning.snapshots import LAST_LAYER_HESSIAN, CheckpointSnapshot, FeatureSnapshot

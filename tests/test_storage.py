@@ -11,20 +11,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_fastif.io.storage import (
-    SnapshotError,
-    SnapshotNotFoundError,
-    apply_checkpoint,
+from lightning_fastif.errors import SnapshotError, SnapshotNotFoundError
+from lightning_fastif.io.atomic import (
     atomic_write_bytes,
-    load_checkpoint,
     load_tensors,
-    read_feature_snapshot,
     read_manifest,
     read_tensor_metadata,
-    resolve_version,
     save_tensors,
     write_manifest,
 )
+from lightning_fastif.io.snapshot_store import apply_checkpoint, load_checkpoint, read_feature_snapshot, resolve_version
 from lightning_fastif.lightning.distributed import (
     all_reduce_mean,
     all_reduce_sum,
@@ -107,7 +103,7 @@ def test_manifest_round_trip_and_errors(tmp_path):
 
 
 def _fake_snapshot(tmp_path):
-    from lightning_fastif.io.storage import empty_snapshot_manifest
+    from lightning_fastif.io.snapshot_store import empty_snapshot_manifest
 
     manifest = empty_snapshot_manifest()
     for step, name in [(4, "epoch=0-step=4"), (8, "epoch=1-step=8")]:

@@ -39,7 +39,7 @@ from urllib.parse import quote
 
 from torch import Tensor
 
-from lightning_fastif.io.storage import PathLike, atomic_write_bytes
+from lightning_fastif.io.atomic import PathLike, atomic_write_bytes
 
 MARKDOWN_NAME = "report.md"
 HTML_NAME = "index.html"

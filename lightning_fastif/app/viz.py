@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lightning_fastif.app.report import Block, Heading, Paragraph, Quote, Table, render_markdown
-from lightning_fastif.io.storage import PathLike, atomic_path
+from lightning_fastif.io.atomic import PathLike, atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -37,7 +37,7 @@ from lightning_fastif.core.batches import Batch, IndexedData, move_batch
 from lightning_fastif.core.grads import LossFn, check_losses, default_loss_fn, evaluating
 from lightning_fastif.core.ihvp import InverseHVP
 from lightning_fastif.core.params import ParamSpec
-from lightning_fastif.io.storage import atomic_write_bytes
+from lightning_fastif.io.atomic import atomic_write_bytes
 from lightning_fastif.lightning import distributed
 from lightning_fastif.search.features import LABEL_KEYS, default_forward
 
