@@ -337,11 +337,12 @@ def resolve_version(dirpath: PathLike, kind: SnapshotKind, version: str | int | 
 
 
 def _runs(section: Mapping[str, Any]) -> list[Any]:
-    """The runs of a section, oldest first; a format-1 section lists the run ids its entries carry."""
-    if "runs" in section:
-        return list(section["runs"])
+    """The runs of a section in the order they started; run ids found only in entries (format 1, or entries written
+    by hand) follow the recorded ones, oldest first, so recorded runs keep their positions."""
+    runs = list(section.get("runs", []))
     entries = sorted(section["versions"].values(), key=lambda e: float(e.get("created", 0.0)))
-    return list(dict.fromkeys(e.get("run_id") for e in entries))
+    runs += [run for run in dict.fromkeys(e.get("run_id") for e in entries) if run not in runs]
+    return runs
 
 
 def start_run(dirpath: PathLike, kind: SnapshotKind, run_id: str) -> int:

@@ -119,7 +119,8 @@ class SnapshotCallback(Callback):
                 f"{type(self).__name__}: {self._dirpath} holds {self._kind} of {index} earlier run(s); this fit is "
                 f"run {index} (versions named '...-run={index}'), and 'latest'/'all' now read this run only"
             )
-        self._run_index = int(index)
+        if not resumed:  # a resumed run keeps the position its versions are named with
+            self._run_index = int(index)
 
     @override
     def state_dict(self) -> dict[str, Any]:
