@@ -184,6 +184,14 @@ def test_default_dirpath_of_both_callbacks(tmp_path):
     assert (expected / "checkpoints" / "epoch=0-step=4.safetensors").is_file()
 
 
+def test_fit_end_numbers_the_epoch_that_ran_also_when_max_steps_stops_it(tmp_path):
+    # 4 batches per epoch, stopped at step 6: two thirds into epoch 1, which is the epoch the weights come from.
+    saver = CheckpointSnapshot(dirpath=tmp_path / "s", epochs=[0])  # step 6 is saved by on_fit_end alone
+    _trainer(tmp_path, [saver], max_epochs=5, max_steps=6).fit(TinyClassifier(), TinyDataModule())
+    entries = snapshot_versions(tmp_path / "s", "checkpoints")
+    assert [(e["version"], e["epoch"]) for e in entries] == [("epoch=0-step=4", 0), ("epoch=1-step=6", 1)]
+
+
 def _run_fit(root, lr, epochs, ckpt_path=None, crash=None):
     callbacks = [
         FeatureSnapshot(dirpath=root / "snap", layer="classifier", hook="input", every_n_epochs=1),
