@@ -46,7 +46,7 @@ def _snapshot_seconds(n: int, index: str, workdir: Path) -> float:
     """Seconds a FeatureSnapshot at the end of a one-step fit takes over ``n`` examples (as it records them)."""
     import lightning.pytorch as pl
 
-    from lightning_fastif.io.storage import snapshot_versions
+    from lightning_fastif.io.snapshot_store import snapshot_versions
     from lightning_fastif.lightning.snapshots import FeatureSnapshot
 
     class MLP(pl.LightningModule):

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_fastif.app.models import TextClassifier, additive_attention_mask
 from lightning_fastif.core.batches import Batch, IndexedData, move_batch
 from lightning_fastif.core.grads import evaluating
-from lightning_fastif.io.storage import atomic_write_bytes
+from lightning_fastif.io.atomic import atomic_write_bytes
 
 __all__ = [
     "CachedTopClassifier",
@@ -1104,7 +1104,7 @@ def plot_rates(results: Mapping[str, Mapping[str, Any]], path: str | Path) -> Pa
     from matplotlib.figure import Figure
 
     from lightning_fastif.app.plots import HARMFUL_COLOR, HELPFUL_COLOR, RANDOM_COLOR
-    from lightning_fastif.io.storage import atomic_path
+    from lightning_fastif.io.atomic import atomic_path
 
     colors = {"helpful": HELPFUL_COLOR, "random": RANDOM_COLOR, "harmful": HARMFUL_COLOR}
     names = list(results)

@@ -29,7 +29,7 @@ from lightning_fastif.errors import (
     SnapshotNotFoundError,
 )
 from lightning_fastif.io.results import BatchInfluence, InfluenceResult
-from lightning_fastif.io.storage import apply_checkpoint, load_checkpoint
+from lightning_fastif.io.snapshot_store import apply_checkpoint, load_checkpoint
 from lightning_fastif.lightning.arguments import ComputeArguments, CorrectionArguments, SearchArguments
 from lightning_fastif.lightning.correction import ErrorCorrection, compare_selections, correct_errors
 from lightning_fastif.lightning.module import CandidatePool, InfluenceModule

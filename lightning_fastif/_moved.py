@@ -14,7 +14,7 @@ import sys
 import warnings
 from types import ModuleType
 
-MOVED_MODULES: dict[str, str] = {
+MOVED_MODULES: dict[str, str | tuple[str, ...]] = {
     "batches": "core.batches",
     "params": "core.params",
     "grads": "core.grads",
@@ -25,7 +25,7 @@ MOVED_MODULES: dict[str, str] = {
     "verify": "core.verify",
     "features": "search.features",
     "knn": "search.knn",
-    "storage": "io.storage",
+    "storage": ("io.atomic", "io.snapshot_store"),  # split in two: the old path gets both namespaces
     "results": "io.results",
     "distributed": "lightning.distributed",
     "module": "lightning.module",
@@ -43,16 +43,22 @@ _PACKAGE = "lightning_fastif"
 
 
 class _MovedModuleLoader(importlib.abc.Loader):
-    def __init__(self, target: str) -> None:
-        self._target = target
+    def __init__(self, targets: tuple[str, ...]) -> None:
+        self._targets = targets
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         warnings.warn(
-            f"{spec.name} moved to {self._target}; import it from there (the old path will be removed)",
+            f"{spec.name} moved to {' and '.join(self._targets)}; import it from there (the old path will be removed)",
             DeprecationWarning,
             stacklevel=2,
         )
-        return importlib.import_module(self._target)
+        modules = [importlib.import_module(target) for target in self._targets]
+        if len(modules) == 1:
+            return modules[0]
+        combined = ModuleType(spec.name, f"Names of {' and '.join(self._targets)} (the module was split).")
+        for module in modules:
+            combined.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+        return combined
 
     def exec_module(self, module: ModuleType) -> None:
         """The target module is already executed by ``import_module``."""
@@ -65,8 +71,9 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder):
         prefix, _, name = fullname.rpartition(".")
         if prefix != _PACKAGE or name not in MOVED_MODULES:
             return None
-        new = f"{_PACKAGE}.{MOVED_MODULES[name]}"
-        return importlib.machinery.ModuleSpec(fullname, _MovedModuleLoader(new))
+        moved = MOVED_MODULES[name]
+        targets = (moved,) if isinstance(moved, str) else moved
+        return importlib.machinery.ModuleSpec(fullname, _MovedModuleLoader(tuple(f"{_PACKAGE}.{t}" for t in targets)))
 
 
 def install() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_fastif.io.storage import SnapshotError
+from lightning_fastif.errors import SnapshotError
 from lightning_fastif.search.knn import KNNIndex, default_nlist, faiss_available, faiss_gpu_available, knn_recall
 
 BACKENDS = [

@@ -12,8 +12,10 @@ from lightning_fastif import ExactInverse, LiSSA, influence_scores, inverse_hvp_
 from lightning_fastif.app.models import LogisticRegression
 from lightning_fastif.core.batches import IndexedData
 from lightning_fastif.core.grads import FunctionalLoss
+from lightning_fastif.errors import SnapshotNotFoundError
+from lightning_fastif.io.atomic import load_tensors, save_tensors
 from lightning_fastif.io.results import InfluenceResult
-from lightning_fastif.io.storage import SnapshotNotFoundError, load_checkpoint, load_tensors, save_tensors
+from lightning_fastif.io.snapshot_store import load_checkpoint
 from lightning_fastif.lightning.module import KNN_DAMPING_FLOOR, CandidatePool, InfluenceModule
 from lightning_fastif.lightning.snapshots import LAST_LAYER_HESSIAN, CheckpointSnapshot, FeatureSnapshot
 from lightning_fastif.search.knn import KNNIndex

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
+from lightning_fastif.errors import SnapshotError, SnapshotNotFoundError
+from lightning_fastif.io.atomic import write_manifest
 from lightning_fastif.io.results import BatchInfluence, InfluenceResult, jsonable
-from lightning_fastif.io.storage import SnapshotError, SnapshotNotFoundError, write_manifest
 
 
 @pytest.fixture
@@ -60,6 +62,23 @@ def test_load_errors(tmp_path, result):
     write_manifest(tmp_path / "running", {"format": "lightning_fastif.influence", "status": "running"})
     with pytest.raises(SnapshotError, match="did not complete .*same output_dir"):
         InfluenceResult.load(tmp_path / "running")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../other_run/result.safetensors", "/tmp/result.safetensors", "sub/result.safetensors", "..\\result.safetensors"],
+)
+def test_load_refuses_a_manifest_file_outside_its_directory(tmp_path, result, name):
+    # A complete result next door, which a manifest pointing outside its directory would otherwise load.
+    result.save(tmp_path / "other_run")
+    (tmp_path / "sub").mkdir()
+    result.save(tmp_path / "run")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    manifest["file"] = name
+    write_manifest(tmp_path / "run", manifest)
+    message = f"manifest {tmp_path / 'run' / 'manifest.json'}: field 'file' must be a plain file name"
+    with pytest.raises(SnapshotError, match=re.escape(message)):
+        InfluenceResult.load(tmp_path / "run")
 
 
 def test_to_pandas_long_table(result):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -13,14 +14,16 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_fastif.io.storage import (
-    SnapshotError,
-    SnapshotNotFoundError,
+from lightning_fastif.errors import ArgumentError, SnapshotError, SnapshotNotFoundError
+from lightning_fastif.io.atomic import load_tensors, read_manifest, read_tensor_metadata
+from lightning_fastif.io.snapshot_store import (
     apply_checkpoint,
+    checkpoint_file,
+    feature_file,
+    last_layer_hessian_file,
     load_checkpoint,
-    load_tensors,
     read_feature_snapshot,
-    read_manifest,
+    resolve_version,
     snapshot_versions,
 )
 from lightning_fastif.lightning.snapshots import LAST_LAYER_HESSIAN, CheckpointSnapshot, FeatureSnapshot
@@ -79,7 +82,7 @@ def test_feature_snapshot_every_epoch_writes_files_and_manifest(tmp_path):
     assert (entry["metric"], entry["index"], entry["layer"], entry["hook"]) == ("l2", "flat", "classifier", "input")
     assert entry["seconds"] >= 0
     assert entry["datasets"]["challenge"] == {
-        "file": "features/epoch=1-step=8/challenge.safetensors",
+        "file": "challenge.safetensors",  # a plain name inside features/<version>/
         "index_file": None,
         "n": 13,
         "dim": 5,
@@ -112,11 +115,13 @@ def test_fit_end_snapshot_features_method_ivf_and_logger(tmp_path):
     trainer = _trainer(tmp_path, [snapshot], logger=logger, max_epochs=1, limit_train_batches=3)
     trainer.fit(model, TinyDataModule())
     [entry] = snapshot_versions(tmp_path / "snap", "features")
-    assert (entry["version"], entry["epoch"], entry["global_step"]) == ("epoch=1-step=3", 1, 3)
+    # The end of a one-epoch fit is epoch 0, Lightning's current_epoch during that epoch (not 1, one past it).
+    assert (entry["version"], entry["epoch"], entry["global_step"]) == ("epoch=0-step=3", 0, 3)
     assert (entry["layer"], entry["hook"], entry["metric"]) == (None, None, "cosine")
     index = KNNIndex.from_snapshot(tmp_path / "snap")
     assert (index.metric, index.kind, index.ntotal) == ("cosine", "ivf", 37)
-    assert (tmp_path / "snap" / "features" / "epoch=1-step=3" / "train.faiss").exists() == faiss_available()
+    assert (tmp_path / "snap" / "features" / "epoch=0-step=3" / "train.faiss").exists() == faiss_available()
+    assert entry["datasets"]["train"]["index_file"] == ("train.faiss" if faiss_available() else None)
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
         rows = [row for row in csv.DictReader(f) if row.get("fastif/snapshot_seconds")]
     assert len(rows) == 1
@@ -136,14 +141,17 @@ def test_checkpoint_snapshot_schedule_metadata_and_weights(tmp_path):
         trainer.fit(model, TinyDataModuleWithVal())
 
     entries = snapshot_versions(tmp_path / "sel", "checkpoints")
-    # Steps 3 and 6 (every 3 steps), the end of epoch 0 (step 4), the end of fit (step 8): each step once.
-    assert [(e["epoch"], e["global_step"]) for e in entries] == [(0, 3), (0, 4), (1, 6), (2, 8)]
+    # Steps 3 and 6 (every 3 steps), the end of epoch 0 (step 4), the end of fit (step 8, still epoch 1): each once.
+    assert [(e["epoch"], e["global_step"]) for e in entries] == [(0, 3), (0, 4), (1, 6), (1, 8)]
+    assert [e["version"] for e in entries] == ["epoch=0-step=3", "epoch=0-step=4", "epoch=1-step=6", "epoch=1-step=8"]
+    assert [e["file"] for e in entries] == [f"{e['version']}.safetensors" for e in entries]
     assert entries[0]["monitor_value"] is None  # no validation has run yet at step 3
     assert entries[1]["monitor"] == "val_loss"
     assert isinstance(entries[1]["monitor_value"], float)
     assert entries[-1]["params"] == ["classifier.*"]
     last_weights, last_entry = load_checkpoint(tmp_path / "sel")[0]
-    assert last_entry["version"] == "epoch=2-step=8"
+    assert last_entry["version"] == "epoch=1-step=8"
+    assert read_tensor_metadata(checkpoint_file(tmp_path / "sel", "epoch=1-step=8"))["epoch"] == "1"
     assert set(last_weights) == {"classifier.weight", "classifier.bias"}
     assert torch.equal(last_weights["classifier.weight"], model.classifier.weight.detach())
 
@@ -157,29 +165,162 @@ def test_checkpoint_snapshot_schedule_metadata_and_weights(tmp_path):
     assert _no_tmp_files(tmp_path)
 
 
+def test_default_dirpath_of_both_callbacks(tmp_path):
+    features = FeatureSnapshot(layer="classifier", hook="input")
+    weights = CheckpointSnapshot(epochs=[0])
+    assert (features.snapshot_dir, weights.snapshot_dir) == (None, None)  # resolved in setup
+    root = tmp_path / "root"
+    _trainer(root, [features, weights], max_epochs=2).fit(TinyClassifier(), TinyDataModule())
+
+    expected = root / "fastif_snapshot"
+    assert features.snapshot_dir == weights.snapshot_dir == str(expected)
+    with pytest.raises(AttributeError):
+        features.snapshot_dir = "elsewhere"  # read-only
+    assert sorted(p.name for p in expected.iterdir()) == ["checkpoints", "features", "manifest.json"]
+    assert [e["version"] for e in snapshot_versions(expected, "features")] == ["epoch=1-step=8"]
+    assert (expected / "features" / "epoch=1-step=8" / "train.safetensors").is_file()
+    # Epoch 0 (step 4) by epochs=[0], the end of fit (epoch 1, step 8) by on_fit_end.
+    assert [e["version"] for e in snapshot_versions(expected, "checkpoints")] == ["epoch=0-step=4", "epoch=1-step=8"]
+    assert (expected / "checkpoints" / "epoch=0-step=4.safetensors").is_file()
+
+
+def test_fit_end_numbers_the_epoch_that_ran_also_when_max_steps_stops_it(tmp_path):
+    # 4 batches per epoch, stopped at step 6: two thirds into epoch 1, which is the epoch the weights come from.
+    saver = CheckpointSnapshot(dirpath=tmp_path / "s", epochs=[0])  # step 6 is saved by on_fit_end alone
+    _trainer(tmp_path, [saver], max_epochs=5, max_steps=6).fit(TinyClassifier(), TinyDataModule())
+    entries = snapshot_versions(tmp_path / "s", "checkpoints")
+    assert [(e["version"], e["epoch"]) for e in entries] == [("epoch=0-step=4", 0), ("epoch=1-step=6", 1)]
+
+
+def _run_fit(root, lr, epochs, ckpt_path=None, crash=None):
+    callbacks = [
+        FeatureSnapshot(dirpath=root / "snap", layer="classifier", hook="input", every_n_epochs=1),
+        CheckpointSnapshot(dirpath=root / "snap", every_n_epochs=1),
+        ModelCheckpoint(dirpath=root / f"ckpt_{lr}", save_last=True),
+    ]
+    if crash is not None:
+        callbacks.append(CrashAtEpoch(crash))
+    model = TinyClassifier(lr=lr)
+    trainer = _trainer(root, callbacks, max_epochs=epochs, enable_checkpointing=True)
+    trainer.fit(model, TinyDataModule(), ckpt_path=ckpt_path, weights_only=True)
+    return model, callbacks
+
+
+def test_second_fit_into_one_directory_starts_a_new_run(tmp_path):
+    snap = tmp_path / "snap"
+    _run_fit(tmp_path, lr=0.1, epochs=3)
+    first = load_checkpoint(snap, "all")
+    assert [e["version"] for _, e in first] == ["epoch=0-step=4", "epoch=1-step=8", "epoch=2-step=12"]
+
+    model, (feat_cb, ckpt_cb, _) = _run_fit(tmp_path, lr=0.5, epochs=2)
+    assert (feat_cb.run_index, ckpt_cb.run_index) == (1, 1)
+    # "all" and "latest" see the second run only: its two epochs, its final weights.
+    second = load_checkpoint(snap, "all")
+    assert [(e["version"], e["epoch"]) for _, e in second] == [("epoch=0-step=4-run=1", 0), ("epoch=1-step=8-run=1", 1)]
+    assert len({e["run_id"] for _, e in second} | {e["run_id"] for _, e in first}) == 2
+    [(latest, entry)] = load_checkpoint(snap)
+    assert entry["version"] == "epoch=1-step=8-run=1"
+    assert torch.equal(latest["classifier.weight"], model.classifier.weight.detach())
+    assert resolve_version(snap, "checkpoints", 0)["version"] == "epoch=0-step=4-run=1"
+    features, _, feature_entry = read_feature_snapshot(snap)
+    assert feature_entry["version"] == "epoch=1-step=8-run=1"
+    expected = extract_features(model, make_dataset(37, seed=0), layer="classifier", hook="input")
+    torch.testing.assert_close(features, expected, rtol=0, atol=1e-6)
+    # The first run is kept apart, not overwritten: its files and entries are there, reachable by name.
+    old_weights, old_entry = load_checkpoint(snap, "epoch=1-step=8")[0]
+    assert torch.equal(old_weights["classifier.weight"], first[1][0]["classifier.weight"])
+    assert old_entry["run_id"] == first[0][1]["run_id"]
+    every = [e["version"] for e in snapshot_versions(snap, "checkpoints", all_runs=True)]
+    assert sorted(every) == sorted([e["version"] for _, e in first] + [e["version"] for _, e in second])
+
+
+def test_a_resumed_fit_continues_its_run_after_another_run(tmp_path):
+    snap = tmp_path / "snap"
+    with pytest.raises(RuntimeError, match="planned crash"):
+        _run_fit(tmp_path, lr=0.1, epochs=3, crash=2)  # run 0 writes epochs 0 and 1
+    _run_fit(tmp_path, lr=0.5, epochs=1)  # run 1 writes epoch 0
+    assert [e["version"] for e in snapshot_versions(snap, "checkpoints")] == ["epoch=0-step=4-run=1"]
+    _run_fit(tmp_path, lr=0.1, epochs=3, ckpt_path=tmp_path / "ckpt_0.1" / "last.ckpt")  # run 0 goes on
+    assert [e["version"] for e in snapshot_versions(snap, "checkpoints")] == [
+        "epoch=0-step=4",
+        "epoch=1-step=8",
+        "epoch=2-step=12",
+    ]
+    assert resolve_version(snap, "features")["version"] == "epoch=2-step=12"
+
+
+def test_features_are_written_once_per_version_without_copies(tmp_path, monkeypatch):
+    from lightning_fastif.lightning.snapshots import features as features_module
+
+    saved = []
+    real_index = features_module.KNNIndex
+
+    class RecordingIndex(real_index):
+        def __init__(self, feats, ids, **kwargs):
+            saved.append((feats, ids))
+            super().__init__(feats, ids, **kwargs)
+
+    monkeypatch.setattr(features_module, "KNNIndex", RecordingIndex)
+    extracted = []
+    real_extract = features_module.extract_features
+
+    def recording_extract(*args, **kwargs):
+        extracted.append(real_extract(*args, **kwargs))
+        return extracted[-1]
+
+    monkeypatch.setattr(features_module, "extract_features", recording_extract)
+    snapshot = FeatureSnapshot(
+        dirpath=tmp_path / "s", layer="body", every_n_epochs=1, datasets={"val": make_dataset(13, seed=1)}
+    )
+    _trainer(tmp_path, [snapshot], max_epochs=2).fit(TinyClassifier(), TinyDataModule())
+    # Two versions (the end of fit is the step of the last epoch's snapshot) x two datasets: four files, each once.
+    assert len(saved) == len(extracted) == 4
+    # One process embeds in index order: the tensor written is the one extracted, not a copy of it.
+    assert all(f.data_ptr() == e.data_ptr() for (f, _), e in zip(saved, extracted, strict=True))
+
+    # Rows gathered out of order (as under DDP) are sorted by dataset index before they are written.
+    feats, ids = torch.arange(12.0).view(6, 2), torch.tensor([3, 4, 5, 0, 1, 2])
+    record = snapshot._write(str(tmp_path / "w"), "v", "train", feats, ids)
+    assert record == {"file": "train.safetensors", "index_file": None, "n": 6, "dim": 2}
+    stored = load_tensors(feature_file(tmp_path / "w", "v", "train"))
+    assert stored["indices"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert stored["features"][:, 0].tolist() == [6.0, 8.0, 10.0, 0.0, 2.0, 4.0]
+    with pytest.raises(SnapshotError, match="not each of 0..2 exactly once"):
+        snapshot._write(str(tmp_path / "w"), "v", "train", torch.zeros(3, 2), torch.tensor([0, 1, 1]))
+
+
 def test_constructor_validation():
     cases = [
-        (lambda: FeatureSnapshot(every_n_epochs=0), "every_n_epochs: expected None or a positive integer, got 0"),
-        (lambda: FeatureSnapshot(hook="middle"), "hook: expected 'input' or 'output', got 'middle'"),
-        (lambda: FeatureSnapshot(metric="dot"), "metric: expected None, 'l2', 'cosine' or 'ip', got 'dot'"),
-        (lambda: FeatureSnapshot(index="hnsw"), "index: expected 'flat' or 'ivf', got 'hnsw'"),
-        (lambda: FeatureSnapshot(batch_size=-1), "batch_size"),
-        (lambda: FeatureSnapshot(on_fit_end=False), "would never take a snapshot"),
-        (lambda: FeatureSnapshot(include_train=False), "nothing to embed"),
-        (lambda: FeatureSnapshot(datasets={"a/b": make_dataset(3)}), "name 'a/b' is not accepted"),
-        (lambda: FeatureSnapshot(datasets={"train": make_dataset(3)}), "the name 'train' is taken"),
-        (lambda: FeatureSnapshot(datasets={LAST_LAYER_HESSIAN: make_dataset(3)}), "'last_layer_hessian' is taken"),
-        (lambda: FeatureSnapshot(max_hessian_params=0), "max_hessian_params: expected None or a positive integer"),
-        (lambda: FeatureSnapshot(datasets={"x": iter([1])}), "expected a map-style Dataset"),
-        (lambda: FeatureSnapshot(dirpath=3), "dirpath: expected None or a directory path, got 3"),
+        (lambda: FeatureSnapshot(every_n_epochs=0), "every_n_epochs: expected an integer >= 1 or None, got 0"),
+        (lambda: FeatureSnapshot(hook="middle"), "hook: expected one of ['input', 'output'], got 'middle'"),
+        (lambda: FeatureSnapshot(metric="dot"), "metric: expected one of ['l2', 'cosine', 'ip'], got 'dot'"),
+        (lambda: FeatureSnapshot(index="hnsw"), "index: expected one of ['flat', 'ivf'], got 'hnsw'"),
+        (lambda: FeatureSnapshot(batch_size=-1), "batch_size: expected an integer >= 1, got -1"),
+        (lambda: FeatureSnapshot(batch_size=None), "batch_size: expected an integer >= 1, got None"),
+        (lambda: FeatureSnapshot(nprobe=2.0), "nprobe: expected an integer >= 1, got 2.0"),
+        (lambda: FeatureSnapshot(on_fit_end=False), "on_fit_end: expected True when every_n_epochs is None"),
+        (lambda: FeatureSnapshot(include_train=False), "include_train: expected True when no datasets are given"),
+        (lambda: FeatureSnapshot(include_train=1), "include_train: expected True or False, got 1"),
+        (lambda: FeatureSnapshot(datasets={"a/b": make_dataset(3)}), "datasets: expected names of letters"),
+        (lambda: FeatureSnapshot(datasets={"..": make_dataset(3)}), "datasets: expected names of .* got '..'"),
+        (lambda: FeatureSnapshot(datasets={"train": make_dataset(3)}), "datasets: expected names other than 'train'"),
+        (
+            lambda: FeatureSnapshot(datasets={LAST_LAYER_HESSIAN: make_dataset(3)}),
+            "datasets: expected names other than 'last_layer_hessian'",
+        ),
+        (lambda: FeatureSnapshot(max_hessian_params=0), "max_hessian_params: expected an integer >= 1, got 0"),
+        (lambda: FeatureSnapshot(datasets={"x": iter([1])}), "datasets\\['x'\\]: expected a map-style Dataset"),
+        (lambda: FeatureSnapshot(dirpath=3), "dirpath: expected a directory path or None, got 3"),
         (lambda: CheckpointSnapshot(params=[]), "params: expected None, a name pattern"),
-        (lambda: CheckpointSnapshot(epochs=[-1]), "epochs: expected a list of epoch indices >= 0"),
-        (lambda: CheckpointSnapshot(every_n_train_steps=0), "every_n_train_steps"),
-        (lambda: CheckpointSnapshot(on_fit_end=False), "nothing would be saved"),
+        (lambda: CheckpointSnapshot(epochs=[-1]), "epochs: expected an integer >= 0, got -1"),
+        (lambda: CheckpointSnapshot(every_n_train_steps=0), "every_n_train_steps: expected an integer >= 1 or None"),
+        (lambda: CheckpointSnapshot(on_fit_end=False), "on_fit_end: expected True when every_n_epochs, "),
         (lambda: CheckpointSnapshot(on_fit_end="yes"), "on_fit_end: expected True or False, got 'yes'"),
+        (lambda: CheckpointSnapshot(monitor=""), "monitor: expected None or a metric name, got ''"),
     ]
     for build, message in cases:
-        with pytest.raises(MisconfigurationException, match=message.replace("(", "\\(").replace(")", "\\)")):
+        pattern = message if "\\" in message or ".*" in message else re.escape(message)
+        with pytest.raises(ArgumentError, match=pattern):
             build()
     # Distinct configurations can coexist in one Trainer.
     assert FeatureSnapshot(layer="a").state_key != FeatureSnapshot(layer="b").state_key
@@ -188,13 +329,13 @@ def test_constructor_validation():
 
 def test_setup_errors(tmp_path):
     trainer = _trainer(tmp_path, [FeatureSnapshot(layer="clasifier")])
-    with pytest.raises(MisconfigurationException, match="'clasifier' is not a submodule.*'body.0'.*'classifier'"):
+    with pytest.raises(ArgumentError, match="layer: 'clasifier' is not a submodule.*'body.0'.*'classifier'"):
         trainer.fit(TinyClassifier(), TinyDataModule())
     trainer = _trainer(tmp_path, [FeatureSnapshot()])
-    with pytest.raises(MisconfigurationException, match="defines no features\\(batch\\) method"):
+    with pytest.raises(ArgumentError, match="layer: expected one of the submodules .* no features\\(batch\\) method"):
         trainer.fit(TinyClassifier(), TinyDataModule())
     trainer = _trainer(tmp_path, [CheckpointSnapshot(params="head.*")])
-    with pytest.raises(MisconfigurationException, match="match no parameter.*'classifier.weight'"):
+    with pytest.raises(ArgumentError, match="params: expected patterns .*'classifier.weight'.* got \\['head.\\*'\\]"):
         trainer.fit(TinyClassifier(), TinyDataModule())
     fake = SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(MisconfigurationException, match="FSDPStrategy shards the model"):
@@ -267,9 +408,11 @@ def test_resumed_fit_leaves_the_same_snapshots_as_one_run(tmp_path, crash, redon
         assert list(_versions(one / sub, kind)) == list(_versions(two / sub, kind))
     after = _versions(two / "fastif_snapshot")
     assert list(after) == ["epoch=0-step=4", "epoch=1-step=8", "epoch=2-step=12"]
-    assert list(_versions(two / "fit_end_only")) == ["epoch=3-step=12"]  # taken once, when the resumed fit ended
+    # Taken once, when the resumed fit ended; named with the last epoch that ran (0-based), like the epoch snapshots.
+    assert list(_versions(two / "fit_end_only")) == ["epoch=2-step=12"]
     assert {v for v in before if after[v]["created"] != before[v]["created"]} == redone
-    assert len({e["run_id"] for e in after.values()}) == 1  # one run, continued
+    assert len({e["run_id"] for e in after.values()}) == 1  # one run, continued (no "-run=1" names above)
+    assert list(_versions(two / "fastif_snapshot", "checkpoints")) == list(after)
     for version in after:
         a, _, _ = read_feature_snapshot(one / "fastif_snapshot", version=version)
         b, _, _ = read_feature_snapshot(two / "fastif_snapshot", version=version)
@@ -341,7 +484,7 @@ CLASSIFIER_PARAMS = 3 * (5 + 1)  # TinyClassifier's classifier: Linear(HIDDEN=5,
 
 def _stored_hessian(dirpath):
     [entry] = snapshot_versions(dirpath, "features")
-    return load_tensors(dirpath / entry[LAST_LAYER_HESSIAN]["file"])[LAST_LAYER_HESSIAN]
+    return load_tensors(last_layer_hessian_file(dirpath, entry))[LAST_LAYER_HESSIAN]
 
 
 def _explicit_classifier_hessian(model, data):
@@ -382,7 +525,10 @@ def test_loss_gradient_snapshot_matches_extract_features(tmp_path):
     record = entry[LAST_LAYER_HESSIAN]
     assert (record["layer"], record["num_params"], record["num_train"]) == ("classifier", CLASSIFIER_PARAMS, 37)
     assert record["params"] == ["classifier.weight", "classifier.bias"]
-    assert record["file"] == f"features/{entry['version']}/{LAST_LAYER_HESSIAN}.safetensors"
+    assert record["file"] == f"{LAST_LAYER_HESSIAN}.safetensors"  # inside features/<version>/
+    assert last_layer_hessian_file(tmp_path / "snap", entry) == feature_file(
+        tmp_path / "snap", entry["version"], LAST_LAYER_HESSIAN
+    )
     hessian = _stored_hessian(tmp_path / "snap")
     torch.testing.assert_close(
         hessian, _explicit_classifier_hessian(model, make_dataset(37, seed=0)), rtol=1e-5, atol=1e-6
@@ -393,17 +539,17 @@ def test_loss_gradient_snapshot_matches_extract_features(tmp_path):
 
 
 def test_loss_gradient_snapshot_validation(tmp_path):
-    with pytest.raises(MisconfigurationException, match="metric: 'l2' with features='loss_gradient'"):
+    with pytest.raises(ArgumentError, match="metric: expected 'ip' .* with features='loss_gradient' .* got 'l2'"):
         FeatureSnapshot(features="loss_gradient", metric="l2")
-    with pytest.raises(MisconfigurationException, match="features: expected one of"):
+    with pytest.raises(ArgumentError, match="features: expected one of \\['activations', 'loss_gradient'\\]"):
         FeatureSnapshot(features="gradients")
-    with pytest.raises(MisconfigurationException, match="loss_fn: expected None or a callable"):
+    with pytest.raises(ArgumentError, match="loss_fn: expected None or a callable"):
         FeatureSnapshot(features="loss_gradient", loss_fn="ce")
     no_loss = FeatureSnapshot(dirpath=tmp_path / "a", features="loss_gradient")
-    with pytest.raises(MisconfigurationException, match="defines no per_example_loss"):
+    with pytest.raises(ArgumentError, match="loss_fn: expected a callable .* defines no per_example_loss"):
         _trainer(tmp_path, [no_loss]).fit(TinyClassifier(), TinyDataModule())
     no_params = FeatureSnapshot(dirpath=tmp_path / "b", features="loss_gradient", layer="body.1", loss_fn=_ce)
-    with pytest.raises(MisconfigurationException, match="'body.1' holds no parameters"):
+    with pytest.raises(ArgumentError, match="layer: 'body.1' holds no parameters"):
         _trainer(tmp_path, [no_params]).fit(TinyClassifier(), TinyDataModule())
 
 

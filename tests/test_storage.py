@@ -1,9 +1,11 @@
-"""storage.py (atomic safetensors + manifest, snapshot layout) and distributed.py (collectives under gloo)."""
+"""atomic.py (atomic safetensors + manifest), snapshot_store.py (the snapshot layout, runs, hostile manifests) and
+distributed.py (collectives under gloo)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import timedelta
 
 import pytest
@@ -11,19 +13,30 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_fastif.io.storage import (
-    SnapshotError,
-    SnapshotNotFoundError,
-    apply_checkpoint,
+from lightning_fastif.errors import SnapshotError, SnapshotNotFoundError
+from lightning_fastif.io.atomic import (
     atomic_write_bytes,
-    load_checkpoint,
+    is_plain_name,
     load_tensors,
-    read_feature_snapshot,
     read_manifest,
     read_tensor_metadata,
-    resolve_version,
     save_tensors,
     write_manifest,
+)
+from lightning_fastif.io.snapshot_store import (
+    apply_checkpoint,
+    checkpoint_file,
+    empty_snapshot_manifest,
+    feature_file,
+    last_layer_hessian_file,
+    load_checkpoint,
+    read_feature_snapshot,
+    read_snapshot_manifest,
+    record_version,
+    resolve_version,
+    snapshot_versions,
+    start_run,
+    version_name,
 )
 from lightning_fastif.lightning.distributed import (
     all_reduce_mean,
@@ -34,6 +47,7 @@ from lightning_fastif.lightning.distributed import (
     rank,
     world_size,
 )
+from lightning_fastif.search.knn import KNNIndex
 
 
 def _leftovers(path):
@@ -107,8 +121,7 @@ def test_manifest_round_trip_and_errors(tmp_path):
 
 
 def _fake_snapshot(tmp_path):
-    from lightning_fastif.io.storage import empty_snapshot_manifest
-
+    """A manifest of format version 1: file fields hold the path relative to the snapshot directory."""
     manifest = empty_snapshot_manifest()
     for step, name in [(4, "epoch=0-step=4"), (8, "epoch=1-step=8")]:
         save_tensors(tmp_path / "checkpoints" / f"{name}.safetensors", {"bias": torch.tensor([float(step)])})
@@ -157,6 +170,153 @@ def test_snapshot_layout_readers(tmp_path):
     (tmp_path / "features" / "v" / "train.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="train.safetensors"):
         read_feature_snapshot(tmp_path)
+
+
+def _weights(value):
+    return {"bias": torch.tensor([float(value)])}
+
+
+def _write_checkpoint(dirpath, epoch, step, run, run_index=0):
+    version = version_name(epoch, step, run_index)
+    path = save_tensors(checkpoint_file(dirpath, version), _weights(step))
+    record_version(
+        dirpath, "checkpoints", version, {"file": path.name, "epoch": epoch, "global_step": step, "run_id": run}
+    )
+    return version
+
+
+def test_runs_are_kept_apart(tmp_path):
+    assert start_run(tmp_path, "checkpoints", "a") == 0  # nothing there yet: no manifest written
+    assert not (tmp_path / "manifest.json").exists()
+    for epoch in range(3):
+        _write_checkpoint(tmp_path, epoch, 4 * (epoch + 1), "a")
+    assert start_run(tmp_path, "checkpoints", "b") == 1
+    # From the start of run b, "latest" and "all" see run b only (none yet), while run a stays readable by name.
+    with pytest.raises(SnapshotNotFoundError, match="no version of the current run"):
+        load_checkpoint(tmp_path, "all")
+    assert float(load_checkpoint(tmp_path, "epoch=2-step=12")[0][0]["bias"]) == 12.0
+    for epoch in range(2):
+        _write_checkpoint(tmp_path, epoch, 4 * (epoch + 1), "b", run_index=1)
+    loaded = load_checkpoint(tmp_path, "all")
+    assert [e["version"] for _, e in loaded] == ["epoch=0-step=4-run=1", "epoch=1-step=8-run=1"]
+    assert resolve_version(tmp_path, "checkpoints")["version"] == "epoch=1-step=8-run=1"
+    assert resolve_version(tmp_path, "checkpoints", 0)["version"] == "epoch=0-step=4-run=1"
+    assert len(snapshot_versions(tmp_path, "checkpoints", all_runs=True)) == 5
+    # Run a resumed: its own versions again, and its position kept.
+    assert start_run(tmp_path, "checkpoints", "a") == 0
+    assert [e["version"] for _, e in load_checkpoint(tmp_path, "all")] == [
+        "epoch=0-step=4",
+        "epoch=1-step=8",
+        "epoch=2-step=12",
+    ]
+    manifest = read_snapshot_manifest(tmp_path)
+    assert (manifest["format_version"], manifest["checkpoints"]["runs"], manifest["checkpoints"]["run"]) == (
+        2,
+        ["a", "b"],
+        "a",
+    )
+    assert manifest["features"]["runs"] == []  # runs are counted per kind
+
+
+def test_format_1_sections_count_their_runs(tmp_path):
+    _fake_snapshot(tmp_path)  # format 1: no runs recorded, entries without run_id
+    assert start_run(tmp_path, "checkpoints", "new") == 1
+    assert start_run(tmp_path, "features", "new") == 1
+    with pytest.raises(SnapshotNotFoundError):
+        load_checkpoint(tmp_path)
+    assert resolve_version(tmp_path, "features", "v")["version"] == "v"  # by name, still readable
+
+
+def _hostile(tmp_path, where, value):
+    """A valid snapshot whose manifest then gets ``value`` at ``where``; a real tensor file lies outside it."""
+    snap = tmp_path / "snap"
+    save_tensors(tmp_path / "other_run" / "x.safetensors", {"features": torch.ones(5, 2), "indices": torch.arange(5)})
+    save_tensors(checkpoint_file(snap, "v"), _weights(1))
+    record_version(snap, "checkpoints", "v", {"file": "v.safetensors", "global_step": 1})
+    KNNIndex(torch.zeros(5, 2), backend="torch").save(feature_file(snap, "v", "train").parent, "train")
+    save_tensors(feature_file(snap, "v", "last_layer_hessian"), {"last_layer_hessian": torch.eye(2)})
+    features = {
+        "global_step": 1,
+        "datasets": {"train": {"file": "train.safetensors", "index_file": None, "n": 5, "dim": 2}},
+        "last_layer_hessian": {"file": "last_layer_hessian.safetensors"},
+    }
+    record_version(snap, "features", "v", features)
+    manifest = read_manifest(snap)
+    if where == "version":
+        manifest["checkpoints"]["versions"][value] = manifest["checkpoints"]["versions"].pop("v")
+    elif where == "checkpoint":
+        manifest["checkpoints"]["versions"]["v"]["file"] = value
+    elif where == "dataset":
+        manifest["features"]["versions"]["v"]["datasets"]["train"]["file"] = value
+    elif where == "index_file":
+        manifest["features"]["versions"]["v"]["datasets"]["train"]["index_file"] = value
+    else:
+        manifest["features"]["versions"]["v"]["last_layer_hessian"]["file"] = value
+    write_manifest(snap, manifest)
+    return snap
+
+
+HOSTILE = [
+    "../other_run/x.safetensors",
+    str(os.path.abspath("/tmp/x.safetensors")),
+    "sub/x.safetensors",
+    "..",
+    "..\\x.safetensors",
+    "features/v/../../other_run/x.safetensors",  # a format-1 path that leaves its place
+    3,
+]
+FIELDS = {
+    "checkpoint": "checkpoints.versions['v'].file",
+    "dataset": "features.versions['v'].datasets['train'].file",
+    "index_file": "features.versions['v'].datasets['train'].index_file",
+    "hessian": "features.versions['v'].last_layer_hessian.file",
+}
+
+
+@pytest.mark.parametrize("value", HOSTILE, ids=str)
+@pytest.mark.parametrize("where", sorted(FIELDS))
+def test_hostile_manifests_name_the_manifest_and_the_field(tmp_path, where, value):
+    snap = _hostile(tmp_path, where, value)
+    message = re.escape(f"manifest {snap / 'manifest.json'}: field {FIELDS[where]!r} must be a plain file name")
+    # Every reader checks the whole manifest before it opens anything (the file outside would load fine).
+    for read in (
+        lambda: load_checkpoint(snap),
+        lambda: read_feature_snapshot(snap),
+        lambda: KNNIndex.from_snapshot(snap),
+        lambda: resolve_version(snap, "features"),
+    ):
+        with pytest.raises(SnapshotError, match=message):
+            read()
+    if where == "hessian":  # the entry as a reader holds it, checked again where the path is made
+        with pytest.raises(SnapshotError, match=message):
+            last_layer_hessian_file(snap, {"version": "v", "last_layer_hessian": {"file": value}})
+    # Writers refuse it as well: no new version is recorded into such a manifest.
+    with pytest.raises(SnapshotError, match=message):
+        record_version(snap, "checkpoints", "w", {"file": "w.safetensors", "global_step": 2})
+
+
+@pytest.mark.parametrize("value", ["../v", "/abs", "a/b", ".."])
+def test_hostile_version_names(tmp_path, value):
+    snap = _hostile(tmp_path, "version", value)
+    message = f"field 'checkpoints.versions' holds the version name {value!r}"
+    with pytest.raises(SnapshotError, match=re.escape(message)):
+        snapshot_versions(snap, "checkpoints")
+    with pytest.raises(ValueError, match="version: expected a plain file name"):
+        checkpoint_file(snap, value)
+    with pytest.raises(ValueError, match="dataset: expected a plain file name"):
+        feature_file(snap, "v", value)
+    with pytest.raises(SnapshotError, match=re.escape(f"field 'features.versions' holds the version name {value!r}")):
+        record_version(tmp_path / "fresh", "features", value, {"datasets": {}})
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_plain_names():
+    good = ["a.safetensors", "epoch=0-step=4", "train", "x..y"]
+    bad = ["", ".", "..", "../a", "a/b", "/a", "a\\b", "C:\\a", "a\x00b", None, 3]
+    assert [is_plain_name(v) for v in good] == [True] * len(good)
+    assert [is_plain_name(v) for v in bad] == [False] * len(bad)
+    # Format-1 file fields hold exactly the layout's path: still accepted, and read from the same place.
+    assert empty_snapshot_manifest()["format_version"] == 2
 
 
 def test_collectives_are_identities_without_a_process_group():

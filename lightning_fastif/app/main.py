@@ -198,8 +198,8 @@ def run(cfg: Any) -> dict[str, Any]:
         )
     )
     summary["seconds"] = time.perf_counter() - started
+    from lightning_fastif.io.atomic import atomic_write_bytes
     from lightning_fastif.io.results import jsonable
-    from lightning_fastif.io.storage import atomic_write_bytes
 
     atomic_write_bytes(out / "summary.json", json.dumps(jsonable(summary), indent=2).encode())
     log.info("report written to %s", summary["report"])
@@ -213,8 +213,8 @@ def _verify_only(cfg: Any, trainer: Any, model: torch.nn.Module, datamodule: Any
     own ``verify.json`` (Pearson, Spearman, top-10 overlap, residual against damping).
     """
     from lightning_fastif.core.verify import verify
+    from lightning_fastif.io.atomic import atomic_write_bytes
     from lightning_fastif.io.results import jsonable
-    from lightning_fastif.io.storage import atomic_write_bytes
 
     if not trainer.is_global_zero:
         return {}

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from lightning_fastif.app.markdown_text import escape_markdown, prose_to_html, prose_to_markdown
 from lightning_fastif.errors import check_bool
-from lightning_fastif.io.storage import PathLike, atomic_write_bytes
+from lightning_fastif.io.atomic import PathLike, atomic_write_bytes
 
 MARKDOWN_NAME = "report.md"
 HTML_NAME = "index.html"

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from lightning_fastif.app.plots import plot_sweep
-from lightning_fastif.io.storage import atomic_write_bytes
+from lightning_fastif.io.atomic import atomic_write_bytes
 
 
 def summarize_verify_sweep(sweep_dir: str | Path, path: str | Path | None = None) -> Path:

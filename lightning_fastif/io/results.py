@@ -26,10 +26,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_fastif.io.storage import (
+from lightning_fastif.errors import SnapshotError
+from lightning_fastif.io.atomic import (
     PathLike,
-    SnapshotError,
     load_tensors,
+    manifest_member,
     manifest_path,
     read_manifest,
     save_tensors,
@@ -338,8 +339,9 @@ class InfluenceResult:
 
         Raises:
             SnapshotNotFoundError: the directory, its manifest or the tensor file is missing.
-            SnapshotError: the manifest is not an influence result, or the run did not complete (its shards are
-                there, but not the merged result: run ``trainer.predict`` again with the same ``output_dir``).
+            SnapshotError: the manifest is not an influence result, the run did not complete (its shards are
+                there, but not the merged result: run ``trainer.predict`` again with the same ``output_dir``), or its
+                ``file`` is not a plain file name inside ``dirpath``.
         """
         manifest = read_manifest(dirpath)
         if manifest.get("format") != RESULT_FORMAT:
@@ -352,7 +354,7 @@ class InfluenceResult:
                 f"the influence run in {dirpath} did not complete (status {manifest.get('status')!r}); run "
                 "trainer.predict again with the same output_dir to finish it (finished shards are skipped)"
             )
-        path = Path(dirpath) / manifest.get("file", RESULT_FILE)
+        path = manifest_member(dirpath, "file", manifest.get("file", RESULT_FILE))
         tensors = load_tensors(path)
         missing = {"test_indices", "candidate_indices", "scores"} - set(tensors)
         if missing:

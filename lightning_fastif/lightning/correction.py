@@ -29,7 +29,7 @@ from lightning_fastif.core.batches import IndexedData
 from lightning_fastif.core.ihvp import InverseHVP
 from lightning_fastif.core.params import ParamSpec, select_parameters
 from lightning_fastif.errors import ArgumentError, check_bool, check_choice, check_int, check_path
-from lightning_fastif.io.storage import atomic_write_bytes
+from lightning_fastif.io.atomic import atomic_write_bytes
 from lightning_fastif.lightning import distributed
 from lightning_fastif.lightning.arguments import CorrectionArguments, fold_legacy_arguments
 from lightning_fastif.lightning.correction_steps import (

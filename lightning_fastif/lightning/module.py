@@ -54,20 +54,23 @@ from lightning_fastif.core.ihvp import InverseHVP, LiSSA, relative_residual
 from lightning_fastif.core.influence import GRADS_MIN_TEST_POINTS, score_candidates
 from lightning_fastif.core.memory import measure_example_cost, measure_stage, parse_memory, plan_chunks
 from lightning_fastif.core.params import ParamSpec, select_parameters
-from lightning_fastif.io.results import RESULT_FORMAT, RESULT_FORMAT_VERSION, BatchInfluence, InfluenceResult, jsonable
-from lightning_fastif.io.storage import (
+from lightning_fastif.errors import SnapshotError, SnapshotNotFoundError
+from lightning_fastif.io.atomic import (
     PathLike,
-    SnapshotError,
-    SnapshotNotFoundError,
-    apply_checkpoint,
-    load_checkpoint,
     load_tensors,
     manifest_path,
     read_manifest,
     read_tensor_metadata,
-    resolve_version,
     save_tensors,
     write_manifest,
+)
+from lightning_fastif.io.results import RESULT_FORMAT, RESULT_FORMAT_VERSION, BatchInfluence, InfluenceResult, jsonable
+from lightning_fastif.io.snapshot_store import (
+    LAST_LAYER_HESSIAN,
+    apply_checkpoint,
+    last_layer_hessian_file,
+    load_checkpoint,
+    resolve_version,
 )
 from lightning_fastif.lightning.distributed import (
     all_reduce_sum,
@@ -94,7 +97,7 @@ _SEARCH_SIGN: dict[str, Sign] = {"both": "both", "helpful": "positive", "harmful
 _METHODS = ("auto", "jvp", "grads")
 _HOOKS = ("input", "output")
 _DROPOUT = nn.modules.dropout._DropoutNd
-_HESSIAN_KEY = "last_layer_hessian"  # FeatureSnapshot's manifest key, file stem and tensor name
+_HESSIAN_KEY = LAST_LAYER_HESSIAN  # FeatureSnapshot's manifest key, file stem and tensor name
 KNN_DAMPING_FLOOR = 1e-6
 """The kNN preconditioner's damping is at least this times ``tr(H_last) / P`` (see ``knn_damping``)."""
 
@@ -538,8 +541,9 @@ class InfluenceModule(LightningModule):
         if not isinstance(entry, Mapping) or not entry.get("file"):
             return None
         assert self.snapshot is not None
-        path = Path(self.snapshot) / str(entry["file"])
-        if not path.is_file():
+        assert self._feature_entry is not None
+        path = last_layer_hessian_file(self.snapshot, self._feature_entry)
+        if path is None or not path.is_file():
             raise SnapshotNotFoundError(
                 f"snapshot: features version {self.feature_version!r} lists the last-layer Hessian {path}, which does "
                 "not exist; was the snapshot directory copied only in part?"

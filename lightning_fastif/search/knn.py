@@ -34,16 +34,9 @@ import torch
 from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor
 
-from lightning_fastif.io.storage import (
-    PathLike,
-    SnapshotError,
-    SnapshotNotFoundError,
-    atomic_write_bytes,
-    load_tensors,
-    read_tensor_metadata,
-    resolve_version,
-    save_tensors,
-)
+from lightning_fastif.errors import SnapshotError
+from lightning_fastif.io.atomic import PathLike, atomic_write_bytes, load_tensors, read_tensor_metadata, save_tensors
+from lightning_fastif.io.snapshot_store import feature_snapshot_file
 from lightning_fastif.metrics import knn_recall as knn_recall  # moved to metrics; this path still imports it
 
 _FAISS_AVAILABLE = RequirementCache(module="faiss")
@@ -609,7 +602,7 @@ class KNNIndex:
         """Load the index of one dataset from a ``FeatureSnapshot`` directory.
 
         Args:
-            dirpath: the snapshot directory (``FeatureSnapshot.dirpath``).
+            dirpath: the snapshot directory (``FeatureSnapshot.snapshot_dir``).
             dataset: ``"train"`` or a name from ``FeatureSnapshot(datasets=...)``.
             version: ``None``/``"latest"``, a version name, or a position (``-1`` the last).
             **kwargs: overrides passed to :meth:`load` (``metric``, ``kind``, ``nlist``, ``nprobe``, ``use_gpu``,
@@ -617,19 +610,13 @@ class KNNIndex:
 
         Raises:
             SnapshotNotFoundError: if the directory, manifest, version, dataset or file is missing.
-            SnapshotError: if the manifest or a file is corrupted.
+            SnapshotError: if the manifest or a file is corrupted, or the manifest names a file outside the
+                version's directory.
 
         Example::
 
             >>> index = KNNIndex.from_snapshot("runs/fastif_snapshot")  # doctest: +SKIP
             >>> distances, train_ids = index.search(test_features, k=1000)  # doctest: +SKIP
         """
-        entry = resolve_version(dirpath, "features", version)
-        datasets = entry.get("datasets", {})
-        if dataset not in datasets:
-            raise SnapshotNotFoundError(
-                f"dataset: {dataset!r} not in features version {entry['version']!r} of {dirpath}; "
-                f"available: {sorted(datasets)}"
-            )
-        file = Path(dirpath) / datasets[dataset]["file"]
+        file, _ = feature_snapshot_file(dirpath, dataset, version)
         return cls.load(file.parent, file.name.removesuffix(".safetensors"), **kwargs)

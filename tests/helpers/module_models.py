@@ -8,14 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
-from lightning_fastif.io.storage import (
-    CHECKPOINTS_DIR,
-    FEATURES_DIR,
-    checkpoint_file,
-    read_snapshot_manifest,
-    save_tensors,
-    write_manifest,
-)
+from lightning_fastif.io.atomic import save_tensors, write_manifest
+from lightning_fastif.io.snapshot_store import CHECKPOINTS_DIR, FEATURES_DIR, checkpoint_file, read_snapshot_manifest
 from lightning_fastif.search.knn import KNNIndex
 
 

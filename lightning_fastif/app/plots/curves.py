@@ -25,7 +25,7 @@ from lightning_fastif.app.plots.figure import (
 )
 from lightning_fastif.app.plots.inputs import as_series, as_vector
 from lightning_fastif.errors import ArgumentError
-from lightning_fastif.io.storage import PathLike
+from lightning_fastif.io.atomic import PathLike
 from lightning_fastif.metrics import flagged_mask, mislabel_detection
 
 

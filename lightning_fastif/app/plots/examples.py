@@ -14,7 +14,7 @@ from torch import Tensor
 from lightning_fastif.app.plots.figure import HARMFUL_COLOR, HELPFUL_COLOR, format_score, new_figure, png_path, save_png
 from lightning_fastif.app.plots.inputs import as_tensor, as_vector
 from lightning_fastif.errors import ArgumentError, check_int
-from lightning_fastif.io.storage import PathLike
+from lightning_fastif.io.atomic import PathLike
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_fastif.app.plots.inputs import sorted_labels
 from lightning_fastif.errors import ArgumentError
-from lightning_fastif.io.storage import PathLike, atomic_path
+from lightning_fastif.io.atomic import PathLike, atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -22,7 +22,7 @@ from lightning_fastif.app.plots.figure import (
 )
 from lightning_fastif.app.plots.inputs import as_labels, as_tensor, sorted_labels
 from lightning_fastif.errors import ArgumentError, check_choice, check_int
-from lightning_fastif.io.storage import PathLike
+from lightning_fastif.io.atomic import PathLike
 
 _MAX_LEGEND_GROUPS = 16
 
