@@ -202,3 +202,60 @@ def test_signed_search_refuses_l2_and_bad_sign():
     with pytest.raises(ValueError, match="sign: expected one of"):
         index.search_signed(torch.randn(2, 3), 2, "up")
     assert torch.equal(index.search_signed(torch.ones(1, 3), 2)[1], index.search(torch.ones(1, 3), 2)[1])
+
+
+def _dense_both(index, queries, k):
+    """The two directions merged by a dense [Q, 2k, k] comparison (the reference the sorted merge must equal)."""
+    first_d, first_ids = index.search(queries, k)
+    rest = min(k, index.ntotal - k)
+    other_d, other_ids = index.search(-queries, min(index.ntotal, k + rest))
+    taken = (other_ids.unsqueeze(2) == first_ids.unsqueeze(1)).any(2) & (other_ids >= 0)
+    order = taken.to(torch.int8).argsort(dim=1, stable=True)[:, :rest]
+    return torch.cat([first_ids, other_ids.gather(1, order).masked_fill(taken.gather(1, order), -1)], 1)
+
+
+def test_both_directions_merge_equals_the_dense_comparison_with_ties():
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(60, 5, generator=g)
+    feats[10:20] = 0.0  # exactly-zero rows tie in both directions
+    index = KNNIndex(feats, ids=torch.arange(100, 160), metric="ip", backend="torch")
+    queries = torch.randn(7, 5, generator=g)
+    for k in (1, 8, 30, 45):
+        _, ids = index.search_signed(queries, k, sign="both")
+        assert torch.equal(ids, _dense_both(index, queries, k))
+        for row in ids.tolist():
+            kept = [i for i in row if i >= 0]
+            assert len(kept) == len(set(kept))
+
+
+def test_auto_kind_is_flat_for_small_sets():
+    index = KNNIndex(torch.randn(200, 4), backend="torch")
+    assert index.kind == "flat"
+    assert index.tune(10) == {"k": 10, "recall": 1.0, "exact": True}
+
+
+@pytest.mark.faiss
+def test_auto_kind_builds_a_tuned_ivf_above_the_threshold(monkeypatch, tmp_path):
+    pytest.importorskip("faiss")
+    from lightning_fastif.search import knn
+
+    monkeypatch.setattr(knn, "AUTO_IVF_MIN_SIZE", 1000)
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(20, 16, generator=g) * 4
+    feats = centers[torch.randint(0, 20, (3000,), generator=g)] + torch.randn(3000, 16, generator=g)
+    index = KNNIndex(feats, metric="ip", backend="faiss", nprobe=1, use_gpu=False).build()
+    assert index.kind == "ivf"
+    tuning = index.tuning
+    assert tuning["recall"] >= 0.99
+    assert tuning["nprobe"] == index.nprobe > 1  # nprobe=1 was not enough and was raised
+    # Fresh queries (not the tuning sample) reach about the same recall against an exact search.
+    queries = feats[torch.randperm(3000, generator=g)[:100]] + 0.1 * torch.randn(100, 16, generator=g)
+    exact = KNNIndex(feats, metric="ip", kind="flat", backend="torch")
+    assert knn_recall(index.search(queries, 50)[1], exact.search(queries, 50)[1]) >= 0.97
+    index.save(tmp_path, "idx")
+    assert KNNIndex.load(tmp_path, "idx", use_gpu=False).tuning == tuning
+
+
+def test_target_recall_is_checked():
+    with pytest.raises(ValueError, match=r"target_recall: expected a finite number > 0 and <= 1, got 1.5"):
+        KNNIndex(torch.randn(5, 2), target_recall=1.5, backend="torch")

@@ -79,13 +79,15 @@ def test_feature_snapshot_every_epoch_writes_files_and_manifest(tmp_path):
     assert manifest["features"]["latest"] == "epoch=1-step=8"
     entry = versions["epoch=1-step=8"]
     assert (entry["epoch"], entry["global_step"], entry["n"], entry["dim"]) == (1, 8, 37, 5)
-    assert (entry["metric"], entry["index"], entry["layer"], entry["hook"]) == ("l2", "flat", "classifier", "input")
+    assert (entry["metric"], entry["index"], entry["layer"], entry["hook"]) == ("l2", "auto", "classifier", "input")
     assert entry["seconds"] >= 0
     assert entry["datasets"]["challenge"] == {
         "file": "challenge.safetensors",  # a plain name inside features/<version>/
         "index_file": None,
         "n": 13,
         "dim": 5,
+        # 13 examples: "auto" resolves to an exact flat index, whose recall is 1 by construction.
+        "index": {"kind": "flat", "nlist": None, "nprobe": 8, "tuning": None},
     }
     for version in versions:
         for name in ("train", "challenge"):
@@ -281,7 +283,13 @@ def test_features_are_written_once_per_version_without_copies(tmp_path, monkeypa
     # Rows gathered out of order (as under DDP) are sorted by dataset index before they are written.
     feats, ids = torch.arange(12.0).view(6, 2), torch.tensor([3, 4, 5, 0, 1, 2])
     record = snapshot._write(str(tmp_path / "w"), "v", "train", feats, ids)
-    assert record == {"file": "train.safetensors", "index_file": None, "n": 6, "dim": 2}
+    assert record == {
+        "file": "train.safetensors",
+        "index_file": None,
+        "n": 6,
+        "dim": 2,
+        "index": {"kind": "flat", "nlist": None, "nprobe": 8, "tuning": None},
+    }
     stored = load_tensors(feature_file(tmp_path / "w", "v", "train"))
     assert stored["indices"].tolist() == [0, 1, 2, 3, 4, 5]
     assert stored["features"][:, 0].tolist() == [6.0, 8.0, 10.0, 0.0, 2.0, 4.0]
@@ -294,7 +302,7 @@ def test_constructor_validation():
         (lambda: FeatureSnapshot(every_n_epochs=0), "every_n_epochs: expected an integer >= 1 or None, got 0"),
         (lambda: FeatureSnapshot(hook="middle"), "hook: expected one of ['input', 'output'], got 'middle'"),
         (lambda: FeatureSnapshot(metric="dot"), "metric: expected one of ['l2', 'cosine', 'ip'], got 'dot'"),
-        (lambda: FeatureSnapshot(index="hnsw"), "index: expected one of ['flat', 'ivf'], got 'hnsw'"),
+        (lambda: FeatureSnapshot(index="hnsw"), "index: expected one of ['auto', 'flat', 'ivf'], got 'hnsw'"),
         (lambda: FeatureSnapshot(batch_size=-1), "batch_size: expected an integer >= 1, got -1"),
         (lambda: FeatureSnapshot(batch_size=None), "batch_size: expected an integer >= 1, got None"),
         (lambda: FeatureSnapshot(nprobe=2.0), "nprobe: expected an integer >= 1, got 2.0"),

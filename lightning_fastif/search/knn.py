@@ -14,7 +14,11 @@ and ``sign="both"`` returns the ``k`` nearest of ``q`` followed by the ``k`` nea
 with a gradient embedding the most helpful *and* the most harmful training points are found.
 
 ``kind="flat"`` is exact; ``kind="ivf"`` (FAISS only) is an inverted file index, approximate, for large N
-(``nlist`` clusters, ``nprobe`` of them searched per query).
+(``nlist`` clusters, ``nprobe`` of them searched per query). ``kind="auto"`` (the default) is flat below
+``AUTO_IVF_MIN_SIZE`` examples (or without FAISS) and IVF above it, with ``nprobe`` raised until the recall of the
+exact ``k`` nearest neighbours of sampled indexed examples reaches ``target_recall`` (:meth:`KNNIndex.tune`); the
+measured recall is kept in :attr:`KNNIndex.tuning` and saved with the index, so a snapshot says how approximate
+its search is.
 
 FAISS is detected once, lazily (``import lightning_fastif`` does not import it). With FAISS a GPU index is used
 when CUDA and a FAISS GPU build are present (``faiss.get_num_gpus() > 0``). Without FAISS the exact search runs
@@ -24,6 +28,7 @@ without a FAISS GPU build). This module imports no Lightning.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -34,7 +39,7 @@ import torch
 from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor
 
-from lightning_fastif.errors import SnapshotError
+from lightning_fastif.errors import SnapshotError, check_choice, check_number
 from lightning_fastif.io.atomic import PathLike, atomic_write_bytes, load_tensors, read_tensor_metadata, save_tensors
 from lightning_fastif.io.snapshot_store import feature_snapshot_file
 from lightning_fastif.metrics import knn_recall as knn_recall  # moved to metrics; this path still imports it
@@ -44,13 +49,20 @@ _FAISS_AVAILABLE = RequirementCache(module="faiss")
 
 Metric = Literal["l2", "cosine", "ip"]
 Sign = Literal["positive", "negative", "both"]
-IndexKind = Literal["flat", "ivf"]
+IndexKind = Literal["flat", "ivf", "auto"]
 Backend = Literal["auto", "faiss", "torch"]
 
 KNN_FORMAT = "lightning_fastif.knn"
 _GPU_MAX_K = 2048  # FAISS GPU indices select at most 2048 neighbours (and probe at most 2048 lists)
 _BLOCK_ELEMENTS = 1 << 24  # distance block of the torch search: 64 MB of float32
 _DB_CHUNK = 1 << 16
+
+AUTO_IVF_MIN_SIZE = 100_000
+"""``kind="auto"`` uses an IVF index from this many examples on (with FAISS); below it a flat search is fast."""
+TUNE_K = 100
+"""Neighbours whose recall ``kind="auto"`` tunes ``nprobe`` for (FastIF's candidate counts are 100-1000)."""
+TUNE_QUERIES = 256
+"""Sampled indexed examples used as queries when measuring recall."""
 
 
 def faiss_available() -> bool:
@@ -79,8 +91,17 @@ def default_nlist(n: int) -> int:
 
 
 def _check_choice(name: str, value: Any, accepted: tuple[Any, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name}: expected one of {list(accepted)}, got {value!r}")
+    check_choice(name, value, accepted)
+
+
+def _rowwise_isin(values: Tensor, found: Tensor) -> Tensor:
+    """``[Q, M]`` mask: whether ``values[q, m]`` is among ``found[q]`` (``[Q, K]``), in O(Q·(M+K)·log K) memory-light
+    steps (a sorted search per row, never a ``[Q, M, K]`` comparison)."""
+    if found.shape[1] == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    ordered = found.sort(dim=1).values
+    pos = torch.searchsorted(ordered, values.contiguous()).clamp_max(found.shape[1] - 1)
+    return ordered.gather(1, pos) == values
 
 
 class KNNIndex:
@@ -91,11 +112,14 @@ class KNNIndex:
         ids: ``[N]`` dataset index of each row (default ``0..N-1``); distinct integers.
         metric: ``"l2"`` (squared Euclidean distances), ``"cosine"`` (distances ``1 - cos``) or ``"ip"``
             (distances ``-<q, x>``: maximum inner-product search).
-        kind: ``"flat"`` (exact) or ``"ivf"`` (approximate, FAISS ``IndexIVFFlat``; exact with the torch backend).
+        kind: ``"flat"`` (exact), ``"ivf"`` (approximate, FAISS ``IndexIVFFlat``; exact with the torch backend) or
+            ``"auto"``: flat below ``AUTO_IVF_MIN_SIZE`` examples or without FAISS, else IVF tuned at build time to
+            ``target_recall`` (see :meth:`tune`).
         nlist: IVF lists (default :func:`default_nlist`, ~4 sqrt(N)); at most N.
         nprobe: IVF lists searched per query (more: slower, better recall); at most ``nlist``.
         use_gpu: ``"auto"`` (a GPU when the backend can use one), ``True`` (require one) or ``False``.
         backend: ``"auto"`` (FAISS when installed, else torch), ``"faiss"`` or ``"torch"``.
+        target_recall: the recall of the exact ``TUNE_K`` nearest neighbours an automatic IVF index is tuned to.
 
     Raises:
         ValueError: bad shapes, duplicate ids, or an argument outside the accepted values.
@@ -117,14 +141,16 @@ class KNNIndex:
         ids: Tensor | None = None,
         *,
         metric: Metric = "l2",
-        kind: IndexKind = "flat",
+        kind: IndexKind = "auto",
         nlist: int | None = None,
         nprobe: int = 8,
         use_gpu: bool | Literal["auto"] = "auto",
         backend: Backend = "auto",
+        target_recall: float = 0.99,
     ) -> None:
         _check_choice("metric", metric, ("l2", "cosine", "ip"))
-        _check_choice("kind", kind, ("flat", "ivf"))
+        _check_choice("kind", kind, ("flat", "ivf", "auto"))
+        self.target_recall = float(check_number("target_recall", target_recall, low=0, high=1, low_open=True))
         _check_choice("backend", backend, ("auto", "faiss", "torch"))
         _check_choice("use_gpu", use_gpu, ("auto", True, False))
         if not isinstance(features, Tensor) or features.dim() != 2 or not features.is_floating_point():
@@ -154,6 +180,9 @@ class KNNIndex:
                 "backend: 'faiss' needs the faiss module; install one build (pip install faiss-cpu, or faiss-gpu-cu12 "
                 "— never both) or use backend='torch'"
             )
+        self._auto = kind == "auto"
+        if kind == "auto":
+            kind = "ivf" if backend == "faiss" and n >= AUTO_IVF_MIN_SIZE else "flat"
         if backend == "torch" and kind == "ivf":
             warnings.warn(
                 "kind='ivf' needs FAISS; the torch backend searches exactly instead", UserWarning, stacklevel=2
@@ -177,6 +206,8 @@ class KNNIndex:
         self._quantizer: Any = None
         self._db: Tensor | None = None  # torch backend: searchable copy (normalised for cosine) on its device
         self._db_sq_norms: Tensor | None = None
+        self.tuning: dict[str, Any] | None = None
+        """How well an IVF search finds the exact neighbours (set by :meth:`tune`; ``None`` for exact indices)."""
 
     # ----------------------------------------------------------------------------------------------- properties
     @property
@@ -307,6 +338,8 @@ class KNNIndex:
         self._set_nprobe(index)
         self._index = index
         self._cpu_index = None if self._on_gpu else index
+        if self._auto and self._kind == "ivf" and self.tuning is None:
+            self.tune(min(TUNE_K, self.ntotal), target_recall=self.target_recall)
 
     def _ensure_built(self) -> None:
         if self._index is None and self._db is None:
@@ -435,6 +468,54 @@ class KNNIndex:
             distances = 1.0 + distances  # 1 - cos, from the negated similarity
         return distances, self._ids[pos]
 
+    def tune(
+        self, k: int = TUNE_K, *, target_recall: float = 0.99, num_queries: int = TUNE_QUERIES, seed: int = 0
+    ) -> dict[str, Any]:
+        """Raise ``nprobe`` (doubling) until an IVF search finds ``target_recall`` of the exact ``k`` neighbours.
+
+        Queries are ``num_queries`` indexed examples drawn with ``seed`` (and their negations for similarity
+        metrics, which the "both" search also asks); the exact neighbours come from a chunked exact search over
+        the same vectors. A flat index is exact: its recall is 1 without measuring. The result is kept in
+        :attr:`tuning` (``k``, ``nprobe``, ``nlist``, ``recall``, ``queries``, ``target``) and saved with the index.
+
+        Returns:
+            :attr:`tuning`.
+
+        Example::
+
+            >>> index = KNNIndex(torch.randn(50, 4), kind="flat", backend="torch")
+            >>> index.tune(5)["recall"]
+            1.0
+        """
+        self._check_k(k)
+        check_number("target_recall", target_recall, low=0, high=1, low_open=True)
+        if self._kind != "ivf" or self._backend != "faiss":
+            self.tuning = {"k": k, "recall": 1.0, "exact": True}
+            return self.tuning
+        self._ensure_built()
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(self.ntotal, generator=generator)[: min(num_queries, self.ntotal)]
+        queries = self._features[rows]
+        if self._metric != "l2":
+            queries = torch.cat([queries, -queries])
+        exact = KNNIndex(self._features, self._ids, metric=self._metric, kind="flat", backend="torch", use_gpu=False)
+        _, truth = exact.search(queries, k)
+        while True:
+            _, found = self.search(queries, k)
+            recall = knn_recall(found, truth)
+            if recall >= target_recall or self._nprobe >= (self._nlist or 1):
+                break
+            self.nprobe = min(2 * self._nprobe, self._nlist or 1)
+        self.tuning = {
+            "k": k,
+            "nprobe": self._nprobe,
+            "nlist": self._nlist,
+            "recall": recall,
+            "queries": int(queries.shape[0]),
+            "target": target_recall,
+        }
+        return self.tuning
+
     def search_signed(self, queries: Tensor, k: int, sign: Sign = "positive") -> tuple[Tensor, Tensor]:
         """Search ``q`` (``"positive"``), ``-q`` (``"negative"``) or both, for similarity metrics.
 
@@ -481,7 +562,7 @@ class KNNIndex:
         # Search deeper than k from -q, so that dropping the ids already found (possible with ties, e.g. the
         # exactly-zero gradients of perfectly fitted examples) still leaves `rest` new ones.
         other_d, other_ids = self.search(-q, min(self.ntotal, k + rest))
-        taken = (other_ids.unsqueeze(2) == first_ids.unsqueeze(1)).any(2) & (other_ids >= 0)
+        taken = _rowwise_isin(other_ids, first_ids) & (other_ids >= 0)
         # A stable sort moves the new ids first, in their search order.
         order = taken.to(torch.int8).argsort(dim=1, stable=True)[:, :rest]
         second_ids = other_ids.gather(1, order)
@@ -507,6 +588,7 @@ class KNNIndex:
             "kind": self._kind,
             "nlist": str(self._nlist or ""),
             "nprobe": str(self._nprobe),
+            "tuning": json.dumps(self.tuning),
         }
         tensors = {"features": self._features, "indices": self._ids}
         path = save_tensors(Path(dirpath) / f"{name}.safetensors", tensors, meta)
@@ -588,6 +670,7 @@ class KNNIndex:
         faiss_file = Path(dirpath) / f"{name}.faiss"
         same = settings == {"metric": meta.get("metric"), "kind": meta.get("kind"), "nlist": saved_nlist}
         if index.kind == "ivf" and index.backend == "faiss" and same and faiss_file.exists():
+            index.tuning = json.loads(meta.get("tuning") or "null")  # the saved index was tuned already
             index._adopt_faiss_file(faiss_file)
         return index
 

@@ -46,7 +46,7 @@ from lightning_fastif.search.knn import KNNIndex
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _METRICS = ("l2", "cosine", "ip")
-_INDEXES = ("flat", "ivf")
+_INDEXES = ("auto", "flat", "ivf")
 
 
 class FeatureSnapshot(SnapshotCallback):
@@ -95,7 +95,9 @@ class FeatureSnapshot(SnapshotCallback):
         metric: ``"l2"``, ``"cosine"`` or ``"ip"`` (inner product): the metric recorded for the kNN index;
             ``None``: ``"l2"`` for activations, ``"ip"`` for loss gradients (``"l2"`` is refused for loss
             gradients: it would prefer the examples with the *smallest* gradients).
-        index: ``"flat"`` (exact) or ``"ivf"`` (FAISS IVF, trained and saved with the snapshot).
+        index: ``"auto"`` (flat below ``AUTO_IVF_MIN_SIZE`` examples or without FAISS, else a FAISS IVF index whose
+            ``nprobe`` is tuned to a recall of 0.99 of the exact neighbours; the measured recall goes into the
+            manifest), ``"flat"`` (exact) or ``"ivf"`` (FAISS IVF, trained and saved with the snapshot).
         nlist: IVF lists (default ~4 sqrt(N)).
         nprobe: IVF lists searched per query.
         max_hessian_params: with ``features="loss_gradient"``, store ``H_last`` only when ``layer`` has at most this
@@ -134,7 +136,7 @@ class FeatureSnapshot(SnapshotCallback):
         on_fit_end: bool = True,
         batch_size: int = 256,
         metric: Literal["l2", "cosine", "ip"] | None = None,
-        index: Literal["flat", "ivf"] = "flat",
+        index: Literal["auto", "flat", "ivf"] = "auto",
         nlist: int | None = None,
         nprobe: int = 8,
         features: Literal["activations", "loss_gradient"] = "activations",
@@ -369,7 +371,9 @@ class FeatureSnapshot(SnapshotCallback):
         )
         # The index file is the features file: the tensors "features" and "indices" plus the index settings.
         index.save(feature_dir(dirpath, version), name)
-        return dataset_record(dirpath, version, name, n, int(features.shape[1]))
+        record = dataset_record(dirpath, version, name, n, int(features.shape[1]))
+        record["index"] = {"kind": index.kind, "nlist": index.nlist, "nprobe": index.nprobe, "tuning": index.tuning}
+        return record
 
     def _write_hessian(
         self, pl_module: pl.LightningModule, dirpath: str, version: str, train: IndexedData | None
