@@ -7,6 +7,8 @@ loss by about ``score / n``.
 
 from lightning_fastif._moved import install as _install_moved_modules
 from lightning_fastif.core.batches import IndexedData
+from lightning_fastif.core.curvature import KFACFactors, fit_kfac
+from lightning_fastif.core.ekfac import EKFAC
 from lightning_fastif.core.grads import FunctionalLoss, evaluating, per_example_gradients
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp import (
@@ -50,6 +52,9 @@ __all__ = [
     "ComputeArguments",
     "CorrectionArguments",
     "ConjugateGradient",
+    "EKFAC",
+    "KFACFactors",
+    "fit_kfac",
     "ErrorCorrection",
     "FeatureSnapshot",
     "InfluenceModule",
