@@ -546,6 +546,24 @@ def test_loss_gradient_snapshot_matches_extract_features(tmp_path):
     assert FeatureSnapshot().metric == "l2"
 
 
+def test_last_layer_hessian_over_a_sample_of_training_examples(tmp_path):
+    snapshot = FeatureSnapshot(dirpath=tmp_path / "snap", features="loss_gradient", loss_fn=_ce, hessian_examples=10)
+    model = TinyClassifier()
+    _trainer(tmp_path, [snapshot], max_epochs=1).fit(model, TinyDataModule())
+    [entry] = snapshot_versions(tmp_path / "snap", "features")
+    record = entry[LAST_LAYER_HESSIAN]
+    assert (record["num_train"], record["hessian_examples"]) == (37, 10)
+    # The seeded sample the snapshot documents: the Hessian over exactly those 10 examples, not over all 37.
+    sample = torch.randperm(37, generator=torch.Generator().manual_seed(0))[:10].sort().values
+    data = make_dataset(37, seed=0)
+    subset = torch.utils.data.TensorDataset(*(t[sample] for t in data.tensors))
+    hessian = _stored_hessian(tmp_path / "snap")
+    torch.testing.assert_close(hessian, _explicit_classifier_hessian(model, subset), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(hessian, _explicit_classifier_hessian(model, data), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ArgumentError, match="hessian_examples: expected an integer >= 1 or None, got 0"):
+        FeatureSnapshot(hessian_examples=0)
+
+
 def test_loss_gradient_snapshot_validation(tmp_path):
     with pytest.raises(ArgumentError, match="metric: expected 'ip' .* with features='loss_gradient' .* got 'l2'"):
         FeatureSnapshot(features="loss_gradient", metric="l2")

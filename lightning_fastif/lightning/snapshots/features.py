@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
 from lightning_fastif.core.batches import IndexedData
@@ -102,6 +102,10 @@ class FeatureSnapshot(SnapshotCallback):
         nprobe: IVF lists searched per query.
         max_hessian_params: with ``features="loss_gradient"``, store ``H_last`` only when ``layer`` has at most this
             many parameters (``P²`` numbers on disk, ``P`` Hessian-vector products over the training set).
+        hessian_examples: ``H_last`` is the mean over a seeded random sample of this many training examples (all
+            of them when ``None`` or when the set is smaller). It only preconditions kNN queries, so a sample keeps
+            the snapshot's cost flat in N (its products cost ``P`` HVPs per example); the manifest records the
+            number used.
 
     Versions are named ``epoch=<E>-step=<S>`` with Lightning's 0-based epoch (a snapshot at the end of fit names
     the last epoch that ran) and listed in the manifest (see :mod:`lightning_fastif.io.snapshot_store`, which also
@@ -142,6 +146,7 @@ class FeatureSnapshot(SnapshotCallback):
         features: Literal["activations", "loss_gradient"] = "activations",
         loss_fn: Callable[[Any, Any], Tensor] | None = None,
         max_hessian_params: int = 5000,
+        hessian_examples: int | None = 8192,
     ) -> None:
         super().__init__(dirpath, on_fit_end)
         check_bool("include_train", include_train)
@@ -201,6 +206,7 @@ class FeatureSnapshot(SnapshotCallback):
         check_int("nlist", nlist, allow_none=True)
         check_int("nprobe", nprobe)
         check_int("max_hessian_params", max_hessian_params)
+        check_int("hessian_examples", hessian_examples, allow_none=True)
 
         self.datasets = datasets
         self.include_train = include_train
@@ -215,6 +221,7 @@ class FeatureSnapshot(SnapshotCallback):
         self.features = features
         self.loss_fn = loss_fn
         self.max_hessian_params = max_hessian_params
+        self.hessian_examples = hessian_examples
         self._layer = layer  # resolved in setup: the default layer of loss gradients is the model's last one
 
     @property
@@ -393,13 +400,19 @@ class FeatureSnapshot(SnapshotCallback):
                 f"{self.max_hessian_params}; queries are raw loss gradients (raise max_hessian_params to store it)"
             )
             return entry
+        data: Any = train
+        if self.hessian_examples is not None and self.hessian_examples < len(train):
+            generator = torch.Generator().manual_seed(0)
+            sample = torch.randperm(len(train), generator=generator)[: self.hessian_examples].sort().values
+            data = DataLoader(Subset(train.dataset, sample.tolist()), collate_fn=train.collate_fn)
         with torch.inference_mode(False), evaluating(pl_module):
-            operator = HessianOperator(pl_module, self.loss_fn, train, params=names, batch_size=self.batch_size)
+            operator = HessianOperator(pl_module, self.loss_fn, data, params=names, batch_size=self.batch_size)
             hessian = operator.dense(max_params=self.max_hessian_params).detach().cpu()
         meta = {"layer": self._layer, "num_params": str(num_params), "num_train": str(len(train))}
         save_tensors(feature_file(dirpath, version, LAST_LAYER_HESSIAN), {LAST_LAYER_HESSIAN: hessian}, meta)
         entry["file"] = feature_file(dirpath, version, LAST_LAYER_HESSIAN).name
         entry["num_train"] = len(train)
+        entry["hessian_examples"] = len(operator.data)
         return entry
 
     def _entry(self, trainer: pl.Trainer, epoch: int, files: dict[str, Any]) -> dict[str, Any]:
