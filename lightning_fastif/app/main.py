@@ -480,7 +480,8 @@ def _self_influence_section(
     top = self_scores.argsort(descending=True)[: cfg.report.top_n * 2]
     flagged = None if flipped is None or len(flipped) == 0 else torch.as_tensor(flipped)
     path = viz.plot_self_influence(self_scores, dirpath / "self_influence.png", flagged=flagged)
-    report.add_image(path, "Training points sorted by self-influence; known flipped labels marked")
+    marked = "; known flipped labels marked" if flagged is not None else ""
+    report.add_image(path, f"Training points sorted by self-influence{marked}")
     if flagged is not None:
         found = viz.mislabel_detection(self_scores, flagged)
         report.add_paragraph(

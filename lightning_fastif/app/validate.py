@@ -292,7 +292,9 @@ def _check_number_given_as_string(key: str, value: Any, param: inspect.Parameter
     """A string where the constructor wants a number (YAML reads ``1e-3`` as a string; so do quoted numbers)."""
     if not isinstance(value, str):
         return
-    annotation = "" if param.annotation is param.empty else inspect.formatannotation(param.annotation)
+    annotation = param.annotation
+    if not isinstance(annotation, str):  # a string under `from __future__ import annotations`, else a type
+        annotation = "" if annotation is param.empty else inspect.formatannotation(annotation)
     default = param.default
     numeric_default = isinstance(default, (int, float)) and not isinstance(default, bool)
     wants_number = bool(_NUMERIC.search(annotation)) or (not annotation and numeric_default)
