@@ -59,7 +59,8 @@ def run(cfg: Any) -> dict[str, Any]:
     Example::
 
         >>> from hydra import compose, initialize_config_module  # doctest: +SKIP
-        >>> with initialize_config_module(version_base=None, config_module="lightning_fastif.app.configs"):
+        >>> from lightning_fastif.app.config import CONFIG_MODULE
+        >>> with initialize_config_module(CONFIG_MODULE, version_base=None):  # doctest: +SKIP
         ...     summary = run(compose("fastif", overrides=["experiment=smoke", "output_dir=runs/smoke"]))
     """
     import lightning.pytorch as pl

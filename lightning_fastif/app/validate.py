@@ -51,8 +51,9 @@ def validate_config(cfg: Any) -> None:
     Example::
 
         >>> from hydra import compose, initialize_config_module  # doctest: +SKIP
-        >>> with initialize_config_module(version_base=None, config_module="lightning_fastif.app.configs"):
-        ...     validate_config(compose("fastif", overrides=["influence.max_memory=4 gigs"]))  # doctest: +SKIP
+        >>> from lightning_fastif.app.config import CONFIG_MODULE
+        >>> with initialize_config_module(CONFIG_MODULE, version_base=None):  # doctest: +SKIP
+        ...     validate_config(compose("fastif", overrides=["influence.max_memory=4 gigs"]))
         Traceback (most recent call last):
         ...
         ArgumentError: influence.max_memory: cannot read '4 gigs' as a memory size; expected ...
@@ -107,13 +108,13 @@ def check_datamodule(datamodule: Any, cfg: Any) -> dict[str, Any]:
         if correction.get("anchors_from", "dataset") == "dataset":
             wanted["anchors"] = cfg.splits.anchors
     datamodule.setup("fit")
-    if any(not hasattr(datamodule, f"{split}_dataset") for split in wanted.values()):
+    if any(_dataset_of(datamodule, split) is None for split in wanted.values()):
         datamodule.setup("test")
     datasets = {}
     for role, split in wanted.items():
         key = "data" if role == "train" else f"splits.{role}"
         attribute = f"{split}_dataset"
-        dataset = getattr(datamodule, attribute, None)
+        dataset = _dataset_of(datamodule, split)
         if dataset is None and role == "train":
             raise ArgumentError(
                 f"data: expected a datamodule that holds its training set in {name}.train_dataset after setup() "
@@ -131,6 +132,14 @@ def check_datamodule(datamodule: Any, cfg: Any) -> dict[str, Any]:
             )
         datasets[role] = dataset
     return datasets
+
+
+def _dataset_of(datamodule: Any, split: str) -> Any:
+    """``datamodule.<split>_dataset``, or None where it is missing (a property may raise instead of being absent)."""
+    try:
+        return getattr(datamodule, f"{split}_dataset", None)
+    except (KeyError, RuntimeError):  # the demo data modules' properties: no such split, or not set up
+        return None
 
 
 def check_model(model: Any, datasets: dict[str, Any], cfg: Any, collate: Any) -> None:
@@ -208,7 +217,8 @@ def _check_plain(cfg: Any) -> None:
         if not (value is None and key == "anchors") and not (isinstance(value, str) and value.isidentifier()):
             raise ArgumentError(f"splits.{key}: expected the name of a dataset of the datamodule, got {value!r}")
     correction = cfg.get("correction")
-    if correction is not None and correction.get("anchors_from") == "dataset" and cfg.splits.anchors is None:
+    anchors_from = None if correction is None else correction.get("anchors_from", "dataset")  # the class's default
+    if anchors_from == "dataset" and cfg.splits.anchors is None:
         raise ArgumentError(
             "splits.anchors: expected the name of the datamodule's anchor dataset (e.g. challenge) because "
             "correction.anchors_from=dataset, got None"
