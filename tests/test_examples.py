@@ -32,9 +32,9 @@ def test_hydra_experiment(tmp_path):
         [
             str(EXAMPLES / "hydra_experiment.py"),
             "experiment=digits_cg",
-            "knn.k=20",
-            "influence.max_test_points=2",
-            "correction.num_steps=1",
+            "influence.num_candidates=20",
+            "report.max_test_points=2",
+            "correction.steps.num_steps=1",
             "report.verify=false",
             f"hydra.run.dir={tmp_path}",
         ],

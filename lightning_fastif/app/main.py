@@ -1,20 +1,25 @@
 """The Hydra application: ``python -m lightning_fastif`` (or ``fastif``) runs the whole story on its built-in default.
 
 1. Train a model (digits CNN by default) with ``FeatureSnapshot``, ``CheckpointSnapshot`` and ``ErrorCorrection``.
-2. Explain the misclassified test points: their most helpful and most harmful training points (FastIF: kNN
-   candidates + LiSSA + JVP scoring, through ``trainer.predict(InfluenceModule(...))``).
+2. Explain the misclassified examples of ``splits.explain`` (the test split): their most helpful and most harmful
+   training points (FastIF: kNN candidates + LiSSA + JVP scoring, through ``trainer.predict(InfluenceModule(...))``).
 3. Find likely mislabelled training points by self-influence (the default data flips 5% of training labels).
-4. Check the estimator against exact influence on a small slice of the model (``verify``).
+4. Check the estimator against exact influence on a small slice of the model (``report.verify``).
 5. Write a report directory: ``report.md``/``index.html``, PNG plots and the result files.
+
+The configuration is the YAML shipped in ``lightning_fastif/app/configs`` (``pkg://lightning_fastif.app.configs``);
+every object is built from its node by :func:`~lightning_fastif.app.config.build`, after the whole config, the model
+and the datamodule are checked (:mod:`lightning_fastif.app.validate`). Your own model and data: docs/APP.md.
 
 Examples::
 
     python -m lightning_fastif                                   # digits, a few minutes on 2 CPU cores
     python -m lightning_fastif experiment=smoke                  # tiny settings (CI)
-    python -m lightning_fastif influence/ihvp=cg knn.k=50        # or influence.ihvp=cg
+    python -m lightning_fastif experiment=correction             # error correction on a planted cue
+    python -m lightning_fastif influence/ihvp=cg influence.num_candidates=50
     python -m lightning_fastif trainer.devices=2 trainer.strategy=ddp
     python -m lightning_fastif -m influence.ihvp.damping=0.001,0.01,0.1
-    python -m lightning_fastif experiment=text                   # MiniLM on drug reviews (~15 min)
+    python -m lightning_fastif hydra.searchpath=[file:///abs/my_configs] data=mine model=mine
 
 The library never reads Hydra's working directory: this app passes ``output_dir`` (Hydra's run directory by
 default) to the Trainer as ``default_root_dir``, and every rank of a DDP run shares it.
@@ -31,111 +36,79 @@ from typing import Any
 
 import torch
 
-from lightning_fastif.app.config import GROUPS, instantiate, register_configs, validate_config
+from lightning_fastif.app.config import CONFIG_NAME, CONFIG_PATH, build, locate
+from lightning_fastif.app.data.labels import dataset_labels
+from lightning_fastif.app.validate import check_datamodule, check_model, validate_config
+from lightning_fastif.errors import ArgumentError
 
 log = logging.getLogger("lightning_fastif")
 
 
-def _resolve_ihvp_node(cfg: Any) -> Any:
-    """``influence.ihvp=cg`` (a name) means the registered ``influence/ihvp`` option of that name."""
-    from omegaconf import OmegaConf
-
-    node = cfg.influence.ihvp
-    if isinstance(node, str):
-        options = GROUPS["influence/ihvp"]
-        if node not in options:
-            raise ValueError(f"influence.ihvp: {node!r} is not an estimator; accepted: {sorted(options)}")
-        return OmegaConf.structured(options[node])
-    return node
-
-
-def _misclassified(model: torch.nn.Module, dataset: Any) -> torch.Tensor:
-    from lightning_fastif.lightning.correction import misclassified_indices
-
-    return misclassified_indices(model, dataset)
-
-
 def run(cfg: Any) -> dict[str, Any]:
-    """Run the main job for a composed config; returns a summary (also written to ``summary.json``)."""
+    """Run the main job for a composed config; returns a summary (also written to ``summary.json``).
+
+    Args:
+        cfg: the composed config (``compose("fastif", ...)`` of ``lightning_fastif.app.configs``).
+
+    Returns:
+        The summary on rank 0 (test accuracy, explained indices, timings, the report's path); ``{}`` on other ranks.
+
+    Raises:
+        ArgumentError: a bad config value, or a model or datamodule lacking what the app needs, before training.
+
+    Example::
+
+        >>> from hydra import compose, initialize_config_module  # doctest: +SKIP
+        >>> from lightning_fastif.app.config import CONFIG_MODULE
+        >>> with initialize_config_module(CONFIG_MODULE, version_base=None):  # doctest: +SKIP
+        ...     summary = run(compose("fastif", overrides=["experiment=smoke", "output_dir=runs/smoke"]))
+    """
     import lightning.pytorch as pl
-    from omegaconf import OmegaConf
     from torch.utils.data import DataLoader
 
-    from lightning_fastif.core.ihvp import Identity
-    from lightning_fastif.core.influence import self_influence
     from lightning_fastif.io.results import InfluenceResult
-    from lightning_fastif.lightning.correction import ErrorCorrection, accuracy
-    from lightning_fastif.lightning.module import InfluenceModule
+    from lightning_fastif.lightning.correction import accuracy, misclassified_indices
 
     started = time.perf_counter()
-    out = Path(cfg.output_dir or os.getcwd()).absolute()
+    out = _output_dir(cfg)
     validate_config(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     pl.seed_everything(cfg.seed, workers=True)
-    ihvp_node = _resolve_ihvp_node(cfg)
-    ihvp = instantiate(ihvp_node)
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")
-    model = instantiate(cfg.model)
-
-    snapshot_dir = out / "snapshot"
-    callbacks: list[pl.Callback] = [
-        instantiate(
-            cfg.callbacks.feature_snapshot, dirpath=str(snapshot_dir), datasets={"test": datamodule.test_dataset}
-        ),
-        instantiate(cfg.callbacks.checkpoint_snapshot, dirpath=str(snapshot_dir)),
-    ]
-    correction_cb = None
-    if cfg.correction.enabled:
-        correction_cb = ErrorCorrection(
-            anchors_from="misclassified",
-            eval_dataset=datamodule.val_dataset,
-            num_anchors=cfg.correction.num_anchors,
-            top_m=cfg.correction.top_m,
-            num_steps=cfg.correction.num_steps,
-            lr=cfg.correction.lr,
-            selection=cfg.correction.selection,
-            every_n_epochs=cfg.correction.every_n_epochs,
-            on_fit_end=cfg.correction.on_fit_end,
-            num_candidates=cfg.correction.num_candidates,
-            ihvp=instantiate(ihvp_node),
-            params=_params(cfg),
-            snapshot_dir=str(snapshot_dir),
-            seed=cfg.correction.seed,
-            dirpath=str(out / "correction"),
-        )
-        callbacks.append(correction_cb)
-    trainer_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer).items() if v is not None}
-    trainer_kwargs["default_root_dir"] = str(out)
-    trainer: pl.Trainer = instantiate(trainer_kwargs, callbacks=callbacks, logger=_logger(out))
+    datamodule = build(cfg.data)
+    model = build(cfg.model)
+    datasets = check_datamodule(datamodule, cfg)
+    collate = _collate_of(datamodule)
+    check_model(model, datasets, cfg, collate)
+    callbacks = _callbacks(cfg, out, datasets)
+    snapshot = _snapshot_dir(cfg, callbacks)
+    correction = None
+    if cfg.get("correction") is not None:
+        runtime = {"eval_dataset": datasets["eval"], **_unset(cfg.correction, dirpath=str(out / "correction"))}
+        if "anchors" in datasets:
+            runtime["anchors"] = datasets["anchors"]
+        correction = build(cfg.correction, **runtime)
+        callbacks.append(correction)
+    logger = build(cfg.logger, save_dir=str(out)) if cfg.get("logger") is not None else False
+    trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out))
     trainer.fit(model, datamodule=datamodule)
     if cfg.mode == "verify":
-        return _verify_only(cfg, trainer, model, datamodule, ihvp_node, out)
+        return _verify_only(cfg, trainer, model, datasets, collate, out)
 
-    # Explain the misclassified test points with FastIF's influence, under the same Trainer (and strategy).
-    test = datamodule.test_dataset
-    wrong = _misclassified(model, test)
-    explained = wrong[: cfg.influence.max_test_points]
-    if explained.numel() == 0:  # a perfect model: explain the first test points instead
-        explained = torch.arange(min(cfg.influence.max_test_points, len(test)))
-    influence_dir = out / "influence"
-    influence = InfluenceModule(
-        model,
-        train_dataset=datamodule.train_dataset,
-        snapshot=str(snapshot_dir),
-        ihvp=ihvp,
-        params=_params(cfg),
-        num_candidates=cfg.knn.k,
-        top_k=cfg.influence.top_k,
-        parallel=cfg.influence.parallel,
-        output_dir=str(influence_dir),
-        batch_size=cfg.influence.batch_size,
-        hessian_batch_size=cfg.influence.hessian_batch_size,
-        max_memory=cfg.influence.max_memory,
-        progress=bool(cfg.trainer.enable_progress_bar),
+    # Explain the misclassified examples with FastIF's influence, under the same Trainer (and strategy).
+    explain = datasets["explain"]
+    wrong = misclassified_indices(model, explain)
+    explained = wrong[: cfg.report.max_test_points]
+    if explained.numel() == 0:  # a perfect model: explain the first examples instead
+        explained = torch.arange(min(cfg.report.max_test_points, len(explain)))
+    influence_dir = Path(cfg.influence.output_dir or out / "influence")
+    influence = build(
+        cfg.influence,
+        model=model,
+        train_dataset=datasets["train"],
+        **_unset(cfg.influence, snapshot=snapshot, output_dir=str(influence_dir)),
     )
-    loader = DataLoader(_IndexedSubset(test, explained.tolist()), batch_size=4, collate_fn=_collate_of(datamodule))
+    loader = DataLoader(_IndexedSubset(explain, explained.tolist()), batch_size=4, collate_fn=collate)
     trainer.predict(influence, loader, return_predictions=False)
     if not trainer.is_global_zero:
         return {}
@@ -143,25 +116,22 @@ def run(cfg: Any) -> dict[str, Any]:
     result = InfluenceResult.load(influence_dir)
     summary: dict[str, Any] = {
         "output_dir": str(out),
-        "test_accuracy": accuracy(model, test),
+        "test_accuracy": accuracy(model, explain),
         "num_misclassified": int(wrong.numel()),
-        "explained_test_indices": result.test_indices.tolist(),
-        "ihvp": ihvp_node.get("_target_", str(ihvp_node)),
-        "knn_k": cfg.knn.k,
+        "explained_test_indices": explained[result.test_indices].tolist(),
+        "ihvp": cfg.influence.ihvp._target_,
+        "num_candidates": cfg.influence.num_candidates,
         "influence_seconds": result.manifest.get("timings", {}),
     }
-    if correction_cb is not None:
+    history = correction.history if correction is not None else []
+    if history:
         summary["correction"] = [
-            {k: h.get(k) for k in ("moment", "accuracy_before", "accuracy_after", "seconds")}
-            for h in correction_cb.history
+            {k: h.get(k) for k in ("moment", "accuracy_before", "accuracy_after", "seconds")} for h in history
         ]
-
-    # Likely mislabelled training points: the largest self-influence.
-    si_ihvp = Identity() if cfg.influence.self_influence_ihvp == "identity" else instantiate(ihvp_node)
-    self_scores = self_influence(model, None, datamodule.train_dataset, ihvp=si_ihvp, params=_params(cfg))
+    self_scores = _self_influence(cfg, model, datasets["train"])
     flipped = getattr(datamodule, "flipped_indices", None)
-    top = self_scores.argsort(descending=True)[: max(1, len(self_scores) // 10)]
-    if flipped is not None and len(flipped):
+    if self_scores is not None and flipped is not None and len(flipped):
+        top = self_scores.argsort(descending=True)[: max(1, len(self_scores) // 10)]
         flipped_set = set(torch.as_tensor(flipped).tolist())
         summary["mislabel_top10_fraction"] = sum(int(i) in flipped_set for i in top.tolist()) / len(top)
         summary["mislabel_random_fraction"] = len(flipped_set) / len(self_scores)
@@ -170,77 +140,163 @@ def run(cfg: Any) -> dict[str, Any]:
     if cfg.report.verify:
         from lightning_fastif.core.verify import verify
 
-        batch = _collate_of(datamodule)([test[i] for i in explained[:4].tolist()])
         verify_report = verify(
             model,
-            None,
-            datamodule.train_dataset,
-            batch,
-            ihvp=instantiate(ihvp_node),
+            _loss_fn(cfg),
+            datasets["train"],
+            collate([explain[i] for i in explained[:4].tolist()]),
+            ihvp=build(cfg.influence.ihvp),
             num_train=cfg.report.verify_num_train,
             loo=cfg.report.verify_loo,
         )
         summary["verify"] = verify_report.to_dict()
 
-    summary["report"] = str(
-        _write_report(
-            out / "report",
-            cfg=cfg,
-            datamodule=datamodule,
-            model=model,
-            result=result,
-            explained=explained,
-            self_scores=self_scores,
-            flipped=flipped,
-            correction_history=correction_cb.history if correction_cb is not None else [],
-            verify_report=verify_report,
-            summary=summary,
+    if cfg.report.enabled:
+        summary["report"] = str(
+            _write_report(
+                out / "report",
+                cfg=cfg,
+                datamodule=datamodule,
+                datasets=datasets,
+                model=model,
+                result=result,
+                explained=explained,
+                self_scores=self_scores,
+                flipped=flipped,
+                correction_history=history,
+                verify_report=verify_report,
+                summary=summary,
+            )
         )
-    )
     summary["seconds"] = time.perf_counter() - started
     from lightning_fastif.io.atomic import atomic_write_bytes
     from lightning_fastif.io.results import jsonable
 
     atomic_write_bytes(out / "summary.json", json.dumps(jsonable(summary), indent=2).encode())
-    log.info("report written to %s", summary["report"])
+    log.info("results written to %s", out)
     return summary
 
 
-def _verify_only(cfg: Any, trainer: Any, model: torch.nn.Module, datamodule: Any, ihvp_node: Any, out: Path) -> dict:
+def _output_dir(cfg: Any) -> Path:
+    """``output_dir``, else Hydra's run directory (under ``hydra.main``), else the working directory."""
+    if cfg.output_dir is not None:
+        return Path(cfg.output_dir).absolute()
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir).absolute()
+    return Path(os.getcwd()).absolute()
+
+
+def _unset(node: Any, **values: Any) -> dict[str, Any]:
+    """The ``values`` whose key the node leaves null: run-time defaults never override what the config sets."""
+    return {key: value for key, value in values.items() if node.get(key) is None}
+
+
+def _callbacks(cfg: Any, out: Path, datasets: dict[str, Any]) -> list[Any]:
+    """The Trainer's callbacks from ``cfg.callbacks``; snapshots get ``<output_dir>/snapshot`` unless set."""
+    from lightning_fastif.lightning.snapshots import CheckpointSnapshot, FeatureSnapshot
+
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        runtime: dict[str, Any] = {}
+        target = locate(node._target_, f"callbacks.{name}")
+        if isinstance(target, type) and issubclass(target, (FeatureSnapshot, CheckpointSnapshot)):
+            runtime.update(_unset(node, dirpath=str(out / "snapshot")))
+        if isinstance(target, type) and issubclass(target, FeatureSnapshot) and node.get("datasets") is None:
+            runtime["datasets"] = {cfg.splits.explain: datasets["explain"]}
+        callbacks.append(build(node, **runtime))
+    return callbacks
+
+
+def _snapshot_dir(cfg: Any, callbacks: list[Any]) -> str | None:
+    """The FeatureSnapshot's directory, which the influence module searches for candidates."""
+    from lightning_fastif.lightning.snapshots import FeatureSnapshot
+
+    dirs = [str(cb.dirpath) for cb in callbacks if isinstance(cb, FeatureSnapshot) and cb.dirpath is not None]
+    needed = cfg.influence.num_candidates is not None or cfg.influence.checkpoints is not None
+    if not dirs and cfg.influence.snapshot is None and needed:
+        raise ArgumentError(
+            f"influence.num_candidates: expected null (score every training point) when callbacks has no "
+            f"FeatureSnapshot and influence.snapshot is null, got {cfg.influence.num_candidates!r}; keep "
+            f"callbacks.feature_snapshot or set influence.snapshot"
+        )
+    return dirs[0] if dirs else None
+
+
+def _loss_fn(cfg: Any) -> Any:
+    node = cfg.influence.get("loss_fn")
+    return None if node is None else build(node)
+
+
+def _params(cfg: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    params = cfg.influence.params
+    return OmegaConf.to_container(params) if OmegaConf.is_config(params) else params
+
+
+def _self_influence(cfg: Any, model: torch.nn.Module, train: Any) -> torch.Tensor | None:
+    """Self-influence of every training point (``report.self_influence``: identity, same or null to skip)."""
+    from lightning_fastif.core.ihvp import Identity
+    from lightning_fastif.core.influence import self_influence
+
+    how = cfg.report.self_influence
+    if how is None:
+        return None
+    ihvp = Identity() if how == "identity" else build(cfg.influence.ihvp)
+    return self_influence(model, _loss_fn(cfg), train, ihvp=ihvp, params=_params(cfg))
+
+
+def _verify_only(
+    cfg: Any, trainer: Any, model: torch.nn.Module, datasets: dict[str, Any], collate: Any, out: Path
+) -> dict[str, Any]:
     """``mode=verify``: check the configured estimator against exact influence on a slice of the trained model.
 
     Writes ``verify.json`` and prints the table; with ``-m influence.ihvp.damping=...`` each run of the sweep has its
     own ``verify.json`` (Pearson, Spearman, top-10 overlap, residual against damping).
     """
+    from omegaconf import OmegaConf
+
     from lightning_fastif.core.verify import verify
     from lightning_fastif.io.atomic import atomic_write_bytes
     from lightning_fastif.io.results import jsonable
 
     if not trainer.is_global_zero:
         return {}
-    test = datamodule.test_dataset
-    batch = _collate_of(datamodule)([test[i] for i in range(min(8, len(test)))])
+    explain = datasets["explain"]
     report = verify(
         model,
-        None,
-        datamodule.train_dataset,
-        batch,
-        ihvp=instantiate(ihvp_node),
+        _loss_fn(cfg),
+        datasets["train"],
+        collate([explain[i] for i in range(min(8, len(explain)))]),
+        ihvp=build(cfg.influence.ihvp),
         params=_params(cfg),
         num_train=cfg.report.verify_num_train,
         loo=cfg.report.verify_loo,
         seed=cfg.seed,
     )
     print(report)
-    summary = {"mode": "verify", "ihvp": _container(ihvp_node), "verify": report.to_dict()}
+    summary = {"mode": "verify", "ihvp": OmegaConf.to_container(cfg.influence.ihvp), "verify": report.to_dict()}
     atomic_write_bytes(out / "verify.json", json.dumps(jsonable(summary), indent=2).encode())
     return summary
 
 
-def _container(node: Any) -> Any:
-    from omegaconf import OmegaConf
+def render_mode(datamodule: Any) -> str:
+    """How the report shows examples: ``"images"`` (``images_of``), ``"text"`` (``texts_of``) or ``"table"``.
 
-    return OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+    Example::
+
+        >>> render_mode(object())
+        'table'
+    """
+    if callable(getattr(datamodule, "images_of", None)):
+        return "images"
+    if callable(getattr(datamodule, "texts_of", None)):
+        return "text"
+    return "table"
 
 
 def _write_report(
@@ -248,10 +304,11 @@ def _write_report(
     *,
     cfg: Any,
     datamodule: Any,
+    datasets: dict[str, Any],
     model: torch.nn.Module,
     result: Any,
     explained: torch.Tensor,
-    self_scores: torch.Tensor,
+    self_scores: torch.Tensor | None,
     flipped: Any,
     correction_history: list[dict[str, Any]],
     verify_report: Any,
@@ -260,13 +317,12 @@ def _write_report(
     """The report directory: ``report.md`` and ``index.html`` with the plots and a table per question."""
     from lightning_fastif.app import viz
     from lightning_fastif.app.report import Report
-    from lightning_fastif.lightning.correction import predicted_labels
 
     dirpath.mkdir(parents=True, exist_ok=True)
-    test = datamodule.test_dataset
-    train_labels = _labels_of_dataset(datamodule.train_dataset)
-    test_ids = explained[result.test_indices].tolist()  # predict positions -> test dataset indices
-    is_text = callable(getattr(datamodule, "texts_of", None))
+    split = cfg.splits.explain
+    train_labels = dataset_labels(datasets["train"])
+    explain_labels = dataset_labels(datasets["explain"])
+    test_ids = explained[result.test_indices].tolist()  # predict positions -> indices of the explained split
     report = Report(dirpath, "lightning_fastif: what the model learned from which training points")
     report.add_paragraph(
         "Scores are influence estimates `g_testᵀ (H + λI)⁻¹ g_train`; **positive = helpful** (removing the training "
@@ -274,19 +330,18 @@ def _write_report(
     )
     report.add_metrics(
         {
-            "test accuracy": summary["test_accuracy"],
-            "misclassified test points": summary["num_misclassified"],
-            "kNN candidates per test point": cfg.knn.k,
+            f"{split} accuracy": summary["test_accuracy"],
+            f"misclassified {split} examples": summary["num_misclassified"],
+            "kNN candidates per example": cfg.influence.num_candidates,
             "estimator": summary["ihvp"],
-            "training points": len(datamodule.train_dataset),
+            "training points": len(datasets["train"]),
         },
         title="Run",
     )
-
     if correction_history:
         report.add_heading("Error correction during training", level=2)
         path = viz.plot_accuracy_history(correction_history, dirpath / "correction_accuracy.png")
-        report.add_image(path, "Validation accuracy before and after each ErrorCorrection")
+        report.add_image(path, "Accuracy before and after each ErrorCorrection")
         report.add_table(
             ["moment", "accuracy before", "accuracy after", "points used", "seconds"],
             [
@@ -294,106 +349,31 @@ def _write_report(
                     h["moment"],
                     h["accuracy_before"],
                     h["accuracy_after"],
-                    len(h["steps"]) * cfg.correction.top_m,
+                    sum(len(step["chosen_indices"]) for step in h["steps"]),
                     round(h["seconds"], 1),
                 ]
                 for h in correction_history
             ],
         )
 
-    report.add_heading("Why were these test points misclassified?", level=2)
+    report.add_heading(f"Why were these {split} examples misclassified?", level=2)
     graph = viz.plot_influence_graph(
         test_ids,
         result.candidate_indices,
         result.scores,
         dirpath / "influence_graph.png",
-        test_groups=[int(_labels_of_dataset(test)[i]) for i in test_ids],
+        test_groups=[int(explain_labels[i]) for i in test_ids],
         train_groups=train_labels,
         top_n=cfg.report.top_n,
     )
     report.add_image(
         graph,
-        "Training points (inside) and the misclassified test points they influence (circle, by "
-        "true class); blue edges helpful, orange harmful, width ∝ |influence|",
+        f"Training points (inside) and the misclassified {split} examples they influence (circle, by true class); "
+        "blue edges helpful, orange harmful, width ∝ |influence|",
     )
-    device = next(model.parameters()).device
-    collate = _collate_of(datamodule)
-    for row, test_index in list(enumerate(test_ids))[: cfg.report.num_explained]:
-        position = int(result.test_indices[row])
-        helpful, harmful = (
-            result.top_helpful(position, cfg.report.top_n),
-            result.top_harmful(position, cfg.report.top_n),
-        )
-        batch = collate([test[test_index]])
-        from lightning_fastif.core.batches import move_batch
-
-        with torch.no_grad():
-            predicted = int(predicted_labels(model.eval(), move_batch(batch, device))[0])
-        label = int(_labels_of_dataset(test)[test_index])
-        if is_text:
-
-            def entries(ranked: Any) -> list[tuple[str, int, float, int]]:
-                texts = datamodule.texts_of("train", ranked.indices)
-                return [
-                    (t, int(train_labels[i]), float(s), int(i))
-                    for t, i, s in zip(texts, ranked.indices.tolist(), ranked.scores.tolist())
-                ]
-
-            report.add_blocks(
-                viz.text_explanation_blocks(
-                    datamodule.texts_of("test", [test_index])[0],
-                    label,
-                    predicted,
-                    entries(helpful),
-                    entries(harmful),
-                    heading=f"Test review {test_index}",
-                )
-            )
-        else:
-            path = viz.plot_explanation(
-                datamodule.images_of("test", [test_index])[0],
-                f"test {test_index}: label {label}, predicted {predicted}",
-                datamodule.images_of("train", helpful.indices),
-                helpful.scores,
-                datamodule.images_of("train", harmful.indices),
-                harmful.scores,
-                dirpath / f"explain_test_{test_index}.png",
-                helpful_titles=[f"#{i} y={int(train_labels[i])}" for i in helpful.indices.tolist()],
-                harmful_titles=[f"#{i} y={int(train_labels[i])}" for i in harmful.indices.tolist()],
-            )
-            report.add_image(
-                path,
-                f"Test point {test_index} (label {label}, predicted {predicted}): most helpful "
-                "(top row) and most harmful (bottom row) training points",
-            )
-
-    report.add_heading("Likely mislabelled training points (self-influence)", level=2)
-    top = self_scores.argsort(descending=True)[: cfg.report.top_n * 2]
-    flagged = None if flipped is None or len(flipped) == 0 else torch.as_tensor(flipped)
-    path = viz.plot_self_influence(self_scores, dirpath / "self_influence.png", flagged=flagged)
-    report.add_image(path, "Training points sorted by self-influence; known flipped labels marked")
-    if flagged is not None:
-        found = viz.mislabel_detection(self_scores, flagged)
-        report.add_paragraph(
-            f"{len(flagged)} training labels were flipped on purpose (`data.label_noise`). Inspecting the top 10% by "
-            f"self-influence finds {found['found']} of them: precision {found['precision']:.2f} against "
-            f"{len(flagged) / len(self_scores):.2f} for a random 10%."
-        )
-    if not is_text:
-        path = viz.plot_examples_grid(
-            datamodule.images_of("train", top),
-            dirpath / "self_influence_top.png",
-            titles=[f"#{i} y={int(train_labels[i])}" for i in top.tolist()],
-        )
-        report.add_image(
-            path, "The training points with the highest self-influence, with their (possibly wrong) labels"
-        )
-    flipped_set = set() if flagged is None else set(flagged.tolist())
-    report.add_table(
-        ["train index", "label", "self-influence", "label flipped on purpose"],
-        [[int(i), int(train_labels[i]), float(self_scores[i]), int(i) in flipped_set] for i in top.tolist()],
-    )
-
+    _explanations(report, dirpath, cfg, datamodule, model, result, test_ids, datasets, train_labels, explain_labels)
+    if self_scores is not None:
+        _self_influence_section(report, dirpath, cfg, datamodule, self_scores, flipped, train_labels)
     if verify_report is not None:
         report.add_heading("Can these numbers be trusted? (verify against exact influence)", level=2)
         report.add_code(str(verify_report))
@@ -410,19 +390,124 @@ def _write_report(
     return report.write()
 
 
-def _labels_of_dataset(dataset: Any) -> torch.Tensor:
-    """The label of every example of a dataset (``TensorDataset``'s last tensor, or ``labels``/item[-1])."""
-    if isinstance(dataset, torch.utils.data.TensorDataset):
-        return dataset.tensors[-1]
-    labels = getattr(dataset, "labels", None)
-    if isinstance(labels, torch.Tensor):
-        return labels
-    items = [dataset[i] for i in range(len(dataset))]
-    return torch.as_tensor([int(it["labels"] if isinstance(it, dict) else it[-1]) for it in items])
+def _explanations(
+    report: Any,
+    dirpath: Path,
+    cfg: Any,
+    datamodule: Any,
+    model: torch.nn.Module,
+    result: Any,
+    test_ids: list[int],
+    datasets: dict[str, Any],
+    train_labels: torch.Tensor,
+    explain_labels: torch.Tensor,
+) -> None:
+    """One block per explained example: images, texts or a table of training indices, labels and scores."""
+    from lightning_fastif.app import viz
+    from lightning_fastif.core.batches import move_batch
+    from lightning_fastif.lightning.correction import predicted_labels
+
+    split, mode = cfg.splits.explain, render_mode(datamodule)
+    device = next(model.parameters()).device
+    collate = _collate_of(datamodule)
+    for row, test_index in list(enumerate(test_ids))[: cfg.report.num_explained]:
+        position = int(result.test_indices[row])
+        helpful = result.top_helpful(position, cfg.report.top_n)
+        harmful = result.top_harmful(position, cfg.report.top_n)
+        with torch.no_grad():
+            batch = move_batch(collate([datasets["explain"][test_index]]), device)
+            predicted = int(predicted_labels(model.eval(), batch)[0])
+        label = int(explain_labels[test_index])
+        if mode == "images":
+            path = viz.plot_explanation(
+                datamodule.images_of(split, [test_index])[0],
+                f"{split} {test_index}: label {label}, predicted {predicted}",
+                datamodule.images_of("train", helpful.indices),
+                helpful.scores,
+                datamodule.images_of("train", harmful.indices),
+                harmful.scores,
+                dirpath / f"explain_test_{test_index}.png",
+                helpful_titles=[f"#{i} y={int(train_labels[i])}" for i in helpful.indices.tolist()],
+                harmful_titles=[f"#{i} y={int(train_labels[i])}" for i in harmful.indices.tolist()],
+            )
+            report.add_image(
+                path,
+                f"{split} example {test_index} (label {label}, predicted {predicted}): most helpful (top row) and "
+                "most harmful (bottom row) training points",
+            )
+        elif mode == "text":
+
+            def entries(ranked: Any) -> list[tuple[str, int, float, int]]:
+                texts = datamodule.texts_of("train", ranked.indices)
+                return [
+                    (t, int(train_labels[i]), float(s), int(i))
+                    for t, i, s in zip(texts, ranked.indices.tolist(), ranked.scores.tolist(), strict=True)
+                ]
+
+            report.add_blocks(
+                viz.text_explanation_blocks(
+                    datamodule.texts_of(split, [test_index])[0],
+                    label,
+                    predicted,
+                    entries(helpful),
+                    entries(harmful),
+                    heading=f"{split} example {test_index}",
+                )
+            )
+        else:
+            report.add_heading(f"{split} example {test_index}: label {label}, predicted {predicted}", level=3)
+            report.add_table(
+                ["", "train index", "label", "influence"],
+                [
+                    [kind, int(i), int(train_labels[i]), float(s)]
+                    for kind, ranked in (("helpful", helpful), ("harmful", harmful))
+                    for i, s in zip(ranked.indices.tolist(), ranked.scores.tolist(), strict=True)
+                ],
+            )
+
+
+def _self_influence_section(
+    report: Any,
+    dirpath: Path,
+    cfg: Any,
+    datamodule: Any,
+    self_scores: torch.Tensor,
+    flipped: Any,
+    train_labels: torch.Tensor,
+) -> None:
+    from lightning_fastif.app import viz
+
+    report.add_heading("Likely mislabelled training points (self-influence)", level=2)
+    top = self_scores.argsort(descending=True)[: cfg.report.top_n * 2]
+    flagged = None if flipped is None or len(flipped) == 0 else torch.as_tensor(flipped)
+    path = viz.plot_self_influence(self_scores, dirpath / "self_influence.png", flagged=flagged)
+    marked = "; known flipped labels marked" if flagged is not None else ""
+    report.add_image(path, f"Training points sorted by self-influence{marked}")
+    if flagged is not None:
+        found = viz.mislabel_detection(self_scores, flagged)
+        report.add_paragraph(
+            f"{len(flagged)} training labels were flipped on purpose (`data.label_noise`). Inspecting the top 10% by "
+            f"self-influence finds {found['found']} of them: precision {found['precision']:.2f} against "
+            f"{len(flagged) / len(self_scores):.2f} for a random 10%."
+        )
+    if render_mode(datamodule) == "images":
+        path = viz.plot_examples_grid(
+            datamodule.images_of("train", top),
+            dirpath / "self_influence_top.png",
+            titles=[f"#{i} y={int(train_labels[i])}" for i in top.tolist()],
+        )
+        report.add_image(
+            path, "The training points with the highest self-influence, with their (possibly wrong) labels"
+        )
+    flipped_set = set() if flagged is None else set(flagged.tolist())
+    report.add_table(
+        ["train index", "label", "self-influence", "label flipped on purpose"],
+        [[int(i), int(train_labels[i]), float(self_scores[i]), int(i) in flipped_set] for i in top.tolist()],
+    )
 
 
 class _IndexedSubset(torch.utils.data.Dataset):
-    """A subset whose items are the dataset's items; its order maps predict indices back to test indices."""
+    """A subset whose items are the dataset's items; its order maps predict indices back to dataset indices."""
 
     def __init__(self, dataset: Any, indices: list[int]) -> None:
         self.dataset, self.indices = dataset, indices
@@ -440,33 +525,12 @@ def _collate_of(datamodule: Any) -> Any:
     return getattr(datamodule, "collate_fn", None) or default_collate
 
 
-def _params(cfg: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    params = cfg.influence.params
-    return OmegaConf.to_container(params) if OmegaConf.is_config(params) else params
-
-
-def _logger(out: Path) -> Any:
-    from lightning.pytorch.loggers import CSVLogger
-
-    return CSVLogger(str(out), name="logs")
-
-
 def main() -> None:
-    """Console entry point (``fastif`` / ``python -m lightning_fastif``)."""
+    """Console entry point (``fastif`` / ``python -m lightning_fastif``): the packaged configs, composed by Hydra."""
     import hydra
 
-    register_configs()
-
-    @hydra.main(version_base=None, config_name="fastif")
+    @hydra.main(version_base=None, config_path=CONFIG_PATH, config_name=CONFIG_NAME)
     def _app(cfg: Any) -> None:
-        from hydra.core.hydra_config import HydraConfig
-        from omegaconf import open_dict
-
-        if cfg.output_dir is None:
-            with open_dict(cfg):
-                cfg.output_dir = HydraConfig.get().runtime.output_dir
         run(cfg)
 
     _app()

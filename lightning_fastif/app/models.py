@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from abc import abstractmethod
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +27,12 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_fastif.app.data.labels import labels_of
+from lightning_fastif.errors import ArgumentError, check_choice, check_int, check_number
+
 Batch = Any
 
 _OPTIMIZERS = ("adam", "sgd", "lbfgs")
-
-
-def _check(name: str, value: Any, ok: bool, accepted: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: expected {accepted}, got {value!r}")
-
-
-def _labels_of(batch: Batch) -> Tensor:
-    if isinstance(batch, Mapping):
-        if "labels" not in batch:
-            raise KeyError(f"batch: a dict batch needs a 'labels' entry, got keys {sorted(batch)}")
-        return batch["labels"]
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[1]
-    raise TypeError(f"batch: expected an (x, y) tuple/list or a dict with 'labels', got {type(batch).__name__}")
 
 
 class _Classifier(LightningModule):
@@ -53,7 +40,7 @@ class _Classifier(LightningModule):
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
-        _check("num_classes", num_classes, isinstance(num_classes, int) and num_classes >= 2, "an integer >= 2")
+        check_int("num_classes", num_classes, minimum=2)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -72,7 +59,7 @@ class _Classifier(LightningModule):
             >>> model.per_example_loss((torch.rand(3, 1, 8, 8), torch.tensor([0, 1, 2]))).shape
             torch.Size([3])
         """
-        return F.cross_entropy(self.logits(batch), _labels_of(batch), reduction="none")
+        return F.cross_entropy(self.logits(batch), labels_of(batch), reduction="none")
 
     def regularizer(self) -> Tensor:
         """The penalty added to the mean loss in training (zero unless a subclass puts its L2 in the loss)."""
@@ -80,7 +67,7 @@ class _Classifier(LightningModule):
 
     def _step(self, batch: Batch, stage: str) -> Tensor:
         logits = self.logits(batch)
-        labels = _labels_of(batch)
+        labels = labels_of(batch)
         loss = F.cross_entropy(logits, labels) + self.regularizer()
         metric = getattr(self, f"{stage}_acc")
         metric(logits.detach(), labels)
@@ -146,11 +133,11 @@ class DigitsClassifier(_Classifier):
     ) -> None:
         super().__init__(num_classes)
         for name, value in (("conv1_channels", conv1_channels), ("conv2_channels", conv2_channels)):
-            _check(name, value, isinstance(value, int) and value >= 1, "a positive integer")
-        _check("hidden_dim", hidden_dim, isinstance(hidden_dim, int) and hidden_dim >= 1, "a positive integer")
-        _check("lr", lr, lr > 0, "a positive number")
-        _check("weight_decay", weight_decay, weight_decay >= 0, "a number >= 0")
-        _check("dropout", dropout, 0 <= dropout < 1, "a number in [0, 1)")
+            check_int(name, value)
+        check_int("hidden_dim", hidden_dim)
+        check_number("lr", lr, low=0.0, low_open=True)
+        check_number("weight_decay", weight_decay, low=0.0)
+        check_number("dropout", dropout, low=0.0, high=1.0, high_open=True)
         self.save_hyperparameters()
         self.conv = nn.Sequential(
             nn.Conv2d(1, conv1_channels, kernel_size=3, padding=1),
@@ -218,10 +205,10 @@ class LogisticRegression(_Classifier):
         bias: bool = True,
     ) -> None:
         super().__init__(num_classes)
-        _check("in_features", in_features, isinstance(in_features, int) and in_features >= 1, "a positive integer")
-        _check("lr", lr, lr > 0, "a positive number")
-        _check("weight_decay", weight_decay, weight_decay >= 0, "a number >= 0")
-        _check("optimizer", optimizer, optimizer in _OPTIMIZERS, f"one of {_OPTIMIZERS}")
+        check_int("in_features", in_features)
+        check_number("lr", lr, low=0.0, low_open=True)
+        check_number("weight_decay", weight_decay, low=0.0)
+        check_choice("optimizer", optimizer, _OPTIMIZERS)
         self.save_hyperparameters()
         self.classifier = nn.Linear(in_features, 1 if num_classes == 2 else num_classes, bias=bias)
 
@@ -321,19 +308,18 @@ class TextClassifier(_Classifier):
         max_length: int = 64,
     ) -> None:
         super().__init__(num_classes)
-        _check("lr", lr, lr > 0, "a positive number")
-        _check("weight_decay", weight_decay, weight_decay >= 0, "a number >= 0")
-        _check("dropout", dropout, 0 <= dropout < 1, "a number in [0, 1)")
-        _check("max_length", max_length, isinstance(max_length, int) and max_length >= 4, "an integer >= 4")
+        check_number("lr", lr, low=0.0, low_open=True)
+        check_number("weight_decay", weight_decay, low=0.0)
+        check_number("dropout", dropout, low=0.0, high=1.0, high_open=True)
+        check_int("max_length", max_length, minimum=4)
         self.save_hyperparameters()
         self.encoder = _build_encoder(model_path, encoder_config, dropout)
         num_layers = len(self.encoder.encoder.layer)
-        _check(
-            "train_layers",
-            train_layers,
-            isinstance(train_layers, int) and 0 <= train_layers <= num_layers,
-            f"an integer in [0, {num_layers}] (the encoder has {num_layers} layers)",
-        )
+        if check_int("train_layers", train_layers, minimum=0) > num_layers:
+            raise ArgumentError(
+                f"train_layers: expected an integer in [0, {num_layers}] (the encoder has {num_layers} layers), got "
+                f"{train_layers!r}"
+            )
         self.classifier = nn.Linear(self.encoder.config.hidden_size, num_classes)
         self.encoder.requires_grad_(False)
         for layer in self.encoder.encoder.layer[num_layers - train_layers :]:
