@@ -33,7 +33,7 @@ MOVED_MODULES: dict[str, str | tuple[str, ...]] = {
     "correction": "lightning.correction",
     "config": "app.config",
     "report": "app.report",
-    "viz": "app.viz",
+    "viz": ("app.plots", "app.text_explanations", "metrics"),  # split: plots, text explanations, metrics
     "data": "app.data",
     "models": "app.models",
 }

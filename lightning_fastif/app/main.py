@@ -315,7 +315,7 @@ def _write_report(
     summary: dict[str, Any],
 ) -> Path:
     """The report directory: ``report.md`` and ``index.html`` with the plots and a table per question."""
-    from lightning_fastif.app import viz
+    from lightning_fastif.app import plots
     from lightning_fastif.app.report import Report
 
     dirpath.mkdir(parents=True, exist_ok=True)
@@ -340,7 +340,7 @@ def _write_report(
     )
     if correction_history:
         report.add_heading("Error correction during training", level=2)
-        path = viz.plot_accuracy_history(correction_history, dirpath / "correction_accuracy.png")
+        path = plots.plot_accuracy_history(correction_history, dirpath / "correction_accuracy.png")
         report.add_image(path, "Accuracy before and after each ErrorCorrection")
         report.add_table(
             ["moment", "accuracy before", "accuracy after", "points used", "seconds"],
@@ -357,7 +357,7 @@ def _write_report(
         )
 
     report.add_heading(f"Why were these {split} examples misclassified?", level=2)
-    graph = viz.plot_influence_graph(
+    graph = plots.plot_influence_graph(
         test_ids,
         result.candidate_indices,
         result.scores,
@@ -403,7 +403,8 @@ def _explanations(
     explain_labels: torch.Tensor,
 ) -> None:
     """One block per explained example: images, texts or a table of training indices, labels and scores."""
-    from lightning_fastif.app import viz
+    from lightning_fastif.app import plots
+    from lightning_fastif.app.text_explanations import text_explanation_blocks
     from lightning_fastif.core.batches import move_batch
     from lightning_fastif.lightning.correction import predicted_labels
 
@@ -419,7 +420,7 @@ def _explanations(
             predicted = int(predicted_labels(model.eval(), batch)[0])
         label = int(explain_labels[test_index])
         if mode == "images":
-            path = viz.plot_explanation(
+            path = plots.plot_explanation(
                 datamodule.images_of(split, [test_index])[0],
                 f"{split} {test_index}: label {label}, predicted {predicted}",
                 datamodule.images_of("train", helpful.indices),
@@ -445,7 +446,7 @@ def _explanations(
                 ]
 
             report.add_blocks(
-                viz.text_explanation_blocks(
+                text_explanation_blocks(
                     datamodule.texts_of(split, [test_index])[0],
                     label,
                     predicted,
@@ -475,23 +476,24 @@ def _self_influence_section(
     flipped: Any,
     train_labels: torch.Tensor,
 ) -> None:
-    from lightning_fastif.app import viz
+    from lightning_fastif.app import plots
+    from lightning_fastif.metrics import mislabel_detection
 
     report.add_heading("Likely mislabelled training points (self-influence)", level=2)
     top = self_scores.argsort(descending=True)[: cfg.report.top_n * 2]
     flagged = None if flipped is None or len(flipped) == 0 else torch.as_tensor(flipped)
-    path = viz.plot_self_influence(self_scores, dirpath / "self_influence.png", flagged=flagged)
+    path = plots.plot_self_influence(self_scores, dirpath / "self_influence.png", flagged=flagged)
     marked = "; known flipped labels marked" if flagged is not None else ""
     report.add_image(path, f"Training points sorted by self-influence{marked}")
     if flagged is not None:
-        found = viz.mislabel_detection(self_scores, flagged)
+        found = mislabel_detection(self_scores, flagged)
         report.add_paragraph(
             f"{len(flagged)} training labels were flipped on purpose (`data.label_noise`). Inspecting the top 10% by "
             f"self-influence finds {found['found']} of them: precision {found['precision']:.2f} against "
             f"{len(flagged) / len(self_scores):.2f} for a random 10%."
         )
     if render_mode(datamodule) == "images":
-        path = viz.plot_examples_grid(
+        path = plots.plot_examples_grid(
             datamodule.images_of("train", top),
             dirpath / "self_influence_top.png",
             titles=[f"#{i} y={int(train_labels[i])}" for i in top.tolist()],
