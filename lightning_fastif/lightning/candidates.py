@@ -26,7 +26,7 @@ from lightning_fastif.search.features import check_kind, features_of_batch, has_
 from lightning_fastif.search.knn import KNNIndex, Sign
 from lightning_fastif.search.preconditioner import QueryPreconditioner
 
-__all__ = ["CandidatePool", "QuerySource", "resolve_query_source"]
+__all__ = ["CandidatePool", "QuerySource", "check_num_candidates", "resolve_query_source"]
 
 _SEARCH_SIGN: dict[str, Sign] = {"both": "both", "helpful": "positive", "harmful": "negative"}
 HESSIAN_ENTRY = "last_layer_hessian"
@@ -101,6 +101,48 @@ class CandidatePool:
                 f"dataset has {size}; embed this pool with FeatureSnapshot(datasets={{{name!r}: ...}})"
             )
         return cls(dataset, index, name)
+
+
+def check_num_candidates(
+    num_candidates: Any, pool: CandidatePool | None, num_train: int, snapshot: str | None
+) -> int | None:
+    """``num_candidates`` if the candidates can be found: at most all of them, and a kNN index to search.
+
+    Args:
+        num_candidates: ``None`` (every candidate) or the ``k`` nearest.
+        pool: the candidate pool, or ``None`` for the training set.
+        num_train: the training set's size.
+        snapshot: the snapshot directory whose index the training set's candidates come from.
+
+    Raises:
+        ArgumentError: ``num_candidates`` is not ``None`` or an integer in ``1..`` the number of candidates, or there
+            is no index to search (no snapshot, a pool without one).
+
+    Example::
+
+        >>> check_num_candidates(5, None, 60, "runs/snapshot")
+        5
+    """
+    total = len(pool) if pool is not None else num_train
+    where = "the candidate pool" if pool is not None else "the training set"
+    if num_candidates is None:
+        return None
+    if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or not 1 <= num_candidates <= total:
+        raise ArgumentError(
+            f"num_candidates: expected None (all of {where}) or an integer in 1..{total} ({where} has {total} "
+            f"examples), got {num_candidates!r}"
+        )
+    if snapshot is None and pool is None:
+        raise ArgumentError(
+            f"snapshot: expected the dirpath of a FeatureSnapshot, whose kNN index num_candidates={num_candidates} "
+            "needs (or pass num_candidates=None to score every training point), got None"
+        )
+    if pool is not None and pool.index is None:
+        raise ArgumentError(
+            f"num_candidates: expected None (all {total} pool examples), since candidates_pool has no kNN index "
+            f"(build it with CandidatePool.from_snapshot), got {num_candidates}"
+        )
+    return num_candidates
 
 
 class QuerySource:
@@ -202,7 +244,7 @@ def resolve_query_source(
         SnapshotNotFoundError: the snapshot holds no features version, no ``train`` features, or a listed
             ``H_last`` file is missing.
         SnapshotError: the manifest contradicts itself.
-        ValueError: the snapshot was built for a training set of another size.
+        ValueError: the snapshot was built for a training set of another size, or names no layer for its gradients.
         ArgumentError: ``feature_layer`` or ``knn_sign`` do not fit the snapshot's features.
     """
     entry: dict[str, Any] = {}
@@ -232,9 +274,9 @@ def resolve_query_source(
     elif not has_features_method(model):
         names = [n for n, _ in model.named_modules() if n][:40]
         raise ArgumentError(
-            f"feature_layer: expected one of {names} (e.g. the classifier with feature_hook='input'), since "
-            f"{type(model).__name__} defines no features(batch) method and the snapshot names no layer; or pass "
-            "num_candidates=None, got None"
+            f"feature_layer: expected a submodule name, one of {names} (e.g. the classifier with feature_hook="
+            f"'input'), since {type(model).__name__} defines no features(batch) method and the snapshot names no "
+            "layer (or pass num_candidates=None), got None"
         )
     return QuerySource(search, snapshot, kind)
 
@@ -273,14 +315,13 @@ def _gradient_source(
             f"must be gradients of the same parameters), got {search.feature_layer!r}"
         )
     if snap_layer is None or not isinstance(snap_layer, str):
-        raise SnapshotError(f"snapshot: its loss-gradient features name no layer (manifest layer {snap_layer!r})")
+        raise ValueError(f"snapshot: its loss-gradient features name no layer (manifest layer {snap_layer!r})")
     resolve_layer(model, snap_layer)
     search = dataclasses.replace(search, feature_layer=snap_layer, knn_sign=search.knn_sign or "both")
     record = entry.get(HESSIAN_ENTRY)
     if not isinstance(record, Mapping) or not record.get("file"):
-        return QuerySource(
-            search, snapshot, "loss_gradient"
-        )  # an older or skipped version: the raw gradients are the queries
+        # An older version, or H_last skipped as too large: the raw gradients are the queries.
+        return QuerySource(search, snapshot, "loss_gradient")
     assert snapshot is not None
     path = Path(snapshot) / str(record["file"])
     if not path.is_file():

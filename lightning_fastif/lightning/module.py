@@ -25,6 +25,7 @@ must be visible to every rank.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -46,8 +47,13 @@ from lightning_fastif.core.params import ParamSpec, select_parameters
 from lightning_fastif.errors import ArgumentError, SnapshotNotFoundError, check_int, check_path
 from lightning_fastif.io.results import BatchInfluence, InfluenceResult, jsonable
 from lightning_fastif.lightning.arguments import ComputeArguments, SearchArguments, fold_legacy_arguments
-from lightning_fastif.lightning.candidates import CandidatePool, QuerySource, resolve_query_source
-from lightning_fastif.lightning.distributed import broadcast_object, gather_uneven, rank, world_size
+from lightning_fastif.lightning.candidates import (
+    CandidatePool,
+    QuerySource,
+    check_num_candidates,
+    resolve_query_source,
+)
+from lightning_fastif.lightning.distributed import gather_uneven, rank, world_size
 from lightning_fastif.lightning.repeats import score_split, solve_split
 from lightning_fastif.lightning.scoring import Stages, check_loss, score_columns
 from lightning_fastif.lightning.weights import CheckpointSpec, CheckpointWeights, weights_fingerprint
@@ -107,6 +113,9 @@ class InfluenceModule(LightningModule):
 
     Attributes:
         compute: the compute arguments (:attr:`search` holds the search arguments, resolved against the snapshot).
+        queries: how test points query the kNN index (:class:`~lightning_fastif.lightning.candidates.QuerySource`).
+        checkpoint_weights: the checkpoint versions summed over
+            (:class:`~lightning_fastif.lightning.weights.CheckpointWeights`).
 
     Raises:
         ArgumentError: an argument outside its accepted values (the message names it, the value and what is
@@ -178,7 +187,7 @@ class InfluenceModule(LightningModule):
             )
         self.candidates_pool = candidates_pool
         self.snapshot = check_path("snapshot", snapshot, allow_none=True)
-        self.num_candidates = self._check_num_candidates(num_candidates, candidates_pool)
+        self.num_candidates = check_num_candidates(num_candidates, candidates_pool, len(self.train_data), self.snapshot)
         if self.snapshot is not None and not os.path.isdir(self.snapshot):
             raise SnapshotNotFoundError(
                 f"snapshot: directory {self.snapshot!r} does not exist; pass the dirpath of a FeatureSnapshot "
@@ -191,9 +200,9 @@ class InfluenceModule(LightningModule):
                 model, self.snapshot, len(self.train_data), groups["search"], from_snapshot=candidates_pool is None
             )
         self.checkpoints = checkpoints
-        self.weights = CheckpointWeights(model, self.snapshot, checkpoints)
+        self.checkpoint_weights = CheckpointWeights(model, self.snapshot, checkpoints)
         version = self.search.feature_version
-        self._feature_checkpoint = version if version in self.weights.names else None
+        self._feature_checkpoint = version if version in self.checkpoint_weights.names else None
         self._switch_to_eval(model)
 
         self._result: InfluenceResult | None = None
@@ -219,28 +228,6 @@ class InfluenceModule(LightningModule):
         if all(isinstance(s, str) for s in specs):
             return [str(s) for s in specs]
         return list(selected)
-
-    def _check_num_candidates(self, num_candidates: Any, pool: CandidatePool | None) -> int | None:
-        total = len(pool) if pool is not None else len(self.train_data)
-        where = "the candidate pool" if pool is not None else "the training set"
-        if num_candidates is None:
-            return None
-        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or not 1 <= num_candidates <= total:
-            raise ArgumentError(
-                f"num_candidates: expected None (all of {where}) or an integer in 1..{total} ({where} has {total} "
-                f"examples), got {num_candidates!r}"
-            )
-        if self.snapshot is None and pool is None:
-            raise ArgumentError(
-                f"snapshot: expected the dirpath of a FeatureSnapshot, whose kNN index num_candidates={num_candidates} "
-                "needs (or pass num_candidates=None to score every training point), got None"
-            )
-        if pool is not None and pool.index is None:
-            raise ArgumentError(
-                f"num_candidates: expected None (all {total} pool examples), since candidates_pool has no kNN index "
-                f"(build it with CandidatePool.from_snapshot), got {num_candidates}"
-            )
-        return num_candidates
 
     @staticmethod
     def _switch_to_eval(model: nn.Module) -> None:
@@ -349,7 +336,7 @@ class InfluenceModule(LightningModule):
                     if self.knn_preconditioned
                     else None
                 ),
-                "checkpoints": self.weights.names or None,
+                "checkpoints": self.checkpoint_weights.names or None,
                 "ihvp": {"estimator": self.ihvp.name, **self.ihvp.settings()},
                 "score_method": self.compute.score_method,
             }
@@ -410,7 +397,7 @@ class InfluenceModule(LightningModule):
             raise ArgumentError(f"candidates_pool: expected None or a CandidatePool, got {type(pool).__name__}")
         k = self.num_candidates if num_candidates is None else None if num_candidates == "all" else num_candidates
         if k is not None:
-            k = self._check_num_candidates(k, pool)
+            k = check_num_candidates(k, pool, len(self.train_data), self.snapshot)
         split = self.compute.parallel == "repeats" and world_size() > 1
         return self._compute(batch, combine=bool(combine), num_candidates=k, pool=pool, split=split)
 
@@ -425,7 +412,7 @@ class InfluenceModule(LightningModule):
     ) -> Tensor:
         with stages("features"):
             if self._feature_checkpoint is not None:
-                self.weights.apply(self._feature_checkpoint)
+                self.checkpoint_weights.apply(self._feature_checkpoint)
             feats = self.queries.embed(self.model, batch, self.loss_fn, self._knn_lambda())
             queries = feats.mean(0, keepdim=True) if combine or self.search.knn_query == "mean" else feats
         index = pool.index if pool is not None else self.knn_index
@@ -433,21 +420,6 @@ class InfluenceModule(LightningModule):
         with stages("knn"):
             ids = self.queries.nearest(index, queries, k)
         return ids.expand(rows, ids.shape[1]).contiguous() if ids.shape[0] != rows else ids
-
-    def _score_columns(
-        self, function: FunctionalLoss, data: IndexedData, s_test: Tensor, candidates: Tensor | None, lo: int, hi: int
-    ) -> Tensor:
-        return score_columns(
-            function,
-            data,
-            s_test,
-            candidates,
-            lo,
-            hi,
-            chunk_size=self._chunk or self.compute.batch_size,
-            method=self.compute.score_method,
-            progress=self._progress_enabled(),
-        )
 
     def _compute(
         self,
@@ -463,7 +435,7 @@ class InfluenceModule(LightningModule):
         data = pool.data if pool is not None else self.train_data
         # no_grad: torch.func transforms and the HVPs manage their own graphs; parameters outside `params` that
         # require grad would otherwise tie every gradient to a graph nobody uses.
-        with torch.inference_mode(False), torch.no_grad(), evaluating(self.model), self.weights.restored():
+        with torch.inference_mode(False), torch.no_grad(), evaluating(self.model), self.checkpoint_weights.restored():
             first = next(iter(select_parameters(self.model, self.params).values()))
             device = stages.device = first.device
             # The Trainer fetches predict batches under torch.inference_mode, and autograd refuses such tensors.
@@ -477,9 +449,9 @@ class InfluenceModule(LightningModule):
                 candidates = self._candidates(batch, rows, num_candidates, pool, combine, stages)
             total: Tensor | None = None
             diagnostics = []
-            for version, weights in self.weights.states():
+            for version, weights in self.checkpoint_weights.states():
                 if weights is not None:
-                    self.weights.apply(version)
+                    self.checkpoint_weights.apply(version)
                 function = self._function()
                 hessian_chunk = self.compute.hessian_batch_size
                 if self.max_memory is not None:
@@ -506,15 +478,18 @@ class InfluenceModule(LightningModule):
                     else:
                         s_test, diag = self.ihvp.solve(operator, g_test), dict(self.ihvp.diagnostics)
                 width = len(data) if candidates is None else candidates.shape[1]
+                score = functools.partial(
+                    score_columns,
+                    function,
+                    data,
+                    s_test,
+                    candidates,
+                    chunk_size=self._chunk or self.compute.batch_size,
+                    method=self.compute.score_method,
+                    progress=self._progress_enabled(),
+                )
                 with stages("scoring"):
-                    if split:
-                        scores = score_split(
-                            lambda lo, hi: self._score_columns(function, data, s_test, candidates, lo, hi),
-                            width,
-                            s_test,
-                        )
-                    else:
-                        scores = self._score_columns(function, data, s_test, candidates, 0, width)
+                    scores = score_split(score, width, s_test) if split else score(0, width)
                 total = scores if total is None else total + scores
                 diagnostics.append({"checkpoint": version, **diag})
         assert total is not None
@@ -604,7 +579,7 @@ class InfluenceModule(LightningModule):
         writer = self._writer
         found = writer is not None and writer.has_shard(indices)
         if split:
-            found = broadcast_object(found)  # rank 0 decides, so every rank takes the same branch
+            found = self.trainer.strategy.broadcast(found)  # rank 0 decides, so every rank takes the same branch
         if found:
             assert writer is not None
             self.skipped_batches += 1
