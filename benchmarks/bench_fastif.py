@@ -180,10 +180,17 @@ def _lissa(settings: dict[str, Any], scale: float) -> Any:
 
 def _ddp_wall(model: Any, data: Any, snapshot: str, module_kwargs: dict[str, Any], devices: int, root: str) -> float:
     from lightning_fastif.io.results import InfluenceResult
+    from lightning_fastif.lightning.arguments import ComputeArguments
     from lightning_fastif.lightning.module import InfluenceModule
 
     output = os.path.join(root, f"ddp{devices}")
-    module = InfluenceModule(model, snapshot=snapshot, parallel="test", output_dir=output, **module_kwargs)
+    module = InfluenceModule(
+        model,
+        snapshot=snapshot,
+        output_dir=output,
+        compute=ComputeArguments(parallel="test", progress=False),
+        **module_kwargs,
+    )
     options: dict[str, Any] = {"accelerator": "cpu", "devices": devices}
     if devices > 1:
         options["strategy"] = "ddp_spawn"
@@ -201,6 +208,7 @@ def run(*, smoke: bool = False, threads: int = 1) -> dict[str, Any]:
     from lightning_fastif import influence_scores
     from lightning_fastif.core.grads import FunctionalLoss
     from lightning_fastif.core.hessian import HessianOperator
+    from lightning_fastif.lightning.arguments import ComputeArguments
     from lightning_fastif.lightning.module import InfluenceModule
     from lightning_fastif.search.features import loss_gradient_features
 
@@ -229,8 +237,7 @@ def run(*, smoke: bool = False, threads: int = 1) -> dict[str, Any]:
         ihvp=fastif_ihvp,
         params=PARAMS,
         num_candidates=k,
-        batch_size=256,
-        progress=False,
+        compute=ComputeArguments(batch_size=256, progress=False),
     )
     x_test, y_test = test.tensors
     fast_batch = (x_test[: cfg["fastif_batch"]], y_test[: cfg["fastif_batch"]])
@@ -294,7 +301,6 @@ def run(*, smoke: bool = False, threads: int = 1) -> dict[str, Any]:
         os.environ["OMP_NUM_THREADS"] = str(threads)  # one thread per rank in the spawned processes too
         try:
             kwargs = {"train_dataset": train, "ihvp": fastif_ihvp, "params": PARAMS, "num_candidates": k}
-            kwargs["progress"] = False
             ddp["wall_1"] = _ddp_wall(model, data, snapshot, kwargs, 1, root)
             ddp["wall_2"] = _ddp_wall(model, data, snapshot, kwargs, 2, root)
             ddp["speedup"] = ddp["wall_1"] / ddp["wall_2"]

@@ -22,7 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_fastif import LiSSA
+from lightning_fastif import ComputeArguments, LiSSA
 from lightning_fastif.app.data import SpuriousDigitsDataModule
 from lightning_fastif.app.models import DigitsClassifier
 from lightning_fastif.lightning.arguments import CorrectionArguments
@@ -72,7 +72,7 @@ def run_demo(
                 snapshot=snap,
                 num_candidates=num_candidates,
                 ihvp=ihvp,
-                progress=False,
+                compute=ComputeArguments(progress=False),
             )
 
         table = compare_selections(

@@ -652,7 +652,7 @@ def spurious_cue_experiment(
         >>> result = spurious_cue_experiment(run, seeds=(0, 1), num_steps=5)  # doctest: +SKIP
         >>> result["correction"]["helpful"]["gain_mean"]  # doctest: +SKIP
     """
-    from lightning_fastif.lightning.arguments import CorrectionArguments
+    from lightning_fastif.lightning.arguments import ComputeArguments, CorrectionArguments
     from lightning_fastif.lightning.correction import accuracy, correct_errors
     from lightning_fastif.lightning.module import InfluenceModule
 
@@ -679,8 +679,7 @@ def spurious_cue_experiment(
                 snapshot=run.snapshot,
                 ihvp=ihvp,
                 num_candidates=num_candidates,
-                batch_size=64,
-                progress=False,
+                compute=ComputeArguments(batch_size=64, progress=False),
             )
             report = correct_errors(
                 model,
@@ -780,6 +779,7 @@ def influence_on_predictions(
         ...                                  ihvp=fixed_lissa(run.head, run.loader("train")), num_test=8)
         >>> found["scores"].shape  # [8, N]  # doctest: +SKIP
     """
+    from lightning_fastif.lightning.arguments import ComputeArguments
     from lightning_fastif.lightning.correction import predicted_labels
     from lightning_fastif.lightning.module import InfluenceModule
 
@@ -796,9 +796,7 @@ def influence_on_predictions(
         ihvp=ihvp,
         params=params,
         num_candidates=None,
-        score_method="grads",
-        batch_size=batch_size,
-        progress=False,
+        compute=ComputeArguments(score_method="grads", batch_size=batch_size, progress=False),
     )
     out = module.score_batch(labels)
     order = torch.argsort(out.candidates, dim=1)

@@ -77,7 +77,7 @@ def test_helpful_beats_random_on_planted_cue(trained):
     for selection in ("helpful", "random"):
         m = copy.deepcopy(model)
         influence = InfluenceModule(
-            m, train_dataset=train, snapshot=snap, num_candidates=120, ihvp=fast_lissa(), progress=False
+            m, train_dataset=train, snapshot=snap, num_candidates=120, ihvp=fast_lissa(), compute={"progress": False}
         )
         report = correct_errors(
             m, influence, anchors, num_steps=6, lr=0.1, selection=selection, eval_dataset=challenge, seed=0
@@ -92,7 +92,7 @@ def test_selection_orders_by_score(trained):
     model, train, anchors, challenge, snap = trained
     m = copy.deepcopy(model)
     influence = InfluenceModule(
-        m, train_dataset=train, snapshot=snap, num_candidates=50, ihvp=fast_lissa(), progress=False
+        m, train_dataset=train, snapshot=snap, num_candidates=50, ihvp=fast_lissa(), compute={"progress": False}
     )
     helpful = correct_errors(m, influence, anchors, num_steps=1, lr=1e-12, selection="helpful", top_m=5)
     harmful = correct_errors(m, influence, anchors, num_steps=1, lr=1e-12, selection="harmful", top_m=5)
@@ -156,7 +156,9 @@ def test_auto_scale_is_estimated_once_and_restored(trained):
     model, train, anchors, challenge, snap = trained
     m = copy.deepcopy(model)
     auto = LiSSA(damping=0.1, scale="auto", recursion_depth=30, batch_size=16, residual_examples=0, scale_batches=2)
-    influence = InfluenceModule(m, train_dataset=train, snapshot=snap, num_candidates=40, ihvp=auto, progress=False)
+    influence = InfluenceModule(
+        m, train_dataset=train, snapshot=snap, num_candidates=40, ihvp=auto, compute={"progress": False}
+    )
     seen, reused = [], []
     original = influence.score_batch
 
@@ -181,7 +183,7 @@ def test_misclassified_anchors_and_downweight(trained, tmp_path):
     assert 0 < wrong.numel() < len(challenge)
     before = accuracy(m, challenge)
     influence = InfluenceModule(
-        m, train_dataset=train, snapshot=snap, num_candidates=60, ihvp=fast_lissa(), progress=False
+        m, train_dataset=train, snapshot=snap, num_candidates=60, ihvp=fast_lissa(), compute={"progress": False}
     )
     report = correct_errors(
         m,
@@ -277,7 +279,7 @@ def test_core_bad_input(trained):
     model, train, anchors, challenge, snap = trained
     m = copy.deepcopy(model)
     influence = InfluenceModule(
-        m, train_dataset=train, snapshot=snap, num_candidates=20, ihvp=fast_lissa(), progress=False
+        m, train_dataset=train, snapshot=snap, num_candidates=20, ihvp=fast_lissa(), compute={"progress": False}
     )
     with pytest.raises(ArgumentError, match="anchors: expected a non-empty Dataset, got an empty TensorDataset"):
         correct_errors(m, influence, TensorDataset(torch.zeros(0, 5), torch.zeros(0).long()))

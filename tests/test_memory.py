@@ -234,15 +234,15 @@ def test_diagnostics_and_logged_metrics(problem):
     json.dumps(info)  # manifest-ready
     metrics = diagnostic_metrics(info)
     for key in (
-        "fastif/ihvp_residual",
-        "fastif/ihvp_iterations",
-        "fastif/ihvp_seconds",
-        "fastif/ihvp_scale",
-        "fastif/ihvp_top_eigenvalue",
-        "fastif/ihvp_converged",
-        "fastif/inverse_hvp_seconds",
-        "fastif/inverse_hvp_peak_bytes",
-        "fastif/scoring_extra_bytes",
-        "fastif/max_memory_bytes",
+        "fastif/ihvp/residual",
+        "fastif/ihvp/iterations",
+        "fastif/ihvp/seconds",
+        "fastif/ihvp/scale",
+        "fastif/ihvp/top_eigenvalue",
+        "fastif/ihvp/converged",
+        "fastif/inverse_hvp/seconds",
+        "fastif/inverse_hvp/peak_bytes",
+        "fastif/scoring/extra_bytes",
+        "fastif/memory_plan/max_memory_bytes",
     ):
         assert isinstance(metrics[key], float), key

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import socket
+import warnings
+
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fastif import ExactInverse, LiSSA, influence_scores, inverse_hvp_of_test, score_candidates
+from lightning_fastif import (
+    ArgumentError,
+    ComputeArguments,
+    ExactInverse,
+    LiSSA,
+    SearchArguments,
+    influence_scores,
+    inverse_hvp_of_test,
+    score_candidates,
+)
 from lightning_fastif.app.models import LogisticRegression
 from lightning_fastif.core.batches import IndexedData
 from lightning_fastif.core.grads import FunctionalLoss
@@ -16,9 +28,10 @@ from lightning_fastif.errors import SnapshotNotFoundError
 from lightning_fastif.io.atomic import load_tensors, save_tensors
 from lightning_fastif.io.results import InfluenceResult
 from lightning_fastif.io.snapshot_store import load_checkpoint
-from lightning_fastif.lightning.module import KNN_DAMPING_FLOOR, CandidatePool, InfluenceModule
+from lightning_fastif.lightning.module import CandidatePool, InfluenceModule
 from lightning_fastif.lightning.snapshots import LAST_LAYER_HESSIAN, CheckpointSnapshot, FeatureSnapshot
 from lightning_fastif.search.knn import KNNIndex
+from lightning_fastif.search.preconditioner import KNN_DAMPING_FLOOR
 from tests.helpers.module_models import (
     CrashAfter,
     DictTexts,
@@ -65,7 +78,13 @@ def _lissa() -> LiSSA:
 
 def test_full_mode_equals_influence_scores(tmp_path, trained):
     model, train, test, _ = trained
-    module = InfluenceModule(model, train_dataset=train, ihvp=ExactInverse(0.01), num_candidates=None, batch_size=16)
+    module = InfluenceModule(
+        model,
+        train_dataset=train,
+        ihvp=ExactInverse(0.01),
+        num_candidates=None,
+        compute=ComputeArguments(batch_size=16),
+    )
     predictions = _trainer(tmp_path, enable_progress_bar=True).predict(module, DataLoader(test, batch_size=3))
     result = module.result
     expected = influence_scores(model, None, test.tensors, train, ihvp=ExactInverse(0.01))
@@ -90,7 +109,12 @@ def test_knn_mode_equals_influence_scores_over_knn_ids(tmp_path, trained, snapsh
     torch.testing.assert_close(result.scores, expected, rtol=1e-9, atol=1e-12)
     # knn_query="mean": the test points of a batch share the neighbours of their mean feature
     shared = InfluenceModule(
-        model, train_dataset=train, snapshot=snapshot, ihvp=ExactInverse(0.01), num_candidates=9, knn_query="mean"
+        model,
+        train_dataset=train,
+        snapshot=snapshot,
+        ihvp=ExactInverse(0.01),
+        num_candidates=9,
+        search=SearchArguments(knn_query="mean"),
     )
     _trainer(tmp_path).predict(shared, DataLoader(test, batch_size=4))
     mean_ids = torch.cdist(queries[:4].mean(0, keepdim=True), feats).topk(9, largest=False).indices
@@ -271,9 +295,12 @@ def test_timings_and_diagnostics_logged_and_in_manifest(tmp_path, trained, snaps
     )
     _trainer(tmp_path, logger=logger).predict(module, DataLoader(test, batch_size=4))
     assert len(logger.metrics) == 2
-    keys = ("time_features", "time_knn", "time_s_test", "time_scoring", "ihvp_residual", "ihvp_scale")
-    for key in (*keys, "peak_bytes_s_test", "peak_bytes_scoring"):
-        assert all(f"fastif/{key}" in m for m in logger.metrics), key
+    keys = [f"{stage}/seconds" for stage in ("features", "knn", "test_gradients", "s_test", "scoring")]
+    keys += ["ihvp/residual", "ihvp/scale", "ihvp/iterations", "s_test/peak_bytes", "scoring/peak_bytes"]
+    for key in keys:
+        assert all(isinstance(m.get(f"fastif/{key}"), float) for m in logger.metrics), key
+    assert [m["fastif/ihvp/iterations"] for m in logger.metrics] == [30.0, 30.0]  # recursion_depth, both repeats
+    assert not any(key.startswith("fastif/time_") or "_peak_bytes_" in key for m in logger.metrics for key in m)
     manifest = InfluenceResult.load(tmp_path / "out").manifest
     assert set(manifest["timings"]["total_seconds"]) == {"features", "knn", "test_gradients", "s_test", "scoring"}
     memory = manifest["timings"]["per_batch"][0]["memory"]  # peak memory per stage travels with the result
@@ -298,32 +325,42 @@ def test_bad_inputs(tmp_path, trained, snapshot):
     small = TensorDataset(*(t[:50] for t in train.tensors))
     with pytest.raises(ValueError, match="built for a training set of 60 examples, but train_dataset has 50"):
         InfluenceModule(model, **{**ok, "train_dataset": small})
-    with pytest.raises(ValueError, match=r"num_candidates: 61 is larger than the training set \(60 examples\)"):
+    too_many = r"num_candidates: expected None \(all of the training set\) or an integer in 1..60 .*, got 61"
+    with pytest.raises(ArgumentError, match=too_many):
         InfluenceModule(model, **{**ok, "num_candidates": 61})
-    with pytest.raises(ValueError, match="num_candidates: expected None .* or an integer in 1..60, got 0"):
+    with pytest.raises(ArgumentError, match="num_candidates: expected None .* or an integer in 1..60 .*, got 0"):
         InfluenceModule(model, **{**ok, "num_candidates": 0})
-    with pytest.raises(ValueError, match="snapshot: None, but num_candidates=5 needs"):
+    with pytest.raises(ArgumentError, match="snapshot: expected the dirpath of a FeatureSnapshot.*, got None"):
         InfluenceModule(model, train_dataset=train, num_candidates=5)
-    with pytest.raises(ValueError, match=r"parallel: expected one of \['test', 'repeats'\], got 'ranks'"):
-        InfluenceModule(model, **ok, parallel="ranks")
-    with pytest.raises(ValueError, match="knn_query: expected one of"):
-        InfluenceModule(model, **ok, knn_query="median")
-    with pytest.raises(TypeError, match="ihvp: expected an InverseHVP estimator"):
+    with pytest.raises(ArgumentError, match=r"parallel: expected one of \['test', 'repeats'\], got 'ranks'"):
+        InfluenceModule(model, **ok, compute={"parallel": "ranks"})
+    with pytest.raises(ArgumentError, match="knn_query: expected one of"):
+        InfluenceModule(model, **ok, search={"knn_query": "median"})
+    with pytest.raises(ArgumentError, match="ihvp: expected an InverseHVP estimator"):
         InfluenceModule(model, **{**ok, "ihvp": "lissa"})
+    with pytest.raises(ArgumentError, match="top_k: expected an integer >= 1, got 0"):
+        InfluenceModule(model, **ok, top_k=0)
+    with pytest.raises(ArgumentError, match="output_dir: expected a directory path or None, got 3"):
+        InfluenceModule(model, **ok, output_dir=3)
     with pytest.raises(ValueError, match="feature_layer: 'nope' is not a submodule|layer: 'nope'"):
-        InfluenceModule(model, **ok, feature_layer="nope")
-    with pytest.raises(ValueError, match="checkpoints: 'latest' needs the snapshot directory"):
+        InfluenceModule(model, **ok, search=SearchArguments(feature_layer="nope"))
+    with pytest.raises(ArgumentError, match="checkpoints: 'latest' needs the snapshot directory"):
         InfluenceModule(model, train_dataset=train, num_candidates=None, checkpoints="latest")
+    with pytest.raises(ArgumentError, match=r"checkpoints: expected None, 'latest', .*, got \[\]"):
+        InfluenceModule(model, **ok, checkpoints=[])
     with pytest.raises(SnapshotNotFoundError, match="no checkpoints snapshot"):
         InfluenceModule(model, **ok, checkpoints="latest")
     with pytest.raises(ValueError, match="params: the pattern 'encoder.*' matches no parameter"):
         InfluenceModule(model, **ok, params="encoder.*")
     # a test batch the loss cannot take: inputs without labels
     module = InfluenceModule(model, **ok)
-    with pytest.raises(
-        ValueError, match=r"batch: the loss function cannot take this test batch list\(Tensor\[4, 4\]\)"
-    ):
+    with pytest.raises(ValueError, match=r"batch: the loss function cannot take this test batch \[Tensor\[4, 4\]\]"):
         _trainer(tmp_path).predict(module, DataLoader(TensorDataset(test.tensors[0]), batch_size=4))
+    # one test set per predict call, checked before anything is written
+    two = InfluenceModule(model, **ok, output_dir=tmp_path / "two-loaders")
+    with pytest.raises(ArgumentError, match="dataloaders: expected one test set per trainer.predict call.*got 2"):
+        _trainer(tmp_path).predict(two, [DataLoader(test, batch_size=4), DataLoader(test, batch_size=4)])
+    assert not (tmp_path / "two-loaders").exists()
 
 
 def test_model_in_train_mode_with_dropout_warns_and_switches_to_eval(trained):
@@ -334,10 +371,45 @@ def test_model_in_train_mode_with_dropout_warns_and_switches_to_eval(trained):
     assert not model.training
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ddp_env(monkeypatch):
+    """A free MASTER_PORT of its own for each DDP test, and one thread per spawned rank.
+
+    Lightning's spawn launcher writes the port it chose into ``os.environ`` and leaves it there, so without this the
+    next DDP test of the session reuses a port that another process (another pytest run on the machine) may hold by
+    now. Two ranks with one thread each keep a loaded two-core machine from being oversubscribed.
+    """
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return monkeypatch
+
+
+def _predict_ddp(tmp_path, make_module, loader, env, attempts: int = 3):
+    """``trainer.predict`` under ``ddp_spawn`` on 2 CPU processes; a port taken between choosing and binding it
+    (a race with other processes on the machine) is retried on a fresh port, any other failure is raised."""
+    for attempt in range(attempts):
+        try:
+            trainer = _trainer(tmp_path, strategy="ddp_spawn", accelerator="cpu", devices=2)
+            return trainer.predict(make_module(), loader)
+        except Exception as err:
+            text = str(err).lower()
+            if attempt + 1 == attempts or not ("address already in use" in text or "eaddrinuse" in text):
+                raise
+            env.setenv("MASTER_PORT", str(_free_port()))
+    return None
+
+
 @pytest.mark.ddp
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("parallel", ["test", "repeats"])
-def test_ddp_equals_single_process(tmp_path, trained, snapshot, parallel):
+def test_ddp_equals_single_process(tmp_path, trained, snapshot, parallel, ddp_env):
     """2 CPU processes (gloo): test points split across ranks, or LiSSA repeats and candidates split across ranks."""
     model, train, test, _ = trained
     loader = DataLoader(test, batch_size=3)
@@ -349,13 +421,12 @@ def test_ddp_equals_single_process(tmp_path, trained, snapshot, parallel):
             snapshot=snapshot,
             ihvp=_lissa(),
             num_candidates=11,
-            parallel=parallel,
             output_dir=tmp_path / name,
-            batch_size=4,
+            compute=ComputeArguments(parallel=parallel, batch_size=4),
         )
 
     _trainer(tmp_path).predict(make("one"), loader)
-    _trainer(tmp_path, strategy="ddp_spawn", accelerator="cpu", devices=2).predict(make("two"), loader)
+    _predict_ddp(tmp_path, lambda: make("two"), loader, ddp_env)
     one, two = InfluenceResult.load(tmp_path / "one"), InfluenceResult.load(tmp_path / "two")
     assert two.manifest["world_size"] == 2
     assert two.manifest["parallel"] == parallel
@@ -375,7 +446,7 @@ def test_knn_index_is_not_pickled(trained, snapshot):
     module = InfluenceModule(model, train_dataset=train, snapshot=snapshot, ihvp=ExactInverse(0.01), num_candidates=3)
     assert isinstance(module.knn_index, KNNIndex)
     clone = pickle.loads(pickle.dumps(module))
-    assert clone._knn_cache is None
+    assert clone.queries._index is None
     assert clone.knn_index.ntotal == 60
 
 
@@ -403,7 +474,11 @@ def test_loss_gradient_snapshot_round_trip_finds_both_signs(tmp_path):
     model.eval()
     module = InfluenceModule(model, train_dataset=train, snapshot=tmp_path / "snap", ihvp=ExactInverse(0.01),
                              num_candidates=5)  # fmt: skip
-    assert (module.feature_kind, module.feature_layer, module.knn_sign) == ("loss_gradient", "classifier", "both")
+    assert (module.feature_kind, module.search.feature_layer, module.search.knn_sign) == (
+        "loss_gradient",
+        "classifier",
+        "both",
+    )
     assert not module.knn_preconditioned
     assert module.settings()["knn_preconditioner"] is None
     # the queries are the test points' loss gradients of the classifier's parameters, exactly (autograd)
@@ -417,26 +492,33 @@ def test_loss_gradient_snapshot_round_trip_finds_both_signs(tmp_path):
     torch.testing.assert_close(module.result.scores, expected, rtol=1e-9, atol=1e-12)
     assert module.settings()["feature_kind"] == "loss_gradient"
     # one direction only
-    helpful = InfluenceModule(model, train_dataset=train, snapshot=tmp_path / "snap", num_candidates=5,
-                              knn_sign="helpful", ihvp=ExactInverse(0.01)).score_batch(test.tensors)  # fmt: skip
+    helpful = InfluenceModule(
+        model,
+        train_dataset=train,
+        snapshot=tmp_path / "snap",
+        num_candidates=5,
+        search={"knn_sign": "helpful"},
+        ihvp=ExactInverse(0.01),
+    ).score_batch(test.tensors)
     assert torch.equal(helpful.candidates, expected_ids[:, :5])
     # the true most helpful and most harmful points (all parameters, exact inverse) are mostly among the 5 + 5
     full = influence_scores(model, None, test.tensors, train, ihvp=ExactInverse(0.01))
     hits = [int(full[t].argmax()) in expected_ids[t, :5] for t in range(7)]
     hits += [int(full[t].argmin()) in expected_ids[t, 5:] for t in range(7)]
     assert sum(hits) >= 10  # measured 11 of 14 (random candidates: about 1)
-    with pytest.raises(ValueError, match="feature_layer: 'hidden', but the snapshot holds loss gradients"):
+    with pytest.raises(ArgumentError, match="feature_layer: expected None .*loss gradients.*, got 'hidden'"):
         InfluenceModule(
-            model, train_dataset=train, snapshot=tmp_path / "snap", num_candidates=5, feature_layer="hidden"
+            model, train_dataset=train, snapshot=tmp_path / "snap", num_candidates=5, search={"feature_layer": "hidden"}
         )
 
 
 def test_knn_sign_needs_a_loss_gradient_snapshot(trained, snapshot):
     model, train, _, _ = trained
-    with pytest.raises(ValueError, match="knn_sign: 'helpful' needs a snapshot of loss-gradient features"):
-        InfluenceModule(model, train_dataset=train, snapshot=snapshot, num_candidates=5, knn_sign="helpful")
-    with pytest.raises(ValueError, match="knn_sign: expected"):
-        InfluenceModule(model, train_dataset=train, snapshot=snapshot, num_candidates=5, knn_sign="up")
+    common = {"train_dataset": train, "snapshot": snapshot, "num_candidates": 5}
+    with pytest.raises(ArgumentError, match="knn_sign: expected None for activation features .*, got 'helpful'"):
+        InfluenceModule(model, **common, search=SearchArguments(knn_sign="helpful"))
+    with pytest.raises(ArgumentError, match=r"knn_sign: expected one of \['both', 'helpful', 'harmful'\], got 'up'"):
+        InfluenceModule(model, **common, search={"knn_sign": "up"})
 
 
 def _explicit_classifier_hessian(model, data):
@@ -486,14 +568,14 @@ def test_loss_gradient_query_is_preconditioned_by_the_last_layer_hessian(tmp_pat
     torch.testing.assert_close(module.result.scores, expected, rtol=1e-9, atol=1e-12)
     # knn_damping overrides the estimator's λ; the factorisation is cached per module and not pickled
     other = InfluenceModule(model, train_dataset=train, snapshot=snap, ihvp=ExactInverse(0.05), num_candidates=5,
-                            knn_damping=0.5)  # fmt: skip
+                            search=SearchArguments(knn_damping=0.5))  # fmt: skip
     torch.testing.assert_close(
         other.precondition_query(g_test), torch.linalg.solve(h + 0.5 * eye, g_test.T).T.float(), rtol=1e-5, atol=1e-6
     )
-    assert other._preconditioner is not None
+    assert other.queries.preconditioner.factorisation.damping == 0.5
     import pickle
 
-    assert pickle.loads(pickle.dumps(other))._preconditioner is None
+    assert pickle.loads(pickle.dumps(other)).queries.preconditioner.factorisation is None
 
 
 def test_zero_knn_damping_on_a_singular_hessian_uses_the_floor(gradient_snapshot):
@@ -517,24 +599,24 @@ def test_indefinite_stored_hessian_is_solved_by_lu(tmp_path, gradient_snapshot):
     model, train, test, snap = gradient_snapshot
     copy = tmp_path / "snap"
     shutil.copytree(snap, copy)
-    entry = InfluenceModule(model, train_dataset=train, snapshot=copy, num_candidates=5)._hessian_entry
-    h = load_tensors(entry["path"])[LAST_LAYER_HESSIAN]
+    [path] = copy.rglob(f"{LAST_LAYER_HESSIAN}.safetensors")
+    h = load_tensors(path)[LAST_LAYER_HESSIAN]
     indefinite = h - 0.3 * torch.eye(CLASSIFIER_PARAMS, dtype=h.dtype)  # eigenvalues below -0.1 remain
-    save_tensors(entry["path"], {LAST_LAYER_HESSIAN: indefinite})
-    module = InfluenceModule(model, train_dataset=train, snapshot=copy, num_candidates=5, knn_damping=0.1)
+    save_tensors(path, {LAST_LAYER_HESSIAN: indefinite})
+    module = InfluenceModule(model, train_dataset=train, snapshot=copy, num_candidates=5, search={"knn_damping": 0.1})
     g_test = FunctionalLoss(model, None, "classifier.*").per_example_gradients(test.tensors)
     expected = torch.linalg.solve(indefinite + 0.1 * torch.eye(CLASSIFIER_PARAMS, dtype=h.dtype), g_test.T).T
     torch.testing.assert_close(module.precondition_query(g_test), expected.float(), rtol=1e-5, atol=1e-6)
-    assert module._preconditioner[1] == "lu"
+    assert module.queries.preconditioner.factorisation.kind == "lu"
 
 
 def test_knn_damping_and_query_validation(gradient_snapshot):
     model, train, test, snap = gradient_snapshot
     for bad in (-1.0, float("nan"), "0.1", True):
-        with pytest.raises(ValueError, match="knn_damping: expected None .* or a finite number >= 0"):
-            InfluenceModule(model, train_dataset=train, snapshot=snap, num_candidates=5, knn_damping=bad)
+        with pytest.raises(ArgumentError, match="knn_damping: expected a finite number >= 0 or None"):
+            InfluenceModule(model, train_dataset=train, snapshot=snap, num_candidates=5, search={"knn_damping": bad})
     module = InfluenceModule(model, train_dataset=train, snapshot=snap, num_candidates=5)
-    with pytest.raises(ValueError, match=f"queries: expected \\[Q, {CLASSIFIER_PARAMS}\\] loss gradients"):
+    with pytest.raises(ArgumentError, match=f"queries: expected \\[Q, {CLASSIFIER_PARAMS}\\] loss gradients"):
         module.precondition_query(torch.zeros(2, 5))
 
 
@@ -558,3 +640,48 @@ def test_memory_budget_same_scores_and_too_small_raises(tmp_path, trained, snaps
         tiny.score_batch(batch)
     with pytest.raises(ValueError, match="max_memory"):
         InfluenceModule(model, train_dataset=train, snapshot=snapshot, num_candidates=20, max_memory="lots")
+
+
+def test_legacy_flat_arguments_warn_and_give_the_groups_settings(trained, snapshot):
+    model, train, _, _ = trained
+    common = {"train_dataset": train, "snapshot": snapshot, "ihvp": ExactInverse(0.01), "num_candidates": 5}
+    flat = {"knn_query": "mean", "feature_hook": "input", "feature_layer": "classifier"}
+    flat_compute = {"parallel": "repeats", "batch_size": 7, "hessian_batch_size": 9, "score_method": "grads"}
+    with pytest.warns(DeprecationWarning, match="flat arguments will be removed") as record:
+        old = InfluenceModule(model, **common, **flat, **flat_compute, progress=False)
+    messages = " | ".join(str(w.message) for w in record if issubclass(w.category, DeprecationWarning))
+    assert "compute=ComputeArguments(parallel=..., batch_size=..., hessian_batch_size=..., score_method=..." in messages
+    assert "search=SearchArguments(knn_query=..., feature_hook=..., feature_layer=...)" in messages
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the groups themselves warn about nothing
+        new = InfluenceModule(
+            model,
+            **common,
+            search=SearchArguments(feature_layer="classifier", feature_hook="input", knn_query="mean"),
+            compute={**flat_compute, "progress": False},
+        )
+    assert new.compute == ComputeArguments("repeats", 7, 9, "grads", False)
+    assert (old.search, old.compute) == (new.search, new.compute)
+    assert old.settings() == new.settings()
+    assert new.settings()["feature_version"] == "epoch=0-step=0"  # resolved against the snapshot
+    # a flat argument is folded on top of its group as given
+    with pytest.warns(DeprecationWarning, match=r"InfluenceModule\(progress=\.\.\.\)"):
+        mixed = InfluenceModule(model, **common, compute={"batch_size": 3}, progress=False)
+    assert (mixed.compute.batch_size, mixed.compute.progress) == (3, False)
+
+
+def test_bad_group_fields_raise_argument_error_naming_them(trained, snapshot):
+    model, train, _, _ = trained
+    common = {"train_dataset": train, "snapshot": snapshot, "num_candidates": 5}
+    with pytest.raises(ArgumentError, match=r"compute: ComputeArguments has no field\(s\) \['batchsize'\]"):
+        InfluenceModule(model, **common, compute={"batchsize": 3})
+    with pytest.raises(ArgumentError, match="batch_size: expected an integer >= 1, got 0"):
+        InfluenceModule(model, **common, compute={"batch_size": 0})
+    with pytest.raises(ArgumentError, match="hessian_batch_size: expected an integer >= 1, got -1"):
+        InfluenceModule(model, **common, hessian_batch_size=-1)
+    with pytest.raises(ArgumentError, match="search: expected None, a SearchArguments or a mapping of its fields"):
+        InfluenceModule(model, **common, search="mean")
+    with pytest.raises(ArgumentError, match="progress: expected True or False, got 1"):
+        InfluenceModule(model, **common, compute={"progress": 1})
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['nprobe'\]"):
+        InfluenceModule(model, **common, nprobe=4)

@@ -271,7 +271,13 @@ def influence_end_to_end(
     trainer.fit(model, dm.train_dataloader())
     train = dm.dataloader("train")  # dict batches, trimmed per batch by the data module's collate
     module = InfluenceModule(
-        model, train_dataset=train, snapshot=snapshot, ihvp=_lissa(), params=params, num_candidates=6, progress=False
+        model,
+        train_dataset=train,
+        snapshot=snapshot,
+        ihvp=_lissa(),
+        params=params,
+        num_candidates=6,
+        compute={"progress": False},
     )
     test_loader = dm.dataloader("test", batch_size=4)
     Trainer(logger=False, enable_progress_bar=False, accelerator="cpu", devices=1).predict(module, test_loader)

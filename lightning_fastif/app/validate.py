@@ -264,7 +264,9 @@ def _check_target_node(key: str, node: Any) -> None:
     except (TypeError, ValueError):  # some builtins have no signature: nothing to compare with
         return
     params = {n: p for n, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    open_kwargs = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    # ``**legacy`` takes the deprecated flat arguments of 0.1 (InfluenceModule, ErrorCorrection): a config uses the
+    # argument groups instead, so it does not make the node open to any key.
+    open_kwargs = any(p.kind is p.VAR_KEYWORD and p.name != "legacy" for p in signature.parameters.values())
     fields = [k for k in node if k not in _HYDRA_KEYS]
     unknown = [k for k in fields if k not in params]
     if unknown and not open_kwargs:

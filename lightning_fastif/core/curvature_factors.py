@@ -255,7 +255,7 @@ class KFACFactors:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    # A local atomic write: core sits below io, so io.storage's helpers cannot be imported here.
+    # A local atomic write: core sits below io, so io.atomic's helpers cannot be imported here.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -348,41 +348,41 @@ def self_influence(
 def diagnostic_metrics(diagnostics: dict[str, Any], prefix: str = "fastif/") -> dict[str, float]:
     """Flatten a ``diagnostics`` dict into numbers for a logger (``trainer.logger``, ``self.log_dict``).
 
-    Keys: ``ihvp_residual``, ``ihvp_iterations`` (mean over repeats), ``ihvp_seconds``, ``ihvp_scale`` and
-    ``ihvp_top_eigenvalue`` (LiSSA), ``ihvp_converged`` (fraction of repeats, ``"auto"`` depth), and per stage
-    ``<stage>_seconds``, ``<stage>_peak_bytes`` (CUDA where measured, else CPU resident) and ``<stage>_extra_bytes``;
-    ``max_memory_bytes`` under a budget. Missing values are left out.
+    One key family, ``<prefix><stage>/<what>``: ``ihvp/residual``, ``ihvp/iterations`` (mean over repeats),
+    ``ihvp/seconds``, ``ihvp/scale`` and ``ihvp/top_eigenvalue`` (LiSSA), ``ihvp/converged`` (fraction of repeats,
+    ``"auto"`` depth); per stage ``<stage>/seconds``, ``<stage>/peak_bytes`` (CUDA where measured, else CPU resident)
+    and ``<stage>/extra_bytes``; ``memory_plan/max_memory_bytes`` under a budget. Missing values are left out.
 
     Example::
 
         >>> diagnostic_metrics({"ihvp": {"residual": 0.01, "iterations": [200, 300]}, "stages": {}})
-        {'fastif/ihvp_residual': 0.01, 'fastif/ihvp_iterations': 250.0}
+        {'fastif/ihvp/residual': 0.01, 'fastif/ihvp/iterations': 250.0}
     """
     out: dict[str, float] = {}
     ihvp = diagnostics.get("ihvp") or {}
     if ihvp.get("residual") is not None:
-        out[f"{prefix}ihvp_residual"] = float(ihvp["residual"])
+        out[f"{prefix}ihvp/residual"] = float(ihvp["residual"])
     iterations = ihvp.get("iterations")
     if iterations is not None:
         values = iterations if isinstance(iterations, (list, tuple)) else [iterations]
-        out[f"{prefix}ihvp_iterations"] = float(sum(values)) / max(len(values), 1)
+        out[f"{prefix}ihvp/iterations"] = float(sum(values)) / max(len(values), 1)
     if ihvp.get("seconds") is not None:
-        out[f"{prefix}ihvp_seconds"] = float(ihvp["seconds"])
+        out[f"{prefix}ihvp/seconds"] = float(ihvp["seconds"])
     if isinstance(ihvp.get("scale"), (int, float)):
-        out[f"{prefix}ihvp_scale"] = float(ihvp["scale"])
+        out[f"{prefix}ihvp/scale"] = float(ihvp["scale"])
     if ihvp.get("scale_estimate"):
-        out[f"{prefix}ihvp_top_eigenvalue"] = float(ihvp["scale_estimate"]["eigenvalue"])
+        out[f"{prefix}ihvp/top_eigenvalue"] = float(ihvp["scale_estimate"]["eigenvalue"])
     if ihvp.get("converged"):
-        out[f"{prefix}ihvp_converged"] = sum(map(bool, ihvp["converged"])) / len(ihvp["converged"])
+        out[f"{prefix}ihvp/converged"] = sum(map(bool, ihvp["converged"])) / len(ihvp["converged"])
     for stage, record in (diagnostics.get("stages") or {}).items():
-        out[f"{prefix}{stage}_seconds"] = float(record["seconds"])
+        out[f"{prefix}{stage}/seconds"] = float(record["seconds"])
         peak = record.get("cuda_peak_bytes", record.get("cpu_peak_bytes"))
         extra = record.get("cuda_extra_bytes", record.get("cpu_extra_bytes"))
         if peak is not None:
-            out[f"{prefix}{stage}_peak_bytes"] = float(peak)
+            out[f"{prefix}{stage}/peak_bytes"] = float(peak)
         if extra is not None:
-            out[f"{prefix}{stage}_extra_bytes"] = float(extra)
+            out[f"{prefix}{stage}/extra_bytes"] = float(extra)
     plan = diagnostics.get("memory_plan")
     if plan:
-        out[f"{prefix}max_memory_bytes"] = float(plan["max_memory"])
+        out[f"{prefix}memory_plan/max_memory_bytes"] = float(plan["max_memory"])
     return out

@@ -5,7 +5,9 @@ same order, never from inside rank-0-only code. Without an initialised process g
 function returns its input (or the obvious single-process answer).
 
 Tensors are moved to the device the backend communicates on (CUDA for NCCL, CPU for gloo) and the results
-come back on the input's device. This module imports no Lightning.
+come back on the input's device. This module imports no Lightning. Lightning's strategies broadcast and reduce
+too; these functions serve code that runs without a Trainer of its own (``InfluenceModule.score_batch`` called inside
+another model's fit by ``ErrorCorrection``, the snapshot callbacks), where the process group is all there is.
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 T = TypeVar("T")
-
-_MAX_DIMS = 8
 
 
 def is_distributed() -> bool:
@@ -78,59 +79,29 @@ def all_reduce_mean(t: Tensor) -> Tensor:
     return all_reduce_sum(t) / world_size()
 
 
-_DTYPES = [
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.int64,
-    torch.int32,
-    torch.int16,
-    torch.int8,
-    torch.uint8,
-    torch.bool,
-]
-
-
-def _meta_record(t: Tensor) -> Tensor:
-    """``[ndim, dtype code, *shape, -1 padding]``: gathered first so every rank can check every other one."""
-    record = torch.full((_MAX_DIMS + 2,), -1, dtype=torch.long)
-    if 1 <= t.dim() <= _MAX_DIMS:
-        record[0] = t.dim()
-        record[2 : 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.long)
-    record[1] = _DTYPES.index(t.dtype) if t.dtype in _DTYPES else -1
-    return record
-
-
-def _check_meta(records: list[Tensor]) -> tuple[list[tuple[int, ...]], torch.dtype]:
-    """Validate the gathered records the same way on every rank; return the shapes and the common dtype."""
-    ndims = [int(r[0]) for r in records]
-    if min(ndims) < 1:
+def _check_meta(metas: list[tuple[tuple[int, ...], str]]) -> tuple[list[tuple[int, ...]], str]:
+    """Validate every rank's ``(shape, dtype)`` the same way on every rank; return the shapes and the common dtype."""
+    shapes = [tuple(shape) for shape, _ in metas]
+    if any(len(s) < 1 for s in shapes):
         raise ValueError(
-            f"tensor: gather_uneven needs 1 to {_MAX_DIMS} dimensions on every rank, got ranks with ndim "
-            f"{[int(r[0]) if int(r[0]) > 0 else 'unsupported' for r in records]}"
+            f"tensor: gather_uneven needs at least one dimension on every rank, got shapes {[list(s) for s in shapes]}"
         )
-    shapes = [tuple(int(s) for s in r[2 : 2 + int(r[0])].tolist()) for r in records]
-    codes = [int(r[1]) for r in records]
     nonempty = [i for i, s in enumerate(shapes) if s[0] > 0]
-    if any(codes[i] < 0 for i in nonempty):
-        raise ValueError(f"tensor: gather_uneven supports dtypes {[str(d) for d in _DTYPES]}")
     if len({shapes[i][1:] for i in nonempty}) > 1:
         raise ValueError(f"tensor: gather_uneven needs the same trailing shape on every rank, got shapes {shapes}")
-    if len({codes[i] for i in nonempty}) > 1:
-        raise ValueError(
-            f"tensor: gather_uneven needs one dtype on every rank, got {[str(_DTYPES[codes[i]]) for i in nonempty]}"
-        )
-    dtype = _DTYPES[codes[nonempty[0]]] if nonempty else torch.float32
-    return shapes, dtype
+    dtypes = [metas[i][1] for i in nonempty]
+    if len(set(dtypes)) > 1:
+        raise ValueError(f"tensor: gather_uneven needs one dtype on every rank, got {dtypes}")
+    return shapes, dtypes[0] if dtypes else str(torch.float32)
 
 
 def gather_uneven(t: Tensor) -> Tensor:
     """Concatenate every rank's ``t`` along dimension 0, in rank order; the first dimension may differ per rank.
 
-    Each rank learns all shapes, pads its tensor to the largest, ``all_gather``-s, and trims the padding.
     Ranks that contribute zero rows may pass any trailing shape and dtype (e.g. ``torch.empty(0)``); the
-    others must agree on both. Works with gloo on CPU and with NCCL.
+    others must agree on both. Works with gloo on CPU and with NCCL. The padding and trimming are torchmetrics'
+    ``gather_all_tensors``; this function adds the checks it lacks (it waits forever when ranks disagree on the
+    number of dimensions or the dtype), so that a mismatch raises on every rank alike.
 
     Returns:
         A tensor of ``sum(sizes)`` rows on ``t``'s device; ``t`` itself without a process group.
@@ -148,23 +119,32 @@ def gather_uneven(t: Tensor) -> Tensor:
         if t.dim() < 1:
             raise ValueError(f"tensor: gather_uneven needs at least one dimension, got shape {tuple(t.shape)}")
         return t
-    device = _comm_device(t)
-    n = world_size()
-    record = _meta_record(t).to(device)
-    records = [torch.empty_like(record) for _ in range(n)]
-    dist.all_gather(records, record)
-    shapes, dtype = _check_meta([r.cpu() for r in records])
-    sizes = [s[0] for s in shapes]
-    nonempty = [i for i in range(n) if sizes[i] > 0]
+    shapes, dtype_name = _check_meta(all_gather_object((tuple(t.shape), str(t.dtype))))
+    nonempty = [s for s in shapes if s[0] > 0]
     if not nonempty:
         return t.new_empty((0, *shapes[0][1:]))
-    tail = shapes[nonempty[0]][1:]
-    padded = torch.zeros((max(sizes), *tail), dtype=dtype, device=device)
-    if sizes[rank()] > 0:
-        padded[: sizes[rank()]] = t.detach().to(device=device, dtype=dtype)
-    buffers = [torch.empty_like(padded) for _ in range(n)]
-    dist.all_gather(buffers, padded)
-    return torch.cat([buf[:size] for buf, size in zip(buffers, sizes, strict=True)]).to(t.device)
+    tail, dtype = nonempty[0][1:], getattr(torch, dtype_name.removeprefix("torch."))
+    device = _comm_device(t)
+    if t.shape[0] > 0:
+        local = t.detach().to(device=device, dtype=dtype)
+    else:
+        local = torch.zeros((0, *tail), dtype=dtype, device=device)
+    return torch.cat(gather_all_tensors(local)).to(t.device)
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's picklable ``obj``, in rank order (a collective; ``[obj]`` without a process group).
+
+    Example::
+
+        >>> all_gather_object({"rows": 3})
+        [{'rows': 3}]
+    """
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:
