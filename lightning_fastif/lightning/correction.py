@@ -256,7 +256,7 @@ class ErrorCorrection(Callback):
             snapshot=self._snapshot_dir(trainer) if self.num_candidates is not None else None,
             num_candidates=self.num_candidates,
             params=self.params,
-            progress=False,
+            compute={"progress": False},
             **kwargs,
         )
         pool = None
