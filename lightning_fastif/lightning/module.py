@@ -39,12 +39,20 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_fastif.core.batches import Batch, IndexedData, batch_size_of, move_batch
+from lightning_fastif.core.fingerprint import (
+    data_fingerprint,
+    digest_of,
+    estimator_fingerprint,
+    function_fingerprint,
+    params_fingerprint,
+    weights_fingerprint,
+)
 from lightning_fastif.core.grads import FunctionalLoss, LossFn, evaluating
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp import InverseHVP, LiSSA
 from lightning_fastif.core.memory import measure_example_cost, parse_memory, plan_chunks
 from lightning_fastif.core.params import ParamSpec, select_parameters
-from lightning_fastif.errors import ArgumentError, SnapshotNotFoundError, check_int, check_path
+from lightning_fastif.errors import ArgumentError, SnapshotNotFoundError, check_bool, check_int, check_path
 from lightning_fastif.io.results import BatchInfluence, InfluenceResult, jsonable
 from lightning_fastif.lightning.arguments import ComputeArguments, SearchArguments, fold_legacy_arguments
 from lightning_fastif.lightning.candidates import (
@@ -56,8 +64,8 @@ from lightning_fastif.lightning.candidates import (
 from lightning_fastif.lightning.distributed import gather_uneven, rank, world_size
 from lightning_fastif.lightning.repeats import score_split, solve_split
 from lightning_fastif.lightning.scoring import Stages, check_loss, score_columns
-from lightning_fastif.lightning.weights import CheckpointSpec, CheckpointWeights, weights_fingerprint
-from lightning_fastif.lightning.writer import InfluenceWriter
+from lightning_fastif.lightning.weights import CheckpointSpec, CheckpointWeights
+from lightning_fastif.lightning.writer import InfluenceWriter, shard_key
 from lightning_fastif.search.knn import KNNIndex
 from lightning_fastif.search.preconditioner import KNN_DAMPING_FLOOR
 
@@ -100,6 +108,11 @@ class InfluenceModule(LightningModule):
             ``"latest"``, ``"all"``, a version name or position, or a list of those.
         candidates_pool: score candidates from this :class:`CandidatePool` instead of the training set.
         output_dir: where shards and the merged result are written (resumable); ``None`` keeps results in memory.
+            The directory records a fingerprint of everything the scores depend on (weights, parameters,
+            estimator, training data, loss function; each test batch's content with its shard). A rerun whose
+            fingerprint differs raises an error naming what changed; finished shards are reused only when
+            everything matches.
+        overwrite: with ``output_dir``, start fresh instead: earlier shards, result and manifest are deleted.
         max_memory: a memory budget (``"4GB"``, ``"512MiB"`` or bytes): chunk sizes for scoring and HVPs are derived
             from it and the measured cost of one example, per test batch (``compute.batch_size`` and
             ``compute.hessian_batch_size`` are then ignored); too small a budget raises ``MemoryBudgetError`` naming
@@ -146,6 +159,7 @@ class InfluenceModule(LightningModule):
         checkpoints: CheckpointSpec = None,
         candidates_pool: CandidatePool | None = None,
         output_dir: str | os.PathLike | None = None,
+        overwrite: bool = False,
         max_memory: str | int | None = None,
         search: SearchArguments | Mapping[str, Any] | None = None,
         compute: ComputeArguments | Mapping[str, Any] | None = None,
@@ -180,6 +194,8 @@ class InfluenceModule(LightningModule):
         self._example_cost: Any = None
         self._chunk: int | None = None
         self.output_dir = check_path("output_dir", output_dir, allow_none=True)
+        self.overwrite = check_bool("overwrite", overwrite)
+        self._train_fingerprint: str | None = None
         if candidates_pool is not None and not isinstance(candidates_pool, CandidatePool):
             raise ArgumentError(
                 f"candidates_pool: expected None or a CandidatePool (build one with CandidatePool.from_snapshot("
@@ -317,7 +333,6 @@ class InfluenceModule(LightningModule):
         return jsonable(
             {
                 "model": type(self.model).__name__,
-                "weights_sha1": weights_fingerprint(self.model),
                 "loss_fn": getattr(self.loss_fn, "__qualname__", None) or "per_example_loss",
                 "params": self.params,
                 "num_train": len(self.train_data),
@@ -341,6 +356,22 @@ class InfluenceModule(LightningModule):
                 "score_method": self.compute.score_method,
             }
         )
+
+    def fingerprint(self) -> dict[str, str]:
+        """Digests of everything the scores depend on besides the test data (:mod:`lightning_fastif.core.fingerprint`).
+
+        The training data's digest is one streamed pass over it, computed once per module.
+        """
+        if self._train_fingerprint is None:
+            self._train_fingerprint = data_fingerprint(self.train_data)
+        selected = select_parameters(self.model, self.params).items()
+        return {
+            "weights": weights_fingerprint(self.model),
+            "params": params_fingerprint(selected),
+            "estimator": estimator_fingerprint({"estimator": self.ihvp.name, **self.ihvp.settings()}),
+            "train_data": self._train_fingerprint,
+            "loss_fn": function_fingerprint(self.loss_fn),
+        }
 
     # ----------------------------------------------------------------------------------------------- public API
     @property
@@ -519,13 +550,14 @@ class InfluenceModule(LightningModule):
         # The writer is attached to every run, also without output_dir: it collects and merges the batches, and
         # Lightning records the test indices of each batch (predict_loop.current_batch_indices) only while a
         # BasePredictionWriter is attached.
-        self._writer = InfluenceWriter(self.output_dir)
+        self._writer = InfluenceWriter(self.output_dir, overwrite=self.overwrite)
         return [self._writer]
 
     @override
     def on_predict_start(self) -> None:
         self._result, self._pending, self._offsets, self._test_data = None, [], {}, None
         self.computed_batches = self.skipped_batches = 0
+        self._test_digests: dict[tuple[int, int], str | None] = {}
         loaders = self.trainer.predict_dataloaders
         if isinstance(loaders, (list, tuple)) and len(loaders) != 1:
             raise ArgumentError(
@@ -577,15 +609,20 @@ class InfluenceModule(LightningModule):
     def _score_test_batch(self, fetch: Callable[[], Batch], indices: Tensor, split: bool) -> BatchInfluence:
         """One batch of test points: read from its shard when an earlier run finished it, else computed."""
         writer = self._writer
+        batch = fetch()
+        # The content of the test batch goes with its shard: a rerun over other test data at the same indices is
+        # refused, never served stale scores.
+        test_digest = digest_of(batch) if writer is not None and writer.dirpath is not None else None
+        self._test_digests[shard_key(indices)] = test_digest
         found = writer is not None and writer.has_shard(indices)
         if split:
             found = self.trainer.strategy.broadcast(found)  # rank 0 decides, so every rank takes the same branch
         if found:
             assert writer is not None
             self.skipped_batches += 1
-            return writer.read_shard(indices)
+            return writer.read_shard(indices, test_digest)
         out = self._compute(
-            fetch(),
+            batch,
             combine=False,
             num_candidates=self.num_candidates,
             pool=self.candidates_pool,
@@ -609,7 +646,8 @@ class InfluenceModule(LightningModule):
             indices = everything[start : start + chunk]
             out = self._score_test_batch(lambda idx=indices: test_data.gather(idx), indices, split=True)
             if self._writer is not None:
-                self._writer.add(self.trainer, out, write=self.trainer.is_global_zero)
+                digest = self._test_digests.get(shard_key(indices))
+                self._writer.add(self.trainer, out, write=self.trainer.is_global_zero, test_digest=digest)
 
     @override
     def on_predict_end(self) -> None:

@@ -7,35 +7,17 @@ the model for its share, and the live weights come back afterwards, also when th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from lightning_fastif.errors import ArgumentError
 from lightning_fastif.io.snapshot_store import apply_checkpoint, load_checkpoint
 
-__all__ = ["CheckpointWeights", "weights_fingerprint"]
+__all__ = ["CheckpointWeights"]
 
 CheckpointSpec = str | int | Sequence[str | int] | None
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """SHA-1 of the model's state (names, shapes, dtypes, bytes): a resumed run must use the same weights.
-
-    Example::
-
-        >>> len(weights_fingerprint(nn.Linear(2, 1)))
-        40
-    """
-    digest = hashlib.sha1()  # noqa: S324 - a fingerprint, not security
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 class CheckpointWeights:

@@ -32,9 +32,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_fastif.core.fingerprint import changed_components, digest_of
 from lightning_fastif.core.influence import diagnostic_metrics
-from lightning_fastif.errors import SnapshotError, check_path
+from lightning_fastif.errors import SnapshotError, check_bool, check_path
 from lightning_fastif.io.atomic import (
+    MANIFEST_NAME,
     load_tensors,
     manifest_path,
     read_manifest,
@@ -42,7 +44,13 @@ from lightning_fastif.io.atomic import (
     save_tensors,
     write_manifest,
 )
-from lightning_fastif.io.results import RESULT_FORMAT, RESULT_FORMAT_VERSION, BatchInfluence, InfluenceResult
+from lightning_fastif.io.results import (
+    RESULT_FILE,
+    RESULT_FORMAT,
+    RESULT_FORMAT_VERSION,
+    BatchInfluence,
+    InfluenceResult,
+)
 from lightning_fastif.lightning.distributed import all_gather_object, gather_uneven
 
 if TYPE_CHECKING:
@@ -107,6 +115,16 @@ def _read_batch(path: Path) -> BatchInfluence:
     )
 
 
+def _clear_run(output: str) -> None:
+    """Delete an earlier run's shards, result and manifest (``overwrite=True``); other files stay."""
+    shards = Path(output, SHARDS_DIR)
+    if shards.is_dir():
+        for shard in shards.glob("*.safetensors"):
+            shard.unlink()
+    for name in (RESULT_FILE, MANIFEST_NAME):
+        Path(output, name).unlink(missing_ok=True)
+
+
 class InfluenceWriter(BasePredictionWriter):
     """Collects, writes (resumably) and merges the batches of the ``InfluenceModule`` that attached it.
 
@@ -116,6 +134,8 @@ class InfluenceWriter(BasePredictionWriter):
     Args:
         output_dir: where shards, the merged result and its manifest are written; ``None`` keeps the result in memory
             (rank 0's :attr:`result`).
+        overwrite: delete an earlier run's shards, result and manifest in ``output_dir`` and start fresh, instead of
+            resuming it (a resume requires the same fingerprint: see ``InfluenceModule.fingerprint``).
 
     Raises:
         ArgumentError: ``output_dir`` is not a path.
@@ -127,9 +147,12 @@ class InfluenceWriter(BasePredictionWriter):
         True
     """
 
-    def __init__(self, output_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, output_dir: str | os.PathLike | None = None, *, overwrite: bool = False) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = check_path("output_dir", output_dir, allow_none=True)
+        self.overwrite = check_bool("overwrite", overwrite)
+        self._fingerprint: dict[str, str] = {}
+        self._digests: dict[tuple[int, int], str | None] = {}
         self.dirpath: str | None = None
         """The absolute output directory, rank 0's on every rank (set in ``setup``)."""
         self.result: InfluenceResult | None = None
@@ -158,7 +181,7 @@ class InfluenceWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._owner(pl_module):
             return
-        self.result, self._parts, self._keys, self._resumed = None, [], [], set()
+        self.result, self._parts, self._keys, self._resumed, self._digests = None, [], [], set(), {}
 
     @override
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -168,6 +191,8 @@ class InfluenceWriter(BasePredictionWriter):
             return
         module: InfluenceModule = pl_module  # type: ignore[assignment]
         self._settings = module.settings()
+        # One pass over the training data: only when the result goes to disk, where a rerun must be recognised.
+        self._fingerprint = module.fingerprint() if self.dirpath is not None else {}
         if trainer.world_size > 1 and self.dirpath is None and "spawn" in type(trainer.strategy).__name__.lower():
             rank_zero_warn(
                 "output_dir: None under a spawning strategy; the merged result lives in the spawned rank 0 only. Pass "
@@ -201,7 +226,9 @@ class InfluenceWriter(BasePredictionWriter):
         # Under parallel="repeats" predict_step returns only the test indices; the module adds those batches from
         # its on_predict_epoch_end, once every rank knows the whole test set.
         if self._owner(pl_module) and isinstance(prediction, BatchInfluence):
-            self.add(trainer, prediction, write=True)
+            assert prediction.test_indices is not None
+            digest = pl_module._test_digests.get(shard_key(prediction.test_indices))  # type: ignore[union-attr]
+            self.add(trainer, prediction, write=True, test_digest=digest)
 
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -215,6 +242,8 @@ class InfluenceWriter(BasePredictionWriter):
         if self.dirpath is not None:
             mine = self._keys if (not only_rank0 or trainer.is_global_zero) else []
             keys = gather_uneven(torch.tensor(mine, dtype=torch.long).reshape(-1, 2))
+            for digests in all_gather_object(self._digests):  # every rank's test batches, for the run's fingerprint
+                self._digests.update(digests)
             if trainer.is_global_zero:
                 try:
                     result = self._merge_shards([(int(a), int(b)) for a, b in keys.tolist()], trainer, module)
@@ -242,32 +271,50 @@ class InfluenceWriter(BasePredictionWriter):
         path = self.shard_path(test_indices)
         return path is not None and path.exists()
 
-    def read_shard(self, test_indices: Tensor) -> BatchInfluence:
+    def read_shard(self, test_indices: Tensor, test_digest: str | None = None) -> BatchInfluence:
         """The finished batch of these test points, from its shard (a resumed run).
 
+        Args:
+            test_indices: the batch's test indices (the shard's name).
+            test_digest: the digest of the batch's content now; it must equal the one the shard was written with.
+
         Raises:
-            SnapshotError: the shard holds other test points than its name says.
+            SnapshotError: the shard holds other test points than its name says, or other test data (the examples at
+                these indices changed since it was written: rerun with ``overwrite=True``).
         """
         path = self.shard_path(test_indices)
         assert path is not None
         out = _read_batch(path)
         if not torch.equal(out.test_indices, test_indices.cpu().long()):
             raise SnapshotError(f"shard {path} holds other test points than its name says; delete it and run again")
+        written = read_tensor_metadata(path).get("test_digest")
+        if test_digest is not None and written != test_digest:
+            first = test_indices[:5].tolist()
+            raise SnapshotError(
+                f"output_dir: shard {path.name} was computed for other test data (the test examples at indices "
+                f"{first}{' ...' if test_indices.numel() > 5 else ''} changed: fingerprint component 'test_data'); its "
+                "scores would be stale. Pass overwrite=True to start fresh, or use another output_dir"
+            )
         self._resumed.add(shard_key(test_indices))
         return out
 
-    def add(self, trainer: Trainer, out: BatchInfluence, *, write: bool) -> None:
+    def add(self, trainer: Trainer, out: BatchInfluence, *, write: bool, test_digest: str | None = None) -> None:
         """Collect one finished batch. A batch computed in this run (not read from its shard) is logged to the
         Trainer's loggers and, with ``write`` and an ``output_dir``, written as its shard."""
         assert out.test_indices is not None
         key = shard_key(out.test_indices)
+        self._digests[key] = test_digest
         if key not in self._resumed:
             path = self.shard_path(out.test_indices)
             if path is not None and write:
                 save_tensors(
                     path,
                     {"test_indices": out.test_indices, "candidate_indices": out.candidates, "scores": out.scores},
-                    {"format": SHARD_FORMAT, "diagnostics": json.dumps(out.diagnostics)},
+                    {
+                        "format": SHARD_FORMAT,
+                        "diagnostics": json.dumps(out.diagnostics),
+                        "test_digest": test_digest or "",
+                    },
                 )
             self._log(trainer, out)
         self._keys.append(key)
@@ -294,15 +341,13 @@ class InfluenceWriter(BasePredictionWriter):
                     f"output_dir: {output} holds a manifest of format {manifest.get('format')!r}, not an influence "
                     "run; use an empty directory"
                 )
-            before = manifest.get("settings", {})
-            if before != self._settings:
-                changed = sorted(k for k in set(before) | set(self._settings) if before.get(k) != self._settings.get(k))
-                raise ValueError(
-                    f"output_dir: {output} holds a run with other settings (differing: {changed}); its shards cannot "
-                    "be reused. Use another output_dir or delete this one"
-                )
-            return
+            if self.overwrite:
+                _clear_run(output)
+            else:
+                self._check_same_run(output, manifest)
         Path(output, SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        # Written before any computing, also when resuming: a result left by an earlier run is no longer "complete"
+        # (InfluenceResult.load refuses it) until this run has merged its own.
         write_manifest(
             output,
             {
@@ -310,8 +355,24 @@ class InfluenceWriter(BasePredictionWriter):
                 "format_version": RESULT_FORMAT_VERSION,
                 "status": "running",
                 "settings": self._settings,
+                "fingerprint": self._fingerprint,
             },
         )
+
+    def _check_same_run(self, output: str, manifest: dict[str, Any]) -> None:
+        """Refuse to resume a run whose fingerprint or settings differ, naming what changed."""
+        # The test data are checked batch by batch (each shard keeps its batch's digest), not here.
+        recorded = {k: v for k, v in (manifest.get("fingerprint") or {}).items() if k != "test_data"}
+        changed = changed_components(recorded, self._fingerprint)
+        before = manifest.get("settings", {})
+        changed += sorted(
+            f"settings.{k}" for k in set(before) | set(self._settings) if before.get(k) != self._settings.get(k)
+        )
+        if changed:
+            raise ValueError(
+                f"output_dir: {output} holds a run whose scores depend on other inputs (changed: {changed}); its "
+                "shards would be stale. Pass overwrite=True to start fresh, or use another output_dir"
+            )
 
     # -------------------------------------------------------------------------------------------------- merge
     def _manifest(self, parts: list[BatchInfluence], trainer: Trainer, module: InfluenceModule) -> dict[str, Any]:
@@ -328,6 +389,8 @@ class InfluenceWriter(BasePredictionWriter):
             "format": RESULT_FORMAT,
             "format_version": RESULT_FORMAT_VERSION,
             "settings": self._settings or module.settings(),
+            # test_data: the digests of the test batches, in test-index order (each shard also keeps its own).
+            "fingerprint": {**self._fingerprint, "test_data": digest_of([d for _, d in sorted(self._digests.items())])},
             "top_k": module.top_k,
             "parallel": module.compute.parallel,
             "world_size": trainer.world_size,
