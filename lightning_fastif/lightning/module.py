@@ -554,7 +554,22 @@ class InfluenceModule(LightningModule):
         return [self._writer]
 
     @override
+    def setup(self, stage: str) -> None:
+        self._predicted = False
+
+    @override
+    def teardown(self, stage: str) -> None:
+        # Lightning skips the whole predict loop (no hook runs) when the test loaders hold no batch: say so here,
+        # rather than leave the user with no result and no reason.
+        if stage == "predict" and not getattr(self, "_predicted", True):
+            raise ArgumentError(
+                "test data: expected at least one test example, got an empty predict DataLoader (no batch); pass the "
+                "test points to explain to trainer.predict(module, loader)"
+            )
+
+    @override
     def on_predict_start(self) -> None:
+        self._predicted = True
         self._result, self._pending, self._offsets, self._test_data = None, [], {}, None
         self.computed_batches = self.skipped_batches = 0
         self._test_digests: dict[tuple[int, int], str | None] = {}

@@ -129,3 +129,24 @@ def test_a_rerun_that_fails_leaves_no_complete_result(tmp_path, trained):
         _run(tmp_path, crashing, bigger)
     with pytest.raises(SnapshotError, match="did not complete"):
         InfluenceResult.load(out)
+
+
+def test_an_empty_test_set_raises_instead_of_giving_no_result(tmp_path, trained):
+    from lightning_fastif.errors import ArgumentError
+
+    model, train, test = trained
+    empty = TensorDataset(test.tensors[0][:0], test.tensors[1][:0])
+    with pytest.raises(ArgumentError, match="test data: expected at least one test example, got an empty predict"):
+        _run(tmp_path, _module(model, train, tmp_path / "out"), empty)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_extra_snapshot_dataset_is_refused_at_construction():
+    from lightning_fastif import FeatureSnapshot
+    from lightning_fastif.errors import ArgumentError
+
+    empty = TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ArgumentError, match=r"datasets\['val'\]: expected a non-empty Dataset, got one with 0"):
+        FeatureSnapshot(datasets={"val": empty})
+    with pytest.raises(ArgumentError, match=r"datasets\['val'\]: expected a map-style Dataset, got int"):
+        FeatureSnapshot(datasets={"val": 3})

@@ -153,6 +153,12 @@ class FeatureSnapshot(SnapshotCallback):
         if datasets is not None and not isinstance(datasets, Mapping):
             raise ArgumentError(f"datasets: expected None or a mapping of name -> Dataset, got {datasets!r}")
         datasets = dict(datasets or {})
+        for name, dataset in datasets.items():
+            # Found here, not after hours of fit: an extra dataset is embedded only at the first snapshot.
+            if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+                raise ArgumentError(f"datasets[{name!r}]: expected a map-style Dataset, got {type(dataset).__name__}")
+            if len(dataset) == 0:
+                raise ArgumentError(f"datasets[{name!r}]: expected a non-empty Dataset, got one with 0 examples")
         for name, data in datasets.items():
             if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
                 raise ArgumentError(
