@@ -36,12 +36,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks.common import jsonable, markdown_table, module_main, set_threads
 from lightning_fastif import LiSSA
 from lightning_fastif.app.models import _Classifier
-from lightning_fastif.lightning.correction import accuracy, compare_selections
+from lightning_fastif.lightning.arguments import CorrectionArguments
+from lightning_fastif.lightning.correction import accuracy
 from lightning_fastif.lightning.module import InfluenceModule
 from lightning_fastif.lightning.snapshots import FeatureSnapshot
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "correction_demo.py"
-SELECTIONS = ("helpful", "random", "harmful")
+SELECTIONS = ("helpful", "random", "random_at_helpful_lr", "harmful")
 TARGET_MARGIN = 0.05
 """The goal: helpful's mean challenge gain exceeds random's by at least 5 accuracy points on each task."""
 
@@ -110,9 +111,12 @@ def run_tabular(
     depth: int = 100,
     damping: float = 0.01,
     sizes: dict[str, int] | None = None,
-    **correct_kwargs: Any,
+    steps: CorrectionArguments | None = None,
+    keep: str = "improved",
 ) -> list[dict[str, Any]]:
-    """Per seed: train the MLP, then :func:`compare_selections` from its weights with the default steps."""
+    """Per seed: train the MLP, then compare the selections from its weights (default steps unless given)."""
+    demo = _demo()
+    steps = steps or CorrectionArguments()
     per_seed = []
     for seed in seeds:
         pl.seed_everything(seed)
@@ -136,15 +140,15 @@ def run_tabular(
                 m, train_dataset=data["train"], snapshot=snap, num_candidates=num_candidates, ihvp=ihvp, progress=False
             )
 
-        table = compare_selections(
+        table = demo.compare_with_matched_random(
             model,
             data["anchors"],
             data["challenge"],
+            data["test"],
             make_influence=make_influence,
-            selections=SELECTIONS,
-            seeds=[seed],
-            also={"test": data["test"]},
-            **correct_kwargs,
+            seed=seed,
+            steps=steps,
+            keep=keep,
         )
         per_seed.append({"seed": seed, "test_accuracy": accuracy(model, data["test"]), **table})
     return per_seed
@@ -182,6 +186,7 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             "kept_lowering_challenge": sum(run["gain"] < 0 for run in kept),
         }
     summary["margin"] = summary["helpful"]["gain_mean"] - summary["random"]["gain_mean"]
+    summary["margin_matched"] = summary["helpful"]["gain_mean"] - summary["random_at_helpful_lr"]["gain_mean"]
     summary["target_met"] = summary["margin"] >= TARGET_MARGIN
     summary["guard_never_lowered_holdout"] = all(summary[s]["kept_lowering_holdout"] == 0 for s in SELECTIONS)
     return summary
@@ -226,7 +231,7 @@ def run(*, smoke: bool = False, threads: int = 1) -> dict[str, Any]:
                 num_candidates=40,
                 depth=20,
                 sizes={"n_train": 300, "n_anchors": 40, "n_challenge": 100},
-                num_steps=2,
+                steps=CorrectionArguments(num_steps=2),
             )
         else:
             digits = demo.run_demo(out / "digits", seeds=seeds)
@@ -251,7 +256,8 @@ def run(*, smoke: bool = False, threads: int = 1) -> dict[str, Any]:
         r = results[task]
         verdicts.append(
             f"{task}: helpful - random = {100 * r['margin']:+.1f} pts (goal >= {100 * TARGET_MARGIN:.0f}: "
-            f"{'met' if r['target_met'] else 'NOT met'}); the guard "
+            f"{'met' if r['target_met'] else 'NOT met'}; {100 * r['margin_matched']:+.1f} against random points at "
+            "the helpful runs' lr); the guard "
             f"{'never kept' if r['guard_never_lowered_holdout'] else 'KEPT'} a correction that lowered the "
             "held-out accuracy."
         )

@@ -15,6 +15,7 @@ out, and a correction that lowers accuracy there is rolled back).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -31,6 +32,34 @@ from lightning_fastif.lightning.arguments import CorrectionArguments
 from lightning_fastif.lightning.correction import accuracy, compare_selections
 from lightning_fastif.lightning.module import InfluenceModule
 from lightning_fastif.lightning.snapshots import FeatureSnapshot
+
+SELECTIONS = ("helpful", "random", "random_at_helpful_lr", "harmful")
+"""The rows: FastIF's three selections, and random points at the learning rate the helpful run used."""
+
+
+def compare_with_matched_random(
+    model: torch.nn.Module,
+    anchors: Any,
+    challenge: Any,
+    test: Any,
+    *,
+    make_influence: Any,
+    seed: int,
+    steps: CorrectionArguments,
+    keep: str,
+) -> dict[str, Any]:
+    """``compare_selections`` for helpful, random and harmful points from ``model``'s weights, plus
+    ``"random_at_helpful_lr"``: random points at the learning rate the helpful run used (with ``lr="auto"`` each
+    run picks its own, and random points, whose gradient barely moves the anchors' loss, get a small one)."""
+    common = {"make_influence": make_influence, "seeds": [seed], "also": {"test": test}, "keep": keep}
+    table = compare_selections(
+        model, anchors, challenge, selections=("helpful", "random", "harmful"), steps=steps, **common
+    )
+    matched = dataclasses.replace(steps, lr=table["helpful"]["runs"][0]["lr"])
+    table["random_at_helpful_lr"] = compare_selections(
+        model, anchors, challenge, selections=("random",), steps=matched, **common
+    )["random"]
+    return table
 
 
 def run_demo(
@@ -78,13 +107,13 @@ def run_demo(
                 progress=False,
             )
 
-        table = compare_selections(
+        table = compare_with_matched_random(
             model,
             dm.challenge_dataset,
             dm.challenge_eval_dataset,
+            dm.test_dataset,
             make_influence=make_influence,
-            seeds=[seed],
-            also={"test": dm.test_dataset},
+            seed=seed,
             steps=CorrectionArguments(num_steps=num_steps, lr=lr),
             keep=keep,
         )
@@ -98,7 +127,7 @@ def run_demo(
         "damping": damping,
         "recursion_depth": depth,
     }
-    for selection in ("helpful", "harmful", "random"):
+    for selection in SELECTIONS:
         gains = [s[selection]["gain_mean"] for s in per_seed]
         summary[selection] = {
             "gain_mean": statistics.fmean(gains),
@@ -107,6 +136,9 @@ def run_demo(
             "after_mean": statistics.fmean(s[selection]["after_mean"] for s in per_seed),
             "lrs": [run["lr"] for s in per_seed for run in s[selection]["runs"]],
             "kept": sum(run["kept"] for s in per_seed for run in s[selection]["runs"]),
+            "test_change_mean": statistics.fmean(
+                run["test_after"] - s[selection]["test_before"] for s in per_seed for run in s[selection]["runs"]
+            ),
         }
     summary["test_accuracy_mean"] = statistics.fmean(s["test_accuracy"] for s in per_seed)
     summary["per_seed"] = per_seed
@@ -117,15 +149,16 @@ def run_demo(
         f"(test accuracy {summary['test_accuracy_mean']:.3f}); {num_steps} SGD steps at lr {lr!r} on 10 points "
         f"each, keep={keep!r}, {len(seeds)} seeds.",
         "",
-        "| selection | challenge accuracy after | gain (mean ± std over seeds) | lr used | kept |",
-        "|---|---|---|---|---|",
+        "| selection | challenge accuracy after | gain (mean ± std over seeds) | test accuracy change | lr used "
+        "| kept |",
+        "|---|---|---|---|---|---|",
     ]
-    for selection in ("helpful", "harmful", "random"):
+    for selection in SELECTIONS:
         s = summary[selection]
         lrs = ", ".join(f"{x:g}" for x in s["lrs"])
         lines.append(
             f"| {selection} | {s['after_mean']:.3f} | {100 * s['gain_mean']:+.1f} ± {100 * s['gain_std']:.1f} pts "
-            f"| {lrs} | {s['kept']}/{len(s['lrs'])} |"
+            f"| {100 * s['test_change_mean']:+.1f} pts | {lrs} | {s['kept']}/{len(s['lrs'])} |"
         )
     (out / "correction_demo.md").write_text("\n".join(lines) + "\n")
     return summary

@@ -53,6 +53,7 @@ __all__ = [
     "correct_errors",
     "dataset_of",
     "resolve_steps",
+    "search_lr",
     "split_holdout",
 ]
 
