@@ -867,3 +867,21 @@ def test_lissa_divergence_after_the_first_step_stops_and_the_guard_judges(traine
     monkeypatch.setattr(influence, "score_batch", lambda *a, **k: (_ for _ in ()).throw(LiSSADivergenceError("x")))
     with pytest.raises(LiSSADivergenceError):  # at the first step the settings are wrong: raised
         correct_errors(m, influence, anchors, steps=CorrectionArguments(num_steps=5, lr=0.01))
+
+
+@pytest.mark.slow
+def test_bench_correction_smoke_keeps_the_contract_and_the_guard():
+    """``benchmarks/bench_correction.py --smoke`` (both tasks, one seed, 2 steps): the section's contract, and the
+    guard never kept a correction that lowered the held-out accuracy."""
+    from benchmarks import bench_correction
+
+    out = bench_correction.run(smoke=True, threads=1)
+    assert set(out) >= {"name", "title", "headline", "markdown", "details"}
+    assert out["markdown"].startswith("| task | selection |")
+    assert "| --- |" in out["markdown"]
+    summary = out["details"]["summary"]
+    for task in ("digits", "tabular"):
+        assert summary[task]["guard_never_lowered_holdout"] is True
+        for selection in bench_correction.SELECTIONS:
+            assert summary[task][selection]["runs"] == 1
+            assert summary[task][selection]["kept_lowering_holdout"] == 0

@@ -391,7 +391,10 @@ def compare_selections(
 
     FastIF's comparison (helpful against random and harmful points, the same number of steps): every run starts
     from the same weights, so the gains are comparable. A gain is the improvement of the metric of
-    :func:`evaluation_metric`: accuracy after - before, or for a model without classes mean loss before - after.
+    :func:`evaluation_metric`: accuracy after - before, or for a model without classes mean loss before - after,
+    of the weights each run ends with. With :func:`correct_errors`' defaults (``lr="auto"``, ``keep="improved"``)
+    each run picks its own learning rate and holds out half of ``anchors`` for the guard (pass
+    ``holdout_dataset=...`` to hold out other examples); ``eval_dataset`` only measures.
 
     Args:
         model: the trained model (not modified).

@@ -13,6 +13,10 @@ The outputs are scores ``[B, C]`` (logits, probabilities; a Hugging Face output'
 the **accuracy** when the labels are integers and the outputs have classes; otherwise (a regression model, float
 targets) it is the **mean per-example loss** (``loss_fn``, default ``model.per_example_loss``), and the report says
 which (``CorrectionReport.metric``).
+
+*Where* the metric is measured is the data's business: :func:`split_holdout` cuts target-distribution examples
+into an anchor part and a held-out part (half each, by a seed) so that the guard of ``keep="improved"`` never judges
+a correction on the examples it was made for.
 """
 
 from __future__ import annotations
@@ -264,7 +268,14 @@ def dataset_of(name: str, data: Any) -> IndexedData:
 
 
 def subset_of(data: IndexedData, indices: Sequence[int] | Tensor) -> IndexedData:
-    """The examples of ``data`` at ``indices`` (positions in ``data``), with ``data``'s collate function."""
+    """The examples of ``data`` at ``indices`` (positions in ``data``), with ``data``'s collate function.
+
+    Example::
+
+        >>> part = subset_of(IndexedData(torch.utils.data.TensorDataset(torch.arange(4.0))), [3, 1])
+        >>> part.gather([0, 1])[0].tolist()
+        [3.0, 1.0]
+    """
     positions = torch.as_tensor(indices, dtype=torch.long).reshape(-1).tolist()
     return IndexedData(torch.utils.data.Subset(data.dataset, positions), data.collate_fn)
 
