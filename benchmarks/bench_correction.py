@@ -12,9 +12,11 @@ guard ever see.
   label (+-1) on 95% of training rows and reversed on the challenge rows; an MLP learns the column.
 
 The table gives the mean ± std over seeds of the challenge gain of the weights kept (0 for a rolled-back
-correction), the gain the correction alone made (before the guard), the learning rates chosen, how many corrections
-were kept, and two checks of the guard: kept corrections that lowered the held-out metric (must be 0) and kept
-corrections that lowered the challenge accuracy.
+correction), the gain the correction alone made (before the guard), the mean change of in-distribution test
+accuracy, the learning rates chosen, how many corrections were kept, and two checks of the guard: kept corrections
+that lowered the held-out metric (must be 0) and kept corrections that lowered the challenge accuracy. The row
+``random_at_helpful_lr`` takes random points at the rate the helpful run chose (``lr="auto"`` gives random points,
+whose gradient barely moves the anchors' loss, a small rate of their own).
 
     python -m benchmarks.bench_correction [--smoke] [--threads 1]
 """
@@ -204,6 +206,7 @@ def _rows(task: str, summary: dict[str, Any]) -> list[list[Any]]:
                 f"{s['before_mean']:.3f}",
                 f"{100 * s['gain_mean']:+.1f} ± {100 * s['gain_std']:.1f}",
                 f"{100 * s['corrected_gain_mean']:+.1f} ± {100 * s['corrected_gain_std']:.1f}",
+                f"{100 * s['test_change_mean']:+.1f}",
                 f"{lrs[0]:g}" if lrs[0] == lrs[-1] else f"{lrs[0]:g}-{lrs[-1]:g}",
                 f"{s['kept']}/{s['runs']}",
                 s["kept_lowering_holdout"],
@@ -245,6 +248,7 @@ def run(*, smoke: bool = False, threads: int = 1) -> dict[str, Any]:
         "challenge acc before",
         "challenge gain, kept weights (pts)",
         "gain before the guard (pts)",
+        "in-distribution test change (pts)",
         "lr chosen",
         "kept",
         "kept yet held-out lower",
