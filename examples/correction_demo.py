@@ -4,7 +4,9 @@ The data: scikit-learn's digits (real, bundled), binary task "digit >= 5", with 
 agrees with the label on 95% of training images and is *reversed* on a challenge split (the way HANS reverses
 MNLI's lexical-overlap heuristic). A small CNN learns the cue, so challenge accuracy falls far below test accuracy.
 Anchors are a small sample of the challenge split; accuracy is measured on the rest. For each seed a model is
-trained, then corrected from the same weights with each selection, the same number of steps.
+trained, then corrected from the same weights with each selection, the same number of steps, with the default
+settings: ``lr="auto"`` (a line search picks the learning rate) and ``keep="improved"`` (half of the anchors is held
+out, and a correction that lowers accuracy there is rolled back).
 
     python examples/correction_demo.py                 # 5 seeds, the full setting (a few minutes on 2 cores)
     python examples/correction_demo.py --small         # CI size (seconds)
@@ -13,6 +15,7 @@ trained, then corrected from the same weights with each selection, the same numb
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -30,6 +33,34 @@ from lightning_fastif.lightning.correction import accuracy, compare_selections
 from lightning_fastif.lightning.module import InfluenceModule
 from lightning_fastif.lightning.snapshots import FeatureSnapshot
 
+SELECTIONS = ("helpful", "random", "random_at_helpful_lr", "harmful")
+"""The rows: FastIF's three selections, and random points at the learning rate the helpful run used."""
+
+
+def compare_with_matched_random(
+    model: torch.nn.Module,
+    anchors: Any,
+    challenge: Any,
+    test: Any,
+    *,
+    make_influence: Any,
+    seed: int,
+    steps: CorrectionArguments,
+    keep: str,
+) -> dict[str, Any]:
+    """``compare_selections`` for helpful, random and harmful points from ``model``'s weights, plus
+    ``"random_at_helpful_lr"``: random points at the learning rate the helpful run used (with ``lr="auto"`` each
+    run picks its own, and random points, whose gradient barely moves the anchors' loss, get a small one)."""
+    common = {"make_influence": make_influence, "seeds": [seed], "also": {"test": test}, "keep": keep}
+    table = compare_selections(
+        model, anchors, challenge, selections=("helpful", "random", "harmful"), steps=steps, **common
+    )
+    matched = dataclasses.replace(steps, lr=table["helpful"]["runs"][0]["lr"])
+    table["random_at_helpful_lr"] = compare_selections(
+        model, anchors, challenge, selections=("random",), steps=matched, **common
+    )["random"]
+    return table
+
 
 def run_demo(
     out: Path,
@@ -37,7 +68,8 @@ def run_demo(
     seeds: list[int],
     epochs: int = 5,
     num_steps: int = 10,
-    lr: float = 0.05,
+    lr: float | str = "auto",
+    keep: str = "improved",
     num_candidates: int = 200,
     depth: int = 100,
     damping: float = 0.1,
@@ -75,30 +107,38 @@ def run_demo(
                 compute=ComputeArguments(progress=False),
             )
 
-        table = compare_selections(
+        table = compare_with_matched_random(
             model,
             dm.challenge_dataset,
             dm.challenge_eval_dataset,
+            dm.test_dataset,
             make_influence=make_influence,
-            seeds=[seed],
+            seed=seed,
             steps=CorrectionArguments(num_steps=num_steps, lr=lr),
+            keep=keep,
         )
         per_seed.append({"seed": seed, "test_accuracy": accuracy(model, dm.test_dataset), **table})
     summary: dict[str, Any] = {
         "seeds": seeds,
         "num_steps": num_steps,
         "lr": lr,
+        "keep": keep,
         "num_candidates": num_candidates,
         "damping": damping,
         "recursion_depth": depth,
     }
-    for selection in ("helpful", "harmful", "random"):
+    for selection in SELECTIONS:
         gains = [s[selection]["gain_mean"] for s in per_seed]
         summary[selection] = {
             "gain_mean": statistics.fmean(gains),
             "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
             "before_mean": statistics.fmean(s[selection]["before"] for s in per_seed),
             "after_mean": statistics.fmean(s[selection]["after_mean"] for s in per_seed),
+            "lrs": [run["lr"] for s in per_seed for run in s[selection]["runs"]],
+            "kept": sum(run["kept"] for s in per_seed for run in s[selection]["runs"]),
+            "test_change_mean": statistics.fmean(
+                run["test_after"] - s[selection]["test_before"] for s in per_seed for run in s[selection]["runs"]
+            ),
         }
     summary["test_accuracy_mean"] = statistics.fmean(s["test_accuracy"] for s in per_seed)
     summary["per_seed"] = per_seed
@@ -106,16 +146,19 @@ def run_demo(
     (out / "correction_demo.json").write_text(json.dumps(summary, indent=2))
     lines = [
         f"Challenge accuracy before correction: {summary['helpful']['before_mean']:.3f} "
-        f"(test accuracy {summary['test_accuracy_mean']:.3f}); {num_steps} SGD steps at lr {lr} on 10 points each, "
-        f"{len(seeds)} seeds.",
+        f"(test accuracy {summary['test_accuracy_mean']:.3f}); {num_steps} SGD steps at lr {lr!r} on 10 points "
+        f"each, keep={keep!r}, {len(seeds)} seeds.",
         "",
-        "| selection | challenge accuracy after | gain (mean ± std over seeds) |",
-        "|---|---|---|",
+        "| selection | challenge accuracy after | gain (mean ± std over seeds) | test accuracy change | lr used "
+        "| kept |",
+        "|---|---|---|---|---|---|",
     ]
-    for selection in ("helpful", "harmful", "random"):
+    for selection in SELECTIONS:
         s = summary[selection]
+        lrs = ", ".join(f"{x:g}" for x in s["lrs"])
         lines.append(
-            f"| {selection} | {s['after_mean']:.3f} | {100 * s['gain_mean']:+.1f} ± {100 * s['gain_std']:.1f} pts |"
+            f"| {selection} | {s['after_mean']:.3f} | {100 * s['gain_mean']:+.1f} ± {100 * s['gain_std']:.1f} pts "
+            f"| {100 * s['test_change_mean']:+.1f} pts | {lrs} | {s['kept']}/{len(s['lrs'])} |"
         )
     (out / "correction_demo.md").write_text("\n".join(lines) + "\n")
     return summary

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_fastif.core.batches import labels_of
 from lightning_fastif.core.ihvp import LiSSA
 from lightning_fastif.errors import ArgumentError
-from lightning_fastif.lightning.arguments import CorrectionArguments
+from lightning_fastif.lightning.arguments import AUTO_LR_GRID, CorrectionArguments
 from lightning_fastif.lightning.correction import (
     ErrorCorrection,
     accuracy,
@@ -31,6 +31,7 @@ from tests.helpers.correction_models import (
     CueNet,
     DictDataset,
     LinearRegressor,
+    WeightsPerRank,
     WholeBatchNet,
     cue_problem,
     regression_problem,
@@ -546,7 +547,8 @@ def _free_port() -> int:
 @pytest.mark.ddp
 @pytest.mark.timeout(900)
 def test_callback_under_ddp_two_processes(tmp_path, monkeypatch):
-    """Each rank scores the candidates itself; the points each rank chose (written per rank) must agree."""
+    """Each rank scores the candidates itself; the points each rank chose (written per rank) must agree, and the
+    ranks end with identical weights (the steps go through the DDP strategy, lr="auto" and the guard decide alike)."""
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     pl.seed_everything(3)
     train, anchors, challenge = cue_problem(n=96)
@@ -555,7 +557,7 @@ def test_callback_under_ddp_two_processes(tmp_path, monkeypatch):
         eval_dataset=challenge,
         epochs=[0],
         on_fit_end=False,
-        steps=CorrectionArguments(num_steps=2, lr=0.05),
+        steps=CorrectionArguments(num_steps=2),
         num_candidates=40,
         ihvp=fast_lissa(),
         dirpath=str(tmp_path / "corr"),
@@ -574,6 +576,7 @@ def test_callback_under_ddp_two_processes(tmp_path, monkeypatch):
             FeatureSnapshot(dirpath=tmp_path / "snap", every_n_epochs=1),
             correction,
             ChoicesPerRank(str(tmp_path)),
+            WeightsPerRank(str(tmp_path)),
         ],
     )
     trainer.fit(CueNet(), DataLoader(train, batch_size=16))
@@ -586,3 +589,301 @@ def test_callback_under_ddp_two_processes(tmp_path, monkeypatch):
     assert [len(c) for c in rank0] == [10, 10]
     assert rank0 == rank1  # the ranks chose the same points on their own
     assert rank0 == [s["chosen_indices"] for s in steps]  # and stepped on them
+    assert saved["corrections"][0]["lr"] in AUTO_LR_GRID
+    assert isinstance(saved["corrections"][0]["kept"], bool)
+    w0, w1 = (torch.load(tmp_path / f"weights-rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(w0, w1)
+
+
+# -- lr="auto", the guard, the held-out split, the steps through the Trainer ----------------------------------------
+class _Scalar(torch.nn.Module):
+    """``f(x) = w * x`` with ``w`` one parameter and the squared error: the line search's answer is known exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def per_example_loss(self, batch):
+        x, y = batch
+        return (self.w * x - y) ** 2
+
+
+def test_search_lr_takes_the_grid_point_below_the_best_single_step():
+    """From w = 0 on (x=1, y=1) the step is w = 2·lr; the anchors' loss (2·lr - 1)² is lowest at lr 0.3 of the grid
+    (0.16; 0.1 gives 0.64, 1.0 gives 1.0), so the answer is the grid point below it, 0.1; the weights come back."""
+    from lightning_fastif.lightning.correction_steps import search_lr
+
+    model = _Scalar()
+    batch = (torch.ones(1), torch.ones(1))
+
+    def loss(m, b):
+        return m.per_example_loss(b)
+
+    lr, trials = search_lr(model, loss, batch, batch)
+    assert lr == 0.1
+    by_lr = {t["lr"]: t for t in trials}
+    assert by_lr[0.0]["anchor_loss"] == 1.0
+    assert by_lr[0.3]["anchor_loss"] == pytest.approx(0.16)
+    assert by_lr[1.0]["anchor_loss"] == pytest.approx(1.0)
+    assert [t["lr"] for t in trials] == [0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]
+    assert model.w.item() == 0.0  # restored exactly after every trial
+    # Anchors the step cannot help (y = -1 while the chosen point pulls w up): the smallest rate of the grid.
+    assert search_lr(model, loss, (torch.ones(1), -torch.ones(1)), batch)[0] == 1e-4
+
+
+def test_auto_lr_lowers_the_anchors_loss_where_fastifs_1e_4_barely_moves_it(tmp_path):
+    pl.seed_everything(4)
+    train, evaluation = regression_problem()
+    model = LinearRegressor()
+    fit(model, train, tmp_path, epochs=1)
+    reports = {}
+    for lr in ("auto", 1e-4):
+        m = copy.deepcopy(model)
+        influence = InfluenceModule(m, train_dataset=train, num_candidates=None, ihvp=fast_lissa(), progress=False)
+        reports[lr] = correct_errors(m, influence, evaluation, lr=lr, keep="always", top_m=8, num_steps=3)
+    auto, fixed = reports["auto"], reports[1e-4]
+    # Measured (seed 4): the single-step best is 0.1 (anchors' loss 3.55 -> 0.11), so the rate used is 0.03.
+    assert auto.lr == 0.03
+    assert [t["lr"] for t in auto.lr_trials if not t["allowed"]] == [0.3, 1.0]  # they overshoot the chosen points
+    first = auto.steps[0]
+    assert first.anchor_loss_after < 0.5 * first.anchor_loss_before  # measured 3.26 -> 1.42
+    assert fixed.lr == 1e-4
+    assert fixed.lr_trials == []
+    for step in fixed.steps:  # measured: under 0.3% per step
+        assert abs(step.anchor_loss_after - step.anchor_loss_before) < 0.01 * step.anchor_loss_before
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("with_optimizer", [False, True])
+def test_keep_improved_rolls_back_a_correction_that_lowers_the_holdout_metric(trained, with_optimizer):
+    """The most harmful points at a large rate lower challenge accuracy: keep='improved' restores the exact weights
+    (and the optimizer's state), keep='always' keeps the damage; both report the held-out accuracy they saw."""
+    model, train, anchors, challenge, snap = trained
+    results = {}
+    for keep in ("improved", "always"):
+        m = copy.deepcopy(model)
+        influence = InfluenceModule(
+            m, train_dataset=train, snapshot=snap, num_candidates=60, ihvp=fast_lissa(), progress=False
+        )
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) if with_optimizer else None
+        report = correct_errors(
+            m,
+            influence,
+            anchors,
+            steps=CorrectionArguments(num_steps=4, lr=0.5, selection="harmful"),
+            optimizer=optimizer,
+            keep=keep,
+            holdout_dataset=challenge,
+            eval_dataset=challenge,
+        )
+        results[keep] = (m, report, optimizer)
+    m, report, optimizer = results["improved"]
+    assert report.holdout_after < report.holdout_before - 0.05  # the correction hurt the held-out accuracy
+    assert report.kept is False
+    assert torch.equal(_flat(m), _flat(model))  # the weights from before, exactly
+    assert report.metric_after == report.metric_before
+    assert report.metric_corrected == report.holdout_after < report.metric_before
+    assert report.gain == 0.0
+    if optimizer is not None:
+        assert optimizer.state_dict()["state"] == {}  # the momentum of the undone steps is gone too
+    m, report, _ = results["always"]
+    assert report.kept is True
+    assert report.holdout_after == results["improved"][1].holdout_after  # the same steps, kept this time
+    assert report.metric_after == report.metric_corrected < report.metric_before
+    assert not torch.equal(_flat(m), _flat(model))
+
+
+def test_keep_improved_keeps_a_correction_that_helps(trained):
+    model, train, anchors, challenge, snap = trained
+    m = copy.deepcopy(model)
+    influence = InfluenceModule(
+        m, train_dataset=train, snapshot=snap, num_candidates=120, ihvp=fast_lissa(), progress=False
+    )
+    report = correct_errors(m, influence, anchors, num_steps=6, eval_dataset=challenge, seed=0)
+    assert report.keep == "improved"
+    assert report.kept is True
+    assert report.holdout_size == len(anchors) // 2  # the held-out half of the anchors
+    assert report.holdout_after >= report.holdout_before
+    assert report.gain > 0.0
+    assert report.lr in AUTO_LR_GRID
+
+
+def test_split_holdout_is_deterministic_and_never_overlaps():
+    from lightning_fastif.lightning.evaluation import split_holdout
+
+    ids = TensorDataset(torch.arange(41).float().unsqueeze(1), torch.zeros(41).long())
+
+    def rows(part):
+        return sorted(int(part.dataset[i][0]) for i in range(len(part)))
+
+    anchors, held = split_holdout(ids, seed=3)
+    assert len(held) == 20
+    assert len(anchors) == 21
+    assert set(rows(anchors)).isdisjoint(rows(held))
+    assert sorted(rows(anchors) + rows(held)) == list(range(41))
+    again = split_holdout(ids, seed=3)
+    assert rows(again[1]) == rows(held)
+    assert rows(split_holdout(ids, seed=4)[1]) != rows(held)
+    with pytest.raises(ArgumentError, match=r"holdout_dataset: expected held-out examples .*anchors has 1 example"):
+        split_holdout(TensorDataset(torch.zeros(1, 1)), seed=0)
+
+
+def test_callback_holdout_is_never_an_anchor(tmp_path):
+    """With misclassified anchors and only eval_dataset, the split is fixed for the whole fit: the anchors come from
+    one half, the metric and the guard from the other, and the history and the loggers say what the guard saw."""
+    pl.seed_everything(11)
+    train, _, challenge = cue_problem()
+    correction = ErrorCorrection(
+        anchors_from="misclassified",
+        eval_dataset=challenge,
+        epochs=[0],
+        steps=CorrectionArguments(num_steps=2),
+        num_candidates=60,
+        ihvp=fast_lissa(),
+        dirpath=str(tmp_path / "corr"),
+    )
+    source, held = correction._anchor_source.dataset.indices, correction._holdout.dataset.indices
+    assert set(source).isdisjoint(held)
+    assert sorted(source + held) == list(range(len(challenge)))
+    assert correction._evaluated is correction._holdout
+    logger = CSVLogger(tmp_path, name="logs")
+    fit(
+        CueNet(),
+        train,
+        tmp_path,
+        epochs=2,
+        callbacks=[FeatureSnapshot(dirpath=tmp_path / "snap", every_n_epochs=1), correction],
+        logger=logger,
+    )
+    assert [h["moment"] for h in correction.history] == ["epoch=0", "fit_end"]
+    for entry in correction.history:
+        assert entry["holdout_size"] == len(held)
+        assert entry["metric_before"] == entry["holdout_before"]  # the reported metric is the held-out half's
+        assert isinstance(entry["lr"], float)
+        assert entry["kept"] == (entry["holdout_after"] >= entry["holdout_before"])
+    logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
+    for key in ("fastif/correction_kept", "fastif/correction_lr", "fastif/correction_holdout_acc_before"):
+        assert key in logged
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda a: ErrorCorrection(anchors=a, keep="sometimes"), r"keep: expected one of \['improved', 'always'\]"),
+        (lambda a: ErrorCorrection(anchors=a, keep=True), r"keep: expected one of .*, got True"),
+        (lambda a: ErrorCorrection(anchors=a, steps={"lr": "fast"}), r"lr: expected 'auto' or a finite .*'fast'"),
+        (lambda a: CorrectionArguments(lr=0), r"lr: expected 'auto' or a finite number > 0, got 0"),
+        (lambda a: CorrectionArguments(lr=float("nan")), r"lr: expected 'auto' or a finite number > 0, got nan"),
+        (lambda a: CorrectionArguments(lr="AUTO"), r"lr: expected 'auto' or a finite number > 0, got 'AUTO'"),
+        (lambda a: ErrorCorrection(anchors=TensorDataset(a.tensors[0][:1], a.tensors[1][:1])), "holdout_dataset"),
+    ],
+)
+def test_bad_keep_and_lr(make, match):
+    with pytest.raises(ArgumentError, match=match):
+        make(cue_problem(n=10)[1])
+
+
+def test_correct_errors_bad_keep_fails_before_any_step(trained):
+    model, train, anchors, challenge, snap = trained
+    m = copy.deepcopy(model)
+    influence = InfluenceModule(m, train_dataset=train, num_candidates=None, ihvp=fast_lissa(), progress=False)
+    with pytest.raises(ArgumentError, match=r"keep: expected one of \['improved', 'always'\], got 'better'"):
+        correct_errors(m, influence, anchors, keep="better")
+    with pytest.raises(ArgumentError, match=r"lr: expected 'auto' or a finite number > 0, got -1"):
+        correct_errors(m, influence, anchors, lr=-1)
+    assert torch.equal(_flat(m), _flat(model))
+
+
+class _StepHooks(pl.Callback):
+    """Counts the Trainer's backward/optimizer hooks that run for an optimizer that is not the Trainer's."""
+
+    def __init__(self) -> None:
+        self.backward, self.optimizer_steps = 0, 0
+
+    def on_after_backward(self, trainer, pl_module):
+        self.backward += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if optimizer not in trainer.optimizers:
+            self.optimizer_steps += 1
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed-scaler"])
+def test_callback_steps_go_through_the_trainers_strategy(tmp_path, precision):
+    """The correction's steps run the Trainer's backward and optimizer-step hooks, under its precision plugin; with
+    fp16 (a GradScaler; on CPU fp16 autocast with a CPU scaler) the scaler counts the correction's steps too."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    pl.seed_everything(12)
+    train, anchors, challenge = cue_problem(n=96)
+    correction = ErrorCorrection(
+        anchors=anchors,
+        eval_dataset=challenge,
+        steps=CorrectionArguments(num_steps=3, lr=0.05),
+        keep="always",
+        num_candidates=None,
+        ihvp=fast_lissa(),
+        dirpath=str(tmp_path / "corr"),
+    )
+    hooks = _StepHooks()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    kwargs = (
+        {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=scaler)]}
+        if precision == "16-mixed-scaler"
+        else {"precision": precision}
+    )
+    fit(CueNet(), train, tmp_path, epochs=1, callbacks=[correction, hooks], **kwargs)
+    (entry,) = correction.history
+    assert hooks.optimizer_steps == 3  # the precision plugin ran the correction's optimizer steps
+    assert hooks.backward == 3 + 3  # 3 training batches of 32, then the 3 correction steps
+    assert entry["lr"] == 0.05
+    assert all(s["anchor_loss_after"] < s["anchor_loss_before"] for s in entry["steps"])
+    if precision == "16-mixed-scaler":
+        assert int(scaler.state_dict()["_growth_tracker"]) == 6  # 3 training and 3 correction steps were scaled
+
+
+def test_lissa_divergence_after_the_first_step_stops_and_the_guard_judges(trained, monkeypatch):
+    from lightning_fastif.errors import LiSSADivergenceError
+
+    model, train, anchors, challenge, snap = trained
+    m = copy.deepcopy(model)
+    influence = InfluenceModule(m, train_dataset=train, num_candidates=None, ihvp=fast_lissa(), progress=False)
+    original, calls = influence.score_batch, []
+
+    def diverge_at_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise LiSSADivergenceError("LiSSA diverged at step 7")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(influence, "score_batch", diverge_at_step_2)
+    with pytest.warns(RuntimeWarning, match="stopped before step 2: LiSSA diverged at step 7"):
+        report = correct_errors(m, influence, anchors, steps=CorrectionArguments(num_steps=5, lr=0.01))
+    assert len(report.steps) == 2
+    assert report.stopped == "step 2: LiSSA diverged at step 7"
+    assert report.holdout_after is not None
+    calls.clear()
+    monkeypatch.setattr(influence, "score_batch", lambda *a, **k: (_ for _ in ()).throw(LiSSADivergenceError("x")))
+    with pytest.raises(LiSSADivergenceError):  # at the first step the settings are wrong: raised
+        correct_errors(m, influence, anchors, steps=CorrectionArguments(num_steps=5, lr=0.01))
+
+
+@pytest.mark.slow
+def test_bench_correction_smoke_keeps_the_contract_and_the_guard():
+    """``benchmarks/bench_correction.py --smoke`` (both tasks, one seed, 2 steps): the section's contract, and the
+    guard never kept a correction that lowered the held-out accuracy."""
+    from benchmarks import bench_correction
+
+    out = bench_correction.run(smoke=True, threads=1)
+    assert set(out) >= {"name", "title", "headline", "markdown", "details"}
+    assert out["markdown"].startswith("| task | selection |")
+    assert "| --- |" in out["markdown"]
+    summary = out["details"]["summary"]
+    for task in ("digits", "tabular"):
+        assert summary[task]["guard_never_lowered_holdout"] is True
+        for selection in bench_correction.SELECTIONS:
+            assert summary[task][selection]["runs"] == 1
+            assert summary[task][selection]["kept_lowering_holdout"] == 0

@@ -3,7 +3,7 @@
 One core, two entry points:
 
 * :func:`~lightning_fastif.lightning.correction_steps.correct_errors`: after training, on any model and
-  :class:`~lightning_fastif.lightning.module.InfluenceModule` (with :func:`compare_selections`, FastIF's
+  :class:`~lightning_fastif.lightning.module.InfluenceModule` (with :func:`compare_selections` here, FastIF's
   helpful-vs-random-vs-harmful table);
 * :class:`ErrorCorrection`: a Lightning callback running the same core at configured moments of ``trainer.fit``.
 
@@ -14,8 +14,10 @@ hook gives the model's outputs; accuracy, or the mean loss without classes) in
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,22 +35,26 @@ from lightning_fastif.io.atomic import atomic_write_bytes
 from lightning_fastif.lightning import distributed
 from lightning_fastif.lightning.arguments import CorrectionArguments, fold_legacy_arguments
 from lightning_fastif.lightning.correction_steps import (
+    KEEP_MODES,
     SELECTIONS,
     CorrectionReport,
     CorrectionStep,
-    compare_selections,
     correct_errors,
-    dataset_of,
+    resolve_steps,
 )
 from lightning_fastif.lightning.evaluation import (
     accuracy,
+    dataset_of,
     evaluation_metric,
     misclassified_indices,
     model_outputs,
     predicted_labels,
+    split_holdout,
+    subset_of,
 )
 
 __all__ = [
+    "KEEP_MODES",
     "SELECTIONS",
     "CorrectionReport",
     "CorrectionStep",
@@ -60,6 +66,7 @@ __all__ = [
     "misclassified_indices",
     "model_outputs",
     "predicted_labels",
+    "split_holdout",
 ]
 
 ANCHOR_SOURCES = ("dataset", "misclassified")
@@ -71,17 +78,37 @@ class ErrorCorrection(Callback):
     At each configured moment (every ``every_n_epochs`` epochs, at the given ``epochs``, and/or at the end of fit),
     builds an :class:`~lightning_fastif.InfluenceModule` over the model being trained (kNN candidates from the
     latest :class:`~lightning_fastif.FeatureSnapshot` features, or every training point when ``num_candidates`` is
-    None) and runs :func:`correct_errors`. The metric on ``eval_dataset`` before and after (accuracy, or the mean
-    loss for a model without classes; see :func:`evaluation_metric`) and the points used are logged to the
-    Trainer's loggers (``fastif/correction_acc_before``/``..._after``, or ``fastif/correction_loss_before``/
-    ``..._after``) and written to ``<dirpath>/correction.json``. A step that makes the weights non-finite restores
-    the weights from before that correction and stops the fit with ``FloatingPointError``.
+    None) and runs :func:`correct_errors`, its steps through ``trainer.strategy`` (the precision plugin's autocast
+    and loss scaling, the module's backward hooks, gradient clipping; under DDP every rank takes the same steps and
+    ends with rank 0's weights).
+
+    **The guard** (``keep="improved"``, the default): the metric (accuracy, or the mean loss for a model without
+    classes; see :func:`evaluation_metric`) is measured before and after each correction on a held-out part of the
+    target distribution that is never an anchor, and a correction that lowers it is rolled back (the weights, and
+    with ``optimizer="model"`` the optimizer's state, from before). The held-out part is ``holdout_dataset`` when
+    given; otherwise it is split off once, deterministically by ``steps.seed`` (half of the examples, see
+    :func:`~lightning_fastif.lightning.evaluation.split_holdout`), from ``eval_dataset`` with
+    ``anchors_from="misclassified"`` (the anchors are then the misclassified examples of the other half), or from
+    ``anchors`` with ``anchors_from="dataset"`` (the steps draw from the other half). With
+    ``anchors_from="misclassified"`` the split is made for ``keep="always"`` too, so the reported metric is never
+    measured on the anchors.
+
+    Logged to the Trainer's loggers: ``fastif/correction_acc_before``/``..._after`` (or ``..._loss_...``) on
+    ``eval_dataset`` (its held-out half with misclassified anchors), ``fastif/correction_holdout_acc_before``/
+    ``..._after`` (or ``..._loss_...``; after the correction, before any rollback), ``fastif/correction_kept`` (1 or
+    0) and ``fastif/correction_lr`` (the learning rate used, ``lr="auto"`` resolved). Everything, with the points
+    used, is written to ``<dirpath>/correction.json`` and :attr:`history`. A step that makes the weights
+    non-finite restores the weights from before that correction and stops the fit with ``FloatingPointError``.
 
     Args:
         anchors: examples whose predictions should improve. ``None`` with ``anchors_from="misclassified"`` takes the
             misclassified examples of ``eval_dataset`` at each moment.
         anchors_from: ``"dataset"`` (use ``anchors``) or ``"misclassified"`` (a classifier only).
-        eval_dataset: where the metric is measured before and after each correction.
+        eval_dataset: where the metric is measured before and after each correction (with
+            ``anchors_from="misclassified"`` and no ``holdout_dataset``: split into the anchors' half and the
+            held-out half, where the metric is measured).
+        keep: ``"improved"`` (roll back a correction that lowers the held-out metric) or ``"always"``.
+        holdout_dataset: held-out examples of the target distribution for the guard, never used as anchors.
         steps: the correction steps (:class:`~lightning_fastif.lightning.arguments.CorrectionArguments`, or a
             mapping of its fields): ``num_anchors``, ``top_m``, ``num_steps``, ``lr``, ``optimizer``,
             ``selection``, ``harmful_weight``, ``seed``.
@@ -98,14 +125,15 @@ class ErrorCorrection(Callback):
             ``steps`` with a DeprecationWarning.
 
     Raises:
-        ArgumentError: at construction for a bad argument; in ``setup`` (before the first training step) for a
+        ArgumentError: at construction for a bad argument (``keep`` not one of ``"improved"``/``"always"``, fewer
+            than 2 examples to split a held-out part from); in ``setup`` (before the first training step) for a
             sharding strategy, a ``params`` pattern that matches no parameter, an empty ``anchors`` /
             ``eval_dataset`` / ``pool``, or ``num_candidates`` without a snapshot directory.
 
     Example::
 
         >>> ErrorCorrection(anchors_from="misclassified", eval_dataset=val, epochs=[1], on_fit_end=False,
-        ...                 steps=CorrectionArguments(num_steps=5, lr=0.01)).state_key  # doctest: +SKIP
+        ...                 steps=CorrectionArguments(num_steps=5)).state_key  # doctest: +SKIP
         "ErrorCorrection{'selection': 'helpful', 'top_m': 10, 'num_steps': 5}"
     """
 
@@ -115,6 +143,8 @@ class ErrorCorrection(Callback):
         anchors: Dataset | None = None,
         anchors_from: str = "dataset",
         eval_dataset: Dataset | None = None,
+        keep: str = "improved",
+        holdout_dataset: Dataset | None = None,
         steps: CorrectionArguments | Mapping[str, Any] | None = None,
         every_n_epochs: int | None = None,
         epochs: Sequence[int] | None = None,
@@ -140,7 +170,9 @@ class ErrorCorrection(Callback):
                 "eval_dataset: expected a Dataset whose misclassified examples become the anchors "
                 "(anchors_from='misclassified'), got None"
             )
-        for name, data in (("anchors", anchors), ("eval_dataset", eval_dataset), ("pool", pool)):
+        check_choice("keep", keep, KEEP_MODES)
+        named = (("anchors", anchors), ("eval_dataset", eval_dataset), ("holdout_dataset", holdout_dataset))
+        for name, data in (*named, ("pool", pool)):
             if data is not None:
                 dataset_of(name, data)
         check_int("every_n_epochs", every_n_epochs, allow_none=True)
@@ -166,6 +198,8 @@ class ErrorCorrection(Callback):
                 f"ihvp: expected None or an InverseHVP estimator (LiSSA, ConjugateGradient, ...), got {ihvp!r}"
             )
         self.anchors, self.anchors_from, self.eval_dataset = anchors, anchors_from, eval_dataset
+        self.keep, self.holdout_dataset = keep, holdout_dataset
+        self._anchor_source, self._holdout, self._evaluated = self._parts()
         self.every_n_epochs, self.epochs, self.on_fit_end_enabled = every_n_epochs, list(epochs or []), on_fit_end
         self.num_candidates, self.ihvp, self.params = num_candidates, ihvp, params
         self.snapshot_dir = check_path("snapshot_dir", snapshot_dir, allow_none=True)
@@ -205,7 +239,8 @@ class ErrorCorrection(Callback):
             raise
         except (TypeError, ValueError) as exc:  # the message names the patterns and the available names
             raise ArgumentError(str(exc)) from exc
-        for name, data in (("anchors", self.anchors), ("eval_dataset", self.eval_dataset), ("pool", self.pool)):
+        named = (("anchors", self.anchors), ("eval_dataset", self.eval_dataset), ("pool", self.pool))
+        for name, data in (*named, ("holdout_dataset", self.holdout_dataset)):
             if data is not None:
                 dataset_of(name, data)
         if self.num_candidates is not None and self.snapshot_dir is None:
@@ -229,16 +264,30 @@ class ErrorCorrection(Callback):
         self._history = list(state_dict.get("history", []))
 
     # -- the work -------------------------------------------------------------------------------------------------
+    def _parts(self) -> tuple[Any, Any, Any]:
+        """``(where the anchors come from, the held-out part or None, where the reported metric is measured)``,
+        fixed for the whole fit so that no moment's held-out example was an earlier moment's anchor."""
+        seed = self.steps.seed
+        if self.anchors_from == "misclassified":
+            if self.holdout_dataset is not None:
+                return self.eval_dataset, self.holdout_dataset, self.eval_dataset
+            source, held = split_holdout(self.eval_dataset, seed, name="eval_dataset")
+            return source, held, held
+        if self.holdout_dataset is not None or self.keep == "always":
+            return self.anchors, self.holdout_dataset, self.eval_dataset
+        source, held = split_holdout(self.anchors, seed, name="anchors")
+        return source, held, self.eval_dataset
+
     def _run(self, trainer: Trainer, pl_module: LightningModule, moment: str) -> None:
         if moment in self._done:  # a resumed fit does not repeat a correction
             return
         from lightning_fastif.lightning.module import CandidatePool, InfluenceModule
 
         train_dataset = _train_dataset(trainer)
-        anchors = self.anchors
+        anchors = self._anchor_source
         if self.anchors_from == "misclassified":
             try:
-                wrong = misclassified_indices(pl_module, self.eval_dataset)
+                wrong = misclassified_indices(pl_module, anchors)
             except ArgumentError as exc:  # a model without classes has nothing misclassified
                 raise ArgumentError(
                     f"anchors_from: expected 'dataset' (with anchors) for this model, got 'misclassified' ({exc})"
@@ -246,7 +295,7 @@ class ErrorCorrection(Callback):
             if wrong.numel() == 0:
                 self._record(trainer, moment, None)
                 return
-            anchors = torch.utils.data.Subset(self.eval_dataset, wrong.tolist())
+            anchors = subset_of(dataset_of("eval_dataset", anchors), wrong)
         kwargs: dict[str, Any] = {}
         if self.ihvp is not None:
             kwargs["ihvp"] = self.ihvp
@@ -270,7 +319,10 @@ class ErrorCorrection(Callback):
             steps=self.steps,
             optimizer=optimizer,
             pool=pool,
-            eval_dataset=self.eval_dataset,
+            eval_dataset=self._evaluated,
+            keep=self.keep,
+            holdout_dataset=self._holdout,
+            trainer=trainer,
             seed=self.steps.seed + len(self._done),
         )
         report.epoch, report.global_step = trainer.current_epoch, trainer.global_step
@@ -303,11 +355,17 @@ class ErrorCorrection(Callback):
         self._done.append(moment)
         if report is not None:
             self._history.append({"moment": moment, **report.to_dict()})
-            metrics = {"fastif/correction_seconds": report.seconds}
+            metrics = {"fastif/correction_seconds": report.seconds, "fastif/correction_kept": float(report.kept)}
+            if report.lr is not None:
+                metrics["fastif/correction_lr"] = report.lr
             if report.metric_before is not None:
                 short = "acc" if report.metric == "accuracy" else "loss"
                 metrics[f"fastif/correction_{short}_before"] = report.metric_before
                 metrics[f"fastif/correction_{short}_after"] = report.metric_after
+            if report.holdout_before is not None:
+                short = "acc" if report.holdout_metric == "accuracy" else "loss"
+                metrics[f"fastif/correction_holdout_{short}_before"] = report.holdout_before
+                metrics[f"fastif/correction_holdout_{short}_after"] = report.holdout_after
             if trainer.is_global_zero:
                 for logger in trainer.loggers:
                     logger.log_metrics(metrics, step=trainer.global_step)
@@ -316,6 +374,99 @@ class ErrorCorrection(Callback):
             payload = json.dumps({"corrections": self._history, "done": self._done}, indent=2).encode()
             atomic_write_bytes(self._dirpath / "correction.json", payload)
         trainer.strategy.barrier("ErrorCorrection.record")
+
+
+def compare_selections(
+    model: nn.Module,
+    anchors: Any,
+    eval_dataset: Any,
+    *,
+    make_influence: Any,
+    selections: Sequence[str] = ("helpful", "harmful", "random"),
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    also: Mapping[str, Any] | None = None,
+    **correct_kwargs: Any,
+) -> dict[str, Any]:
+    """Run :func:`correct_errors` from copies of ``model`` for each selection and seed; summarise the gains.
+
+    FastIF's comparison (helpful against random and harmful points, the same number of steps): every run starts
+    from the same weights, so the gains are comparable. A gain is the improvement of the metric of
+    :func:`evaluation_metric`: accuracy after - before, or for a model without classes mean loss before - after,
+    of the weights each run ends with. With :func:`correct_errors`' defaults (``lr="auto"``, ``keep="improved"``)
+    each run picks its own learning rate and holds out half of ``anchors`` for the guard (pass
+    ``holdout_dataset=...`` to hold out other examples); ``eval_dataset`` only measures.
+
+    Args:
+        model: the trained model (not modified).
+        anchors: anchor examples (a small sample of the target distribution).
+        eval_dataset: where the metric is measured before and after.
+        make_influence: ``make_influence(model_copy) -> InfluenceModule`` over the copy.
+        selections: the selections compared.
+        seeds: one run per seed and selection.
+        also: more datasets measured after each run, by name (say ``{"test": test}``, to see what a correction
+            costs in distribution): a run gets ``"<name>_after"``, the summary ``"<name>_before"``.
+        **correct_kwargs: passed to :func:`correct_errors` (``steps``, ``num_steps``, ``lr``, ``top_m``, ...).
+
+    Returns:
+        ``{selection: {"metric", "gain_mean", "gain_std", "after_mean", "after_std", "before", "kept_fraction",
+        "runs": [...]}}``; a run holds ``seed``, ``before``, ``after`` (the weights kept), ``gain``,
+        ``corrected`` (the metric of the corrected weights, kept or not), ``lr``, ``kept``,
+        ``holdout_before``/``_after`` and ``stopped``.
+
+    Example::
+
+        >>> table = compare_selections(model, anchors, challenge, make_influence=make, seeds=[0, 1])  # doctest: +SKIP
+        >>> table["helpful"]["gain_mean"] > table["random"]["gain_mean"]  # doctest: +SKIP
+        True
+    """
+    for name in selections:
+        resolve_steps(None, selection=name)  # an unknown selection fails before the first run
+    also = dict(also or {})
+    start = {name: evaluation_metric(model, data)[1] for name, data in also.items()}
+    summary: dict[str, Any] = {}
+    for selection in selections:
+        runs = []
+        for seed in seeds:
+            m = copy.deepcopy(model)
+            report = correct_errors(
+                m,
+                make_influence(m),
+                anchors,
+                selection=selection,
+                eval_dataset=eval_dataset,
+                seed=seed,
+                **correct_kwargs,
+            )
+            runs.append(
+                {
+                    "seed": seed,
+                    "before": report.metric_before,
+                    "after": report.metric_after,
+                    "gain": report.gain,
+                    "corrected": report.metric_corrected,
+                    "lr": report.lr,
+                    "kept": report.kept,
+                    "holdout_before": report.holdout_before,
+                    "holdout_after": report.holdout_after,
+                    "used_indices": report.used_indices,
+                    "stopped": report.stopped,
+                    **{f"{name}_after": evaluation_metric(m, data)[1] for name, data in also.items()},
+                }
+            )
+        gains = [r["gain"] for r in runs]
+        afters = [r["after"] for r in runs]
+        summary[selection] = {
+            "metric": report.metric,
+            "before": runs[0]["before"],
+            "gain_mean": statistics.fmean(gains),
+            "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
+            "after_mean": statistics.fmean(afters),
+            "after_std": statistics.stdev(afters) if len(afters) > 1 else 0.0,
+            "kept_fraction": statistics.fmean(float(r["kept"]) for r in runs),
+            **{f"{name}_before": value for name, value in start.items()},
+            "runs": runs,
+        }
+    return summary
 
 
 def _train_dataset(trainer: Trainer) -> Any:

@@ -13,6 +13,10 @@ The outputs are scores ``[B, C]`` (logits, probabilities; a Hugging Face output'
 the **accuracy** when the labels are integers and the outputs have classes; otherwise (a regression model, float
 targets) it is the **mean per-example loss** (``loss_fn``, default ``model.per_example_loss``), and the report says
 which (``CorrectionReport.metric``).
+
+*Where* the metric is measured is the data's business: :func:`split_holdout` cuts target-distribution examples
+into an anchor part and a held-out part (half each, by a seed) so that the guard of ``keep="improved"`` never judges
+a correction on the examples it was made for.
 """
 
 from __future__ import annotations
@@ -29,7 +33,17 @@ from lightning_fastif.core.batches import LABEL_KEYS, Batch, IndexedData, labels
 from lightning_fastif.core.grads import LossFn, check_losses, default_loss_fn, evaluating
 from lightning_fastif.errors import ArgumentError
 
-__all__ = ["METRICS", "accuracy", "evaluation_metric", "misclassified_indices", "model_outputs", "predicted_labels"]
+__all__ = [
+    "METRICS",
+    "accuracy",
+    "dataset_of",
+    "evaluation_metric",
+    "misclassified_indices",
+    "model_outputs",
+    "predicted_labels",
+    "split_holdout",
+    "subset_of",
+]
 
 METRICS = ("accuracy", "loss")
 """The metrics :func:`evaluation_metric` reports: higher accuracy is better, lower loss is better."""
@@ -230,3 +244,73 @@ def evaluation_metric(
             total += float(losses.double().sum())
             count += idx.numel()
     return "loss", total / count
+
+
+def dataset_of(name: str, data: Any) -> IndexedData:
+    """``data`` (a map-style Dataset or a DataLoader over one) as :class:`IndexedData`, checked to be non-empty.
+
+    Raises:
+        ArgumentError: naming ``name``, for an empty dataset or one that cannot be indexed.
+
+    Example::
+
+        >>> len(dataset_of("anchors", torch.utils.data.TensorDataset(torch.zeros(3, 2))))
+        3
+    """
+    try:
+        return IndexedData(data, name=name)
+    except TypeError as exc:
+        raise ArgumentError(
+            f"{name}: expected a map-style Dataset (or a DataLoader over one), got {type(data).__name__}"
+        ) from exc
+    except ValueError as exc:  # IndexedData refuses an empty dataset
+        raise ArgumentError(f"{name}: expected a non-empty Dataset, got an empty {type(data).__name__}") from exc
+
+
+def subset_of(data: IndexedData, indices: Sequence[int] | Tensor) -> IndexedData:
+    """The examples of ``data`` at ``indices`` (positions in ``data``), with ``data``'s collate function.
+
+    Example::
+
+        >>> part = subset_of(IndexedData(torch.utils.data.TensorDataset(torch.arange(4.0))), [3, 1])
+        >>> part.gather([0, 1])[0].tolist()
+        [3.0, 1.0]
+    """
+    positions = torch.as_tensor(indices, dtype=torch.long).reshape(-1).tolist()
+    return IndexedData(torch.utils.data.Subset(data.dataset, positions), data.collate_fn)
+
+
+def split_holdout(data: Any, seed: int, *, name: str = "anchors") -> tuple[IndexedData, IndexedData]:
+    """Split ``data`` into an anchor part and a held-out part, half each, by a random permutation seeded by ``seed``.
+
+    The same ``data`` and ``seed`` give the same parts; the held-out part gets ``len(data) // 2`` examples and the
+    two never share an example. Both keep ``data``'s collate function.
+
+    Args:
+        data: a Dataset or DataLoader of target-distribution examples (at least 2).
+        seed: seeds the permutation.
+        name: the argument name used in the error message.
+
+    Returns:
+        ``(anchor part, held-out part)`` as :class:`~lightning_fastif.core.batches.IndexedData`.
+
+    Raises:
+        ArgumentError: naming ``holdout_dataset`` when ``data`` has fewer than 2 examples.
+
+    Example::
+
+        >>> anchors, held = split_holdout(torch.utils.data.TensorDataset(torch.arange(5.0)), seed=0)
+        >>> len(anchors), len(held)
+        (3, 2)
+    """
+    source = dataset_of(name, data)
+    n = len(source)
+    if n < 2:
+        raise ArgumentError(
+            f"holdout_dataset: expected held-out examples for keep='improved' ({name} has {n} example, too few to "
+            "split into anchors and a held-out part), got None"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = order[: n // 2].sort().values
+    rest = order[n // 2 :].sort().values
+    return subset_of(source, rest), subset_of(source, held)
