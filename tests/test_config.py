@@ -106,7 +106,7 @@ def test_argument_groups_and_snapshots_build(tmp_path):
     search, compute = build(cfg.influence.search), build(cfg.influence.compute)
     assert search == SearchArguments()
     assert compute == ComputeArguments(progress=True)
-    assert build(cfg.correction.steps) == CorrectionArguments(lr=0.01)
+    assert build(cfg.correction.steps) == CorrectionArguments()  # the defaults, lr="auto" included
     feature = build(cfg.callbacks.feature_snapshot, dirpath=str(tmp_path))
     assert isinstance(feature, FeatureSnapshot)
     assert feature.dirpath == str(tmp_path)
@@ -270,7 +270,7 @@ def test_every_experiment_runs_at_its_smallest(tmp_path, experiment):
         ("influence.compute.batch_size=0", r"influence\.compute\.batch_size: expected an integer >= 1, got 0"),
         ("influence.search.knn_sign=up", r"influence\.search\.knn_sign: expected one of \['both', 'helpful', "),
         ("correction.steps.selection=best", r"correction\.steps\.selection: expected one of \['helpful', "),
-        ("correction.steps.lr=0", r"correction\.steps\.lr: expected a finite number > 0, got 0"),
+        ("correction.steps.lr=0", r"correction\.steps\.lr: expected 'auto' or a finite number > 0, got 0"),
         ("influence.params=3", r"influence\.params: expected null, a parameter name pattern or a list"),
         ("report.top_n=0", r"report\.top_n: expected an integer >= 1, got 0"),
         ("report.self_influence=exact", r"report\.self_influence: expected one of \['identity', 'same', None\]"),
