@@ -10,7 +10,9 @@ from lightning_fastif.core.batches import IndexedData
 from lightning_fastif.core.grads import FunctionalLoss, evaluating, per_example_gradients
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp import (
+    AutoInverse,
     ConjugateGradient,
+    ConvergenceError,
     ExactInverse,
     Identity,
     InverseHVP,
@@ -25,6 +27,7 @@ from lightning_fastif.errors import (
     ArgumentError,
     LiSSADivergenceError,
     MemoryBudgetError,
+    NonFiniteError,
     SnapshotError,
     SnapshotNotFoundError,
 )
@@ -43,6 +46,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentError",
+    "AutoInverse",
+    "ConvergenceError",
+    "NonFiniteError",
     "BatchInfluence",
     "CandidatePool",
     "CheckpointSnapshot",
