@@ -126,9 +126,9 @@ def lowest_eigenvalue(
     begin = time.perf_counter()
     indices = residual_indices(operator, num_examples, seed)
     g = torch.Generator().manual_seed(seed)
-    vec = torch.randn(operator.num_params, generator=g, dtype=torch.float64).to(operator.device, operator.dtype)
-    vec = vec / vec.norm()
-    top = 0.0
+    first = torch.randn(operator.num_params, generator=g, dtype=torch.float64).to(operator.device, operator.dtype)
+    first = first / first.norm()
+    vec, top = first, 0.0
     for _ in range(15):
         hv = operator.matvec(vec, indices)
         top = float(hv.norm())
@@ -136,7 +136,8 @@ def lowest_eigenvalue(
             break
         vec = hv / top
     shift = 1.05 * top + 1e-12
-    vec = start.reshape(-1).to(operator.device, operator.dtype) if start is not None else vec
+    # A fresh start (not the top eigenvector, which is an eigenvector of shift·I − H too and would stay put).
+    vec = start.reshape(-1).to(operator.device, operator.dtype) if start is not None else first
     vec = vec / vec.norm().clamp_min(torch.finfo(vec.dtype).tiny)
     for _ in range(iterations):
         w = shift * vec - operator.matvec(vec, indices)

@@ -119,14 +119,15 @@ class ExactInverse(InverseHVP):
                 f"{p}×{p} Hessian, which alone needs {format_bytes(needed)}; raise max_memory above that (plus the "
                 "rest of the plan), select fewer parameters, or use LiSSA / ConjugateGradient / AutoInverse"
             )
-        a = operator.dense(self.max_params, cache=False).to(torch.float64)
+        a = operator.dense(self.max_params, cache=False).to(torch.float64, copy=True)  # the operator may cache H
         a.diagonal().add_(self.damping)
         factor, info = torch.linalg.cholesky_ex(a)
         source_eps = torch.finfo(operator.dtype).eps
         if int(info) == 0:
+            # (min/max pivot)² screens the condition number: far from singular, the Cholesky factor is the answer.
             pivots = factor.diagonal()
             ratio = float((pivots.min() / pivots.max()) ** 2)
-            if ratio > p * source_eps:
+            if ratio > 1e3 * source_eps:
                 return {
                     "factor": ("cholesky", factor),
                     "factorisation": "cholesky",
@@ -137,7 +138,8 @@ class ExactInverse(InverseHVP):
         eigenvalues = torch.linalg.eigvalsh(a) - self.damping
         lowest, highest = float(eigenvalues.min()), float(eigenvalues.max())
         shifted = (eigenvalues + self.damping).abs()
-        singular = float(shifted.min()) <= p * source_eps * float(shifted.max())
+        # Eigenvalues within rounding of H's entries (computed at the model's precision) of zero: singular.
+        singular = float(shifted.min()) <= 10 * source_eps * float(shifted.max())
         if not singular and lowest + self.damping > 0:  # positive definite, only badly conditioned
             kind, value = ("cholesky", factor) if int(info) == 0 else ("lu", torch.linalg.lu_factor(a))
             return {
