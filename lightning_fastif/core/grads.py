@@ -103,7 +103,7 @@ def format_indices(indices: Sequence[int] | Tensor, *, total: int | None = None,
     Example::
 
         >>> format_indices([3, 17]), format_indices(range(40), total=40), format_indices(range(12), limit=3)
-        ('[3, 17]', 'all 40 ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], ...)', '[0, 1, 2] and 9 more')
+        ('[3, 17]', 'all 40 ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ...])', '[0, 1, 2] and 9 more')
     """
     values = [int(i) for i in (indices.reshape(-1).tolist() if isinstance(indices, Tensor) else indices)]
     shown = str(values[:limit])
