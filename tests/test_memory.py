@@ -1,7 +1,12 @@
 """Memory budgets: parsing, per-stage peaks, chunk planning, and budgeted runs equal to unbudgeted ones."""
 
 import json
+import os
+import subprocess
+import sys
 import time
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,28 +285,70 @@ def _wide_problem():
     return net, train, tuple(t[:32] for t in train.tensors)
 
 
-@pytest.mark.parametrize("method", ["auto", "jvp"])
-def test_budget_holds_on_every_scoring_path(method):
-    """Peak memory growth of a whole influence_scores call, measured by sampling resident memory, within max_memory.
+BUDGET = 60 * 10**6
 
-    32 test points against every training point: ``method="auto"`` materialises gradients here (the path whose
-    chunk was once taken from the JVP plan). The unbudgeted run shows the measurement sees the peaks.
-    """
+
+def _measure_paths(budget: float = BUDGET) -> dict[str, float]:
+    """Peak resident growth of whole influence_scores calls under ``budget``, one per path, after a warm-up call
+    each (first calls set up autograd's and vmap's machinery, about 10 MB outside any budget)."""
+    torch.set_num_threads(1)
     net, train, test = _wide_problem()
-    budget = 60 * 10**6
-    run = {"ihvp": Identity(), "method": method}
-    # First calls set up autograd's and vmap's machinery (about 10 MB, outside any budget): once, before measuring.
-    influence_scores(net, cross_entropy_loss, test, train, max_memory=budget, **run)
+    paths = {
+        "grads": ("auto", lambda: Identity()),  # 32 test points, all candidates: "auto" materialises gradients
+        "jvp": ("jvp", lambda: Identity()),
+        # Two CG iterations and a fixed-depth LiSSA: the memory of their products, not an answer.
+        "cg": ("jvp", lambda: ConjugateGradient(1.0, max_iter=2, residual_examples=0)),
+        "lissa": ("jvp", lambda: LiSSA(1.0, recursion_depth=100, batch_size=64, residual_examples=0)),
+        "lissa_certified": ("jvp", lambda: LiSSA(1.0, max_depth=256)),
+    }
+    out = {}
+    for name, (method, make) in paths.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the short solves are not certified; that is not what is measured
+            influence_scores(net, cross_entropy_loss, test, train, ihvp=make(), method=method, max_memory=budget)
+            stages: dict = {}
+            with measure_stage(name, stages, release_heap=True):
+                influence_scores(net, cross_entropy_loss, test, train, ihvp=make(), method=method, max_memory=budget)
+        out[name] = stages[name]["cpu_extra_bytes"]
+    stages = {}
+    with measure_stage("free", stages, release_heap=True):
+        influence_scores(net, cross_entropy_loss, test, train, ihvp=Identity(), method="grads", batch_size=1024)
+    out["free"] = stages["free"]["cpu_extra_bytes"]
+    return out
+
+
+def test_budget_holds_on_every_path():
+    """Peak growth of whole runs (sampled resident memory) within max_memory, on every path, in a fresh process.
+
+    The process runs with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``), so resident memory follows
+    live memory: with the default adaptive threshold, glibc keeps some freed blocks resident and a loop of large
+    [V, P] products can sit up to 2.5x above what it holds (see :mod:`lightning_fastif.core.memory`). The same
+    work without a budget (batch_size=1024) shows the measurement sees the peaks.
+    """
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    code = "import json; from tests.test_memory import _measure_paths; print(json.dumps(_measure_paths()))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    free = measured.pop("free")
+    assert all(extra <= BUDGET for extra in measured.values()), measured
+    assert free > 2 * BUDGET, free
+
+
+@pytest.mark.parametrize("method", ["auto", "jvp"])
+def test_budget_holds_for_scoring_in_this_process(method):
+    """The scoring paths stay within the budget with the default allocator too (the 942 MB of a 300 MB budget on
+    main came from gradients materialised in chunks sized for JVP)."""
+    net, train, test = _wide_problem()
+    run = {"ihvp": Identity(), "method": method, "max_memory": BUDGET}
+    influence_scores(net, cross_entropy_loss, test, train, **run)  # warm-up: autograd's and vmap's first-call costs
     stages: dict = {}
     info: dict = {}
     with measure_stage("budgeted", stages, release_heap=True):
-        budgeted = influence_scores(net, cross_entropy_loss, test, train, max_memory=budget, diagnostics=info, **run)
+        budgeted = influence_scores(net, cross_entropy_loss, test, train, diagnostics=info, **run)
     plan = info["memory_plan"]
     assert info["method"] == ("grads" if method == "auto" else "jvp")
     assert info["chunks"]["scoring"] == (plan["gradient_chunk"] if method == "auto" else plan["score_chunk"])
-    assert stages["budgeted"]["cpu_extra_bytes"] <= budget, (stages, plan)
-    with measure_stage("free", stages, release_heap=True):
-        free = influence_scores(net, cross_entropy_loss, test, train, batch_size=1024, **run)
-    if method == "auto":
-        assert stages["free"]["cpu_extra_bytes"] > 2 * budget  # the same work without the budget: far above it
-    torch.testing.assert_close(budgeted, free, rtol=1e-4, atol=1e-6)
+    assert stages["budgeted"]["cpu_extra_bytes"] <= BUDGET, (stages, plan)
+    free = influence_scores(net, cross_entropy_loss, test, train, ihvp=Identity(), method=method, batch_size=1024)
+    torch.testing.assert_close(budgeted, free, rtol=1e-4, atol=1e-6)  # float32: chunked sums round differently

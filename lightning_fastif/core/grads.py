@@ -34,7 +34,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from lightning_fastif.core.batches import Batch, IndexedData, batch_size_of, move_batch, slice_batch
 from lightning_fastif.core.params import ParamSpec, flatten, select_parameters, unflatten
-from lightning_fastif.errors import NonFiniteError, check_int
+from lightning_fastif.errors import ArgumentError, NonFiniteError, check_int
 
 LossFn = Callable[[nn.Module, Batch], Tensor]
 """``loss_fn(model, batch) -> Tensor[B]``: the per-example losses of a batch (no reduction)."""
@@ -269,11 +269,31 @@ class FunctionalLoss:
     # -- per-example gradients ------------------------------------------------------------------------------------
     def per_example_gradients(self, batch: Batch) -> Tensor:
         """Return the per-example loss gradients ``[B, P]`` (vectorised; a loop where vmap cannot run the model)."""
+        return self._gradients(batch, None)
+
+    def gradient_dots(self, batch: Batch, directions: Tensor) -> Tensor:
+        """Return ``[T, B]``: ``∇ℓ_i(θ)ᵀ d_t`` from materialised per-example gradients, one parameter at a time.
+
+        The same numbers as ``directions @ per_example_gradients(batch).T``, without the ``[B, P]`` concatenation:
+        each parameter's gradients are multiplied and freed in turn, so the peak is about one gradient-sized copy
+        of the batch instead of two.
+        """
+        directions = directions.to(self.device, self.dtype)
+        if directions.dim() == 1:
+            directions = directions.unsqueeze(0)
+        if directions.shape[-1] != self.num_params:
+            raise ArgumentError(
+                f"directions: expected a last dimension of {self.num_params} (the selected parameters), got "
+                f"{directions.shape[-1]}"
+            )
+        return self._gradients(batch, directions)
+
+    def _gradients(self, batch: Batch, directions: Tensor | None) -> Tensor:
         batch = self.prepare(batch)
         size = batch_size_of(batch)
         if self._loss_key not in _VMAP_FAILED.get(self.model, set()):
             try:
-                return self._vmap_gradients(batch, size)
+                return self._vmap_gradients(batch, directions)
             except (ValueError, TypeError) as exc:
                 if "loss_fn" in str(exc):
                     raise
@@ -283,9 +303,10 @@ class FunctionalLoss:
                 if hint is not None:
                     raise hint from exc
                 self._warn_vmap(exc)
-        return self._loop_gradients(batch, size)
+        grads = self._loop_gradients(batch, size)
+        return grads if directions is None else directions @ grads.T
 
-    def _vmap_gradients(self, batch: Batch, size: int) -> Tensor:
+    def _vmap_gradients(self, batch: Batch, directions: Tensor | None) -> Tensor:
         check_losses(self(self.primals, slice_batch(batch, slice(0, 1))), 1)
 
         def one(params: dict[str, Tensor], example: Batch) -> Tensor:
@@ -293,8 +314,19 @@ class FunctionalLoss:
             return self(params, single).sum()
 
         grads = vmap(grad(one), in_dims=(None, _in_dims(batch)))(self.primals, batch)
-        # Detached: other trainable parameters outside the selection would otherwise keep a graph alive.
-        return flatten([grads[n] for n in self.names], batch_dims=1).detach()
+        if directions is None:
+            # Detached: other trainable parameters outside the selection would otherwise keep a graph alive.
+            return flatten([grads[n] for n in self.names], batch_dims=1).detach()
+        out = None
+        offset = 0
+        for name in self.names:
+            block = grads.pop(name).detach()
+            width = block[0].numel()
+            part = directions[:, offset : offset + width] @ block.reshape(block.shape[0], width).T
+            out = part if out is None else out.add_(part)
+            offset += width
+            del block
+        return out
 
     def _loop_gradients(self, batch: Batch, size: int) -> Tensor:
         params = {n: p.clone().requires_grad_(True) for n, p in self.primals.items()}

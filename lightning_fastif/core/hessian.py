@@ -126,8 +126,8 @@ class HessianOperator:
         for start in range(0, size, self.batch_size):
             chunk = slice_batch(batch, slice(start, start + self.batch_size))
             part = self.function.hvp(chunk, vectors, reduction="sum")
-            total = part if total is None else total + part
-        return total / size
+            total = part if total is None else total.add_(part)
+        return total.div_(size)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         """A minibatch of ``batch_size`` training examples drawn uniformly (with replacement) by ``generator``.

@@ -157,7 +157,7 @@ def _score(
         parts = []
         for _, batch in train_data.chunks(batch_size):
             if use_grads:
-                parts.append(s_test @ function.per_example_gradients(batch).T.to(s_test.dtype))
+                parts.append(function.gradient_dots(batch, s_test))
             else:
                 parts.append(function.directional_derivatives(batch, s_test))
         return torch.cat(parts, dim=1)
@@ -166,8 +166,7 @@ def _score(
         for t in range(num_test):
             for start in range(0, candidates.shape[1], batch_size):
                 idx = candidates[t, start : start + batch_size]
-                grads = function.per_example_gradients(train_data.gather(idx))
-                out[t, start : start + idx.numel()] = grads.to(s_test.dtype) @ s_test[t]
+                out[t, start : start + idx.numel()] = function.gradient_dots(train_data.gather(idx), s_test[t])[0]
         return out
     rows = []
     for t in range(num_test):

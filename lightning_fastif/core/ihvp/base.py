@@ -65,8 +65,8 @@ def relative_residual(
         tensor([0.], dtype=torch.float64)
     """
     indices = residual_indices(operator, num_examples, seed)
-    hx = operator.matvec(x, indices) + damping * x
-    return (hx - v).norm(dim=-1) / v.norm(dim=-1).clamp_min(torch.finfo(v.dtype).tiny)
+    r = operator.matvec(x, indices).add_(x, alpha=damping).sub_(v)  # in place: no [V, P] temporaries
+    return r.norm(dim=-1) / v.norm(dim=-1).clamp_min(torch.finfo(v.dtype).tiny)
 
 
 def residual_indices(operator: HessianOperator, num_examples: int | None, seed: int = RESIDUAL_SEED) -> Tensor | None:

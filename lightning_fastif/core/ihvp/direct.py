@@ -216,23 +216,25 @@ class ConjugateGradient(InverseHVP):
         x = torch.zeros_like(v)
         r = v.clone()
         p = r.clone()
-        rs = (r * r).sum(-1)
+        rs = torch.einsum("vp,vp->v", r, r)
         v_norm = v.norm(dim=-1).clamp_min(tiny)
         iterations = 0
+        # Updates in place: CG's state is five [V, P] arrays, and temporaries of that size would break a budget.
         for iterations in range(1, self.max_iter + 1):  # noqa: B007 - reported below
-            ap = operator.matvec(p) + self.damping * p
-            pap = (p * ap).sum(-1)
+            ap = operator.matvec(p).add_(p, alpha=self.damping)
+            pap = torch.einsum("vp,vp->v", p, ap)
             active = rs.sqrt() / v_norm > tol
             if bool((pap[active] <= 0).any()):
                 self._not_positive_definite(operator, p, pap, active)
-            alpha = torch.where(active, rs / pap.clamp_min(tiny), torch.zeros_like(rs))
-            x += alpha[:, None] * p
-            r -= alpha[:, None] * ap
-            rs_new = (r * r).sum(-1)
+            alpha = torch.where(active, rs / pap.clamp_min(tiny), torch.zeros_like(rs))[:, None]
+            x.addcmul_(alpha, p)
+            r.addcmul_(alpha, ap, value=-1.0)
+            del ap
+            rs_new = torch.einsum("vp,vp->v", r, r)
             if bool((rs_new.sqrt() / v_norm <= tol).all()):
                 rs = rs_new
                 break
-            p = r + (rs_new / rs.clamp_min(tiny))[:, None] * p
+            p.mul_((rs_new / rs.clamp_min(tiny))[:, None]).add_(r)
             rs = rs_new
         self.diagnostics["iterations"] = iterations
         self.diagnostics["recurrence_residual"] = float((rs.sqrt() / v_norm).max())

@@ -398,7 +398,7 @@ class LiSSA(InverseHVP):
                 if t == 1:
                     x = h / scale
                 elif step in snapshots:
-                    x = (running - snapshots.pop(step)) / (t * scale)
+                    x = torch.sub(running, snapshots.pop(step)).div_(t * scale)
                 else:  # this tail began at the first mark, where the running sum started
                     x = running / (t * scale)
                 stop = "depth" if checkpoint is None else checkpoint(step, x)
