@@ -529,7 +529,7 @@ def plan_chunks(
         >>> cost = ExampleCost(activation_bytes=4000, num_params=1000, itemsize=4, examples=8)
         >>> plan = plan_chunks(cost, "5MB", num_vectors=2)
         >>> plan.gradient_chunk, plan.hessian_chunk
-        (39, 19)
+        (39, 16)
     """
     budget = parse_memory(max_memory)
     if budget is None:
