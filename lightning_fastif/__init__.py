@@ -12,7 +12,9 @@ from lightning_fastif.core.ekfac import EKFAC
 from lightning_fastif.core.grads import FunctionalLoss, evaluating, per_example_gradients
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp import (
+    AutoInverse,
     ConjugateGradient,
+    ConvergenceError,
     ExactInverse,
     Identity,
     InverseHVP,
@@ -27,6 +29,7 @@ from lightning_fastif.errors import (
     ArgumentError,
     LiSSADivergenceError,
     MemoryBudgetError,
+    NonFiniteError,
     SnapshotError,
     SnapshotNotFoundError,
 )
@@ -46,6 +49,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentError",
+    "AutoInverse",
+    "ConvergenceError",
+    "NonFiniteError",
     "BatchInfluence",
     "CandidatePool",
     "CheckpointSnapshot",

@@ -38,6 +38,11 @@ class LiSSADivergenceError(ArithmeticError):
     small for a negative curvature direction. The message names the knob to change and a value that would work."""
 
 
+class NonFiniteError(ArithmeticError):
+    """A loss, gradient, Hessian-vector product, solve or score is NaN or infinite; the message names the training
+    and/or test indices involved (or says that every example is affected), so nothing non-finite is ranked."""
+
+
 class MemoryBudgetError(ValueError):
     """A memory budget is too small for even one example; the message names the smallest budget that works."""
 

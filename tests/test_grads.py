@@ -5,7 +5,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_fastif.core.grads import FunctionalLoss, evaluating, per_example_gradients
+from lightning_fastif import NonFiniteError
+from lightning_fastif.core.grads import FunctionalLoss, check_finite, evaluating, per_example_gradients
 from lightning_fastif.core.hessian import HessianOperator
 from tests.helpers.exact import (
     LogReg,
@@ -181,3 +182,36 @@ def test_empty_and_unindexable_data():
         HessianOperator(model, cross_entropy_loss, empty)
     with pytest.raises(TypeError, match="train_data: expected a map-style Dataset"):
         HessianOperator(model, cross_entropy_loss, iter([1, 2]))
+
+
+def test_gradient_dots_equal_the_product_with_materialised_gradients():
+    model, data = tiny_mlp_problem()
+    f = FunctionalLoss(model, cross_entropy_loss)
+    directions = torch.randn(3, f.num_params, dtype=torch.float64)
+    expected = directions @ explicit_gradients(model, cross_entropy_loss, data).T
+    torch.testing.assert_close(f.gradient_dots(data.tensors, directions), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(f.gradient_dots(data.tensors, directions[0]), expected[:1], rtol=1e-10, atol=1e-12)
+
+
+def test_non_finite_examples_and_the_streaming_check_name_indices():
+    model, data = tiny_mlp_problem(n=12)
+    x, y = (t.clone() for t in data.tensors)
+    x[4, 0] = float("nan")
+    x[9, 1] = float("inf")
+    f = FunctionalLoss(model, cross_entropy_loss)
+    assert f.non_finite_examples((x, y)).tolist() == [4, 9]
+    assert f.non_finite_examples(data.tensors).tolist() == []
+    with pytest.raises(NonFiniteError, match=r"the loss gradients of examples \[4\] are not finite"):
+        list(per_example_gradients(model, cross_entropy_loss, TensorDataset(x, y), batch_size=5))
+
+
+def test_check_finite_names_rows_by_their_indices():
+    values = torch.zeros(4, 2)
+    assert check_finite(values, "the scores") is values
+    values[2, 1] = float("nan")
+    with pytest.raises(
+        NonFiniteError, match=r"^the scores of test points \[12\] are not finite \(NaN or infinite\); x$"
+    ):
+        check_finite(values, "the scores", rows="test points", indices=[10, 11, 12, 13], hint="x")
+    with pytest.raises(NonFiniteError, match=r"of examples all 2 \[0, 1\] are not finite"):
+        check_finite(torch.full((2, 3), float("inf")), "the losses")

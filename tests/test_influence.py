@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from lightning_fastif import ExactInverse, Identity, LiSSA, influence_scores, self_influence
+from lightning_fastif import ExactInverse, HessianOperator, Identity, LiSSA, influence_scores, self_influence
 from tests.helpers.exact import (
     breast_cancer,
     cross_entropy_loss,
@@ -126,3 +126,36 @@ def test_model_modes_restored_and_dropout_off():
     b = influence_scores(net, cross_entropy_loss, tuple(t[:2] for t in data.tensors), data, ihvp=Identity())
     torch.testing.assert_close(a, b)  # deterministic: dropout was off
     assert net.training
+
+
+def test_self_influence_pays_the_exact_factorisation_once(monkeypatch):
+    """Every chunk of self-influence reuses the factor and the certificate of the first."""
+    model, data = tiny_mlp_problem(n=40)
+    builds = []
+    real = HessianOperator.dense
+    monkeypatch.setattr(HessianOperator, "dense", lambda self, *a, **k: builds.append(1) or real(self, *a, **k))
+    info = {}
+    got = self_influence(model, cross_entropy_loss, data, ihvp=ExactInverse(0.05), batch_size=8, diagnostics=info)
+    assert builds == [1]
+    assert (info["ihvp"]["solves"], info["ihvp"]["factorised"], info["ihvp"]["residual_from"]) == (
+        5,
+        False,
+        "first solve",
+    )
+    assert info["ihvp"]["converged"] is True
+    grads = explicit_gradients(model, cross_entropy_loss, data)
+    hess = explicit_hessian(model, cross_entropy_loss, data)
+    expected = (grads @ torch.linalg.solve(hess + 0.05 * torch.eye(hess.shape[0]).double(), grads.T)).diagonal()
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_test_batches_share_one_certified_system():
+    """Two test batches with the same estimator: the second reuses the factor and says where its residual is from."""
+    model, data = tiny_mlp_problem(n=40)
+    est = ExactInverse(0.05)
+    first, second = {}, {}
+    influence_scores(model, cross_entropy_loss, tuple(t[:3] for t in data.tensors), data, ihvp=est, diagnostics=first)
+    influence_scores(model, cross_entropy_loss, tuple(t[3:6] for t in data.tensors), data, ihvp=est, diagnostics=second)
+    assert (first["ihvp"]["factorised"], first["ihvp"]["residual_from"]) == (True, "this solve")
+    assert (second["ihvp"]["factorised"], second["ihvp"]["residual_from"]) == (False, "first solve")
+    assert second["ihvp"]["residual"] == first["ihvp"]["residual"] < 1e-12

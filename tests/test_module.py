@@ -590,7 +590,10 @@ def test_zero_knn_damping_on_a_singular_hessian_uses_the_floor(gradient_snapshot
     q = module.precondition_query(g_test)
     assert bool(torch.isfinite(q).all())
     torch.testing.assert_close(q, expected.float(), rtol=1e-4, atol=1e-6)
-    assert module.score_batch(test.tensors).candidates.shape == (7, 10)
+    # The full Hessian (not only the query preconditioner) is singular too: an undamped exact solve is refused,
+    # naming damping and a value that works, where it used to return LU's arbitrary answer.
+    with pytest.raises(ArgumentError, match=r"damping.*would work"):
+        module.score_batch(test.tensors)
 
 
 def test_indefinite_stored_hessian_is_solved_by_lu(tmp_path, gradient_snapshot):

@@ -13,6 +13,11 @@
 
 The model's own parameters are never modified, and frozen parameters can be differentiated. Call these inside
 :func:`evaluating` so dropout is off. This module imports no Lightning.
+
+Finite or nothing: :func:`check_finite` raises :class:`~lightning_fastif.errors.NonFiniteError` naming the rows
+(examples) of a tensor that hold a NaN or an infinity, and :meth:`FunctionalLoss.non_finite_examples` finds the
+examples of a batch whose loss or gradient is not finite (the engine calls it to name the culprits when a product
+over many examples turns out non-finite).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +34,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from lightning_fastif.core.batches import Batch, IndexedData, batch_size_of, move_batch, slice_batch
 from lightning_fastif.core.params import ParamSpec, flatten, select_parameters, unflatten
+from lightning_fastif.errors import ArgumentError, NonFiniteError, check_int
 
 LossFn = Callable[[nn.Module, Batch], Tensor]
 """``loss_fn(model, batch) -> Tensor[B]``: the per-example losses of a batch (no reduction)."""
@@ -88,6 +94,68 @@ def check_losses(losses: Any, batch_size: int, where: str = "loss_fn") -> Tensor
             f"{where}: returned shape {tuple(losses.shape)}; expected per-example losses of shape [{batch_size}]"
         )
     return losses
+
+
+def format_indices(indices: Sequence[int] | Tensor, *, total: int | None = None, limit: int = 10) -> str:
+    """``indices`` as a short list for a message: the first ``limit`` and how many more (``"all 40"`` when every
+    one of ``total`` is named).
+
+    Example::
+
+        >>> format_indices([3, 17]), format_indices(range(40), total=40), format_indices(range(12), limit=3)
+        ('[3, 17]', 'all 40 ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ...])', '[0, 1, 2] and 9 more')
+    """
+    values = [int(i) for i in (indices.reshape(-1).tolist() if isinstance(indices, Tensor) else indices)]
+    shown = str(values[:limit])
+    if total is not None and len(values) == total and total > 1:
+        return f"all {total} ({shown[:-1]}, ...])" if len(values) > limit else f"all {total} {shown}"
+    return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+def non_finite_rows(values: Tensor) -> Tensor:
+    """Positions (along the first dimension) of the rows of ``values`` that hold a NaN or an infinity."""
+    if values.dim() == 0:
+        values = values.reshape(1)
+    finite = torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+    return (~finite).nonzero().reshape(-1).cpu()
+
+
+def check_finite(
+    values: Tensor,
+    what: str,
+    *,
+    rows: str = "examples",
+    indices: Tensor | Sequence[int] | None = None,
+    hint: str = "",
+) -> Tensor:
+    """Return ``values`` if every entry is finite; else raise :class:`NonFiniteError` naming the bad rows.
+
+    Args:
+        values: ``[B, ...]``, one row per example.
+        what: what the values are (``"the loss gradients"``), the start of the message.
+        rows: what a row is (``"test points"``, ``"training examples"``).
+        indices: the dataset index of each row (default: the row positions).
+        hint: appended to the message (a likely cause or a remedy).
+
+    Raises:
+        NonFiniteError: naming ``rows`` and their indices.
+
+    Example::
+
+        >>> check_finite(torch.tensor([[1.0], [float("nan")]]), "the losses", rows="training examples", indices=[7, 9])
+        Traceback (most recent call last):
+        ...
+        lightning_fastif.errors.NonFiniteError: the losses of training examples [9] are not finite (NaN or infinite)
+    """
+    bad = non_finite_rows(values)
+    if bad.numel() == 0:
+        return values
+    named = bad if indices is None else torch.as_tensor(indices, dtype=torch.long).reshape(-1)[bad]
+    total = values.shape[0] if values.dim() else 1
+    raise NonFiniteError(
+        f"{what} of {rows} {format_indices(named, total=total)} are not finite (NaN or infinite)"
+        + (f"; {hint}" if hint else "")
+    )
 
 
 class _LossModule(nn.Module):
@@ -176,6 +244,24 @@ class FunctionalLoss:
         with torch.no_grad():
             return check_losses(self(self.primals, batch), batch_size_of(batch))
 
+    def non_finite_examples(self, batch: Batch, chunk: int = 32) -> Tensor:
+        """Positions of the examples of ``batch`` whose loss or loss gradient is NaN or infinite.
+
+        The slow path that names culprits after a product over many examples came out non-finite: per-example losses
+        first, then per-example gradients in chunks of ``chunk`` (so its memory stays that of ``chunk`` examples).
+        """
+        batch = self.prepare(batch)
+        size = batch_size_of(batch)
+        bad = set(non_finite_rows(self.losses(batch)).tolist())
+        for start in range(0, size, chunk):
+            part = slice_batch(batch, slice(start, start + chunk))
+            bad.update(start + int(i) for i in non_finite_rows(self.per_example_gradients(part)))
+        return torch.tensor(sorted(bad), dtype=torch.long)
+
+    def parameters_finite(self) -> bool:
+        """True when every selected parameter is finite (a NaN weight makes every loss NaN)."""
+        return all(bool(torch.isfinite(p).all()) for p in self.primals.values())
+
     def flat_params(self) -> Tensor:
         """The current selected parameters as one vector ``[P]``."""
         return flatten(self.primals)
@@ -183,11 +269,31 @@ class FunctionalLoss:
     # -- per-example gradients ------------------------------------------------------------------------------------
     def per_example_gradients(self, batch: Batch) -> Tensor:
         """Return the per-example loss gradients ``[B, P]`` (vectorised; a loop where vmap cannot run the model)."""
+        return self._gradients(batch, None)
+
+    def gradient_dots(self, batch: Batch, directions: Tensor) -> Tensor:
+        """Return ``[T, B]``: ``∇ℓ_i(θ)ᵀ d_t`` from materialised per-example gradients, one parameter at a time.
+
+        The same numbers as ``directions @ per_example_gradients(batch).T``, without the ``[B, P]`` concatenation:
+        each parameter's gradients are multiplied and freed in turn, so the peak is about one gradient-sized copy
+        of the batch instead of two.
+        """
+        directions = directions.to(self.device, self.dtype)
+        if directions.dim() == 1:
+            directions = directions.unsqueeze(0)
+        if directions.shape[-1] != self.num_params:
+            raise ArgumentError(
+                f"directions: expected a last dimension of {self.num_params} (the selected parameters), got "
+                f"{directions.shape[-1]}"
+            )
+        return self._gradients(batch, directions)
+
+    def _gradients(self, batch: Batch, directions: Tensor | None) -> Tensor:
         batch = self.prepare(batch)
         size = batch_size_of(batch)
         if self._loss_key not in _VMAP_FAILED.get(self.model, set()):
             try:
-                return self._vmap_gradients(batch, size)
+                return self._vmap_gradients(batch, directions)
             except (ValueError, TypeError) as exc:
                 if "loss_fn" in str(exc):
                     raise
@@ -197,9 +303,10 @@ class FunctionalLoss:
                 if hint is not None:
                     raise hint from exc
                 self._warn_vmap(exc)
-        return self._loop_gradients(batch, size)
+        grads = self._loop_gradients(batch, size)
+        return grads if directions is None else directions @ grads.T
 
-    def _vmap_gradients(self, batch: Batch, size: int) -> Tensor:
+    def _vmap_gradients(self, batch: Batch, directions: Tensor | None) -> Tensor:
         check_losses(self(self.primals, slice_batch(batch, slice(0, 1))), 1)
 
         def one(params: dict[str, Tensor], example: Batch) -> Tensor:
@@ -207,8 +314,19 @@ class FunctionalLoss:
             return self(params, single).sum()
 
         grads = vmap(grad(one), in_dims=(None, _in_dims(batch)))(self.primals, batch)
-        # Detached: other trainable parameters outside the selection would otherwise keep a graph alive.
-        return flatten([grads[n] for n in self.names], batch_dims=1).detach()
+        if directions is None:
+            # Detached: other trainable parameters outside the selection would otherwise keep a graph alive.
+            return flatten([grads[n] for n in self.names], batch_dims=1).detach()
+        out = None
+        offset = 0
+        for name in self.names:
+            block = grads.pop(name).detach()
+            width = block[0].numel()
+            part = directions[:, offset : offset + width] @ block.reshape(block.shape[0], width).T
+            out = part if out is None else out.add_(part)
+            offset += width
+            del block
+        return out
 
     def _loop_gradients(self, batch: Batch, size: int) -> Tensor:
         params = {n: p.clone().requires_grad_(True) for n, p in self.primals.items()}
@@ -343,6 +461,9 @@ def per_example_gradients(
 
     Memory stays bounded by one chunk whatever the dataset size; the model is in eval mode while iterating.
 
+    Raises:
+        NonFiniteError: a chunk holds an example whose loss gradient is NaN or infinite (naming its dataset index).
+
     Example::
 
         >>> from torch.utils.data import TensorDataset
@@ -352,8 +473,10 @@ def per_example_gradients(
         >>> [g.shape[0] for _, g in per_example_gradients(net, mse, data, batch_size=2)]
         [2, 2, 1]
     """
+    check_int("batch_size", batch_size)
     f = FunctionalLoss(model, loss_fn, params)
     source = IndexedData(data)
     with evaluating(model):
         for idx, batch in source.chunks(batch_size, indices):
-            yield idx, f.per_example_gradients(batch)
+            grads = f.per_example_gradients(batch)
+            yield idx, check_finite(grads, "the loss gradients", rows="examples", indices=idx)

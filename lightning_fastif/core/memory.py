@@ -10,25 +10,36 @@ vectors solved together:
 work                       bytes per example               fixed bytes           chunk it sets
 =========================  ==============================  ====================  ===================================
 per-example gradients      ``3a + 3Ps`` (+ ``Vs`` scores)  ``6VPs``              ``gradient_chunk``
-JVP scoring, ``D`` dirs    ``(2 + 2D)·a``                  ``6VPs + DPs``        ``score_chunk``
-Hessian-vector products    ``(2 + 2V)·a``                  ``6VPs + 3VPs + Ps``  ``hessian_chunk``
+JVP scoring, ``D`` dirs    ``(4 + 4D)·a``                  ``6VPs + DPs``        ``score_chunk``
+Hessian-vector products    ``(4 + 5V)·a``                  ``6VPs + 3VPs + Ps``  ``hessian_chunk``
 kNN distance block         ``12`` per database row         ``0`` (+ overhead)    ``knn_block_elements``
 =========================  ==============================  ====================  ===================================
 
 ``6VPs`` is what stays resident while influence runs (test gradients, ``s_test`` and LiSSA's state); every fixed
-part also holds :data:`RUNTIME_OVERHEAD` (4 MB: autograd's graph, temporaries, allocator slack). The budget is
-the memory the computation may add on top of the model and the data already loaded. The multipliers were fitted to
-peaks measured on CPU (a 1.3M-parameter MLP, chunks of 16 to 2048 examples, ``V`` of 1 and 4: vmap'd gradients
-take about three gradient-sized copies, forward-mode AD about ``1.5·(1 + D)`` activation copies) and rounded up;
-``benchmarks/bench_trust.py`` reports measured peaks per stage next to the budget.
+part also holds :data:`RUNTIME_OVERHEAD` (4 MB: autograd's graph, temporaries, allocator slack), and whatever the
+estimator keeps for the whole run (``reserved``: an exact factorisation). The budget is the memory the computation
+may add on top of the model and the data already loaded. The multipliers were fitted to peaks measured on CPU and
+rounded up: vmap'd gradients take about three gradient-sized copies (a 1.3M-parameter MLP, chunks of 16 to 2048);
+forward-mode AD over ``D`` directions up to ``(4 + 4D)·a`` and batched Hessian-vector products over ``V`` vectors
+up to ``(4 + 4V)·a`` in one call (tanh and ReLU MLPs, chunks of 128 to 512, ``D`` and ``V`` of 1, 8 and 32: the
+tangents of every intermediate activation, not only the saved ones, are batched), and over a loop of chunks glibc
+keeps some freed blocks resident (its mmap threshold adapts upwards), hence ``5V`` for the products that full-data
+passes repeat. ``tests/test_memory.py`` measures whole runs against the budget;
+``benchmarks/bench_trust.py`` reports measured peaks per stage next to it.
 A budget that cannot hold one example of some work raises :class:`MemoryBudgetError`, which names ``max_memory``,
 the value given and the smallest value that works.
 
-:func:`measure_stage` records seconds and peak memory of a block of code: CPU resident memory (on Linux the peak is
-reset per stage through ``/proc/self/clear_refs``, elsewhere it is the process's lifetime peak, flagged as such) and
-CUDA ``max_memory_allocated`` where a CUDA device is in use. First calls carry one-off costs (autograd and
-``torch.func`` set up their machinery on first use: about 10 MB on CPU), which a budget does not include. This
-module imports no Lightning.
+The budget bounds what the computation holds at once. On Linux with glibc, resident memory can sit above that:
+glibc raises its mmap threshold as large blocks are freed, and from then on keeps freed blocks of that size in the
+heap, resident, for reuse (a LiSSA loop over ``[V, P]`` products measured up to 2.5x its live memory). Run with
+``MALLOC_MMAP_THRESHOLD_=65536`` in the environment to make resident memory follow live memory (what
+``tests/test_memory.py`` measures against the budget on every path).
+
+:func:`measure_stage` records seconds and peak memory of a block of code without resetting any process-wide
+counter: CPU resident memory sampled by a background thread (exact when the block raised the process's high-water
+mark, a lower bound otherwise) and CUDA allocated memory where a CUDA device is in use. First calls carry one-off
+costs (autograd and ``torch.func`` set up their machinery on first use: about 10 MB on CPU), which a budget does
+not include. This module imports no Lightning.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import math
 import re
 import resource
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -49,7 +61,7 @@ from torch import Tensor
 
 from lightning_fastif.core.batches import IndexedData, batch_size_of
 from lightning_fastif.core.grads import FunctionalLoss, evaluating
-from lightning_fastif.errors import MemoryBudgetError
+from lightning_fastif.errors import ArgumentError, MemoryBudgetError, check_int
 
 _UNITS = {
     "": 1,
@@ -145,6 +157,9 @@ def _round_up(size: int) -> str:
 
 # -- peak memory per stage -------------------------------------------------------------------------------------------
 
+SAMPLE_INTERVAL = 0.002
+"""Seconds between two samples of the resident memory while a stage is measured."""
+
 
 def _proc_status() -> dict[str, int]:
     """``VmRSS``/``VmHWM`` of this process in bytes (Linux), else an empty dict."""
@@ -161,21 +176,119 @@ def _proc_status() -> dict[str, int]:
     return out
 
 
-def _reset_cpu_peak() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); False where that is not possible."""
+_PAGE_SIZE = resource.getpagesize()
+
+
+def current_rss() -> int:
+    """Resident memory of this process now, in bytes (``/proc/self/statm`` on Linux, else ``psutil``)."""
     try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        return _lifetime_peak()
+
+
+def _lifetime_peak() -> int:
+    """The process's peak resident memory so far (never reset here: other tools read it too)."""
+    status = _proc_status()
+    if "VmHWM" in status:
+        return status["VmHWM"]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def available_memory(device: torch.device | str | None = None) -> int:
+    """Bytes that can be allocated now: free CUDA memory on a CUDA device, else the system's ``MemAvailable``.
+
+    Example::
+
+        >>> available_memory("cpu") > 0
+        True
+    """
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
-        return False
-    return True
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return 10**9  # unknown: assume a modest 1 GB rather than all of it
+
+
+@dataclass(eq=False)  # identity: two open stages with equal peaks are still different stages
+class _OpenStage:
+    cpu_peak: int
+    cuda_peak: int
+    cuda: torch.device | None
+
+
+class _PeakSampler:
+    """One daemon thread that samples this process's resident memory (and CUDA allocated memory) for every open stage.
+
+    No counter of the process is reset (``/proc/self/clear_refs`` and ``torch.cuda.reset_peak_memory_stats``
+    would reset peaks that other tools read). What sampling can miss: an allocation that rises and falls between two
+    samples (2 ms apart; torch releases the GIL in its kernels, so the thread runs during them), so a sampled peak is
+    a lower bound; :func:`measure_stage` replaces it by the exact high-water mark whenever the stage raised the
+    process's lifetime peak. Resident memory also counts other threads' allocations made meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stages: list[_OpenStage] = []
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def sample(self) -> None:
+        rss = current_rss()
+        with self._lock:
+            for stage in self._stages:
+                stage.cpu_peak = max(stage.cpu_peak, rss)
+                if stage.cuda is not None:
+                    stage.cuda_peak = max(stage.cuda_peak, int(torch.cuda.memory_allocated(stage.cuda)))
+
+    def open(self, stage: _OpenStage) -> None:
+        with self._lock:
+            self._stages.append(stage)
+            if self._thread is None:
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._run, name="lightning_fastif-memory", daemon=True)
+                self._thread.start()
+
+    def close(self, stage: _OpenStage) -> None:
+        self.sample()
+        with self._lock:
+            self._stages.remove(stage)
+            thread = self._thread if not self._stages else None
+            if thread is not None:
+                self._thread = None
+                self._stop.set()
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_INTERVAL):
+            self.sample()
+
+
+_SAMPLER = _PeakSampler()
 
 
 def _release_free_heap() -> None:
-    """Give the heap's free pages back to the OS (glibc ``malloc_trim``), so RSS growth shows new allocations.
-
-    Without it, memory freed by an earlier stage stays resident and a later stage reuses it invisibly.
-    """
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim``), so RSS growth shows new allocations."""
     global _MALLOC_TRIM
     if _MALLOC_TRIM is None:
         try:
@@ -189,42 +302,6 @@ def _release_free_heap() -> None:
 _MALLOC_TRIM: Any = None
 
 
-def _lifetime_peak() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
-
-
-def current_rss() -> int:
-    """Resident memory of this process now, in bytes."""
-    status = _proc_status()
-    if "VmRSS" in status:
-        return status["VmRSS"]
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:
-        return _lifetime_peak()
-
-
-@dataclass
-class _OpenStage:
-    cpu_peak: int
-    cuda_peak: int
-
-
-_OPEN: list[_OpenStage] = []
-
-
-def _fold_peaks(scope_stage: bool, cuda: torch.device | None) -> None:
-    """Fold the counters' current peaks into every open stage, so a nested stage's reset loses nothing."""
-    cpu = _proc_status().get("VmHWM", 0) if scope_stage else 0
-    gpu = int(torch.cuda.max_memory_allocated(cuda)) if cuda is not None else 0
-    for stage in _OPEN:
-        stage.cpu_peak = max(stage.cpu_peak, cpu)
-        stage.cuda_peak = max(stage.cuda_peak, gpu)
-
-
 def _cuda_device(device: torch.device | str | None) -> torch.device | None:
     if device is not None:
         device = torch.device(device)
@@ -236,23 +313,30 @@ def _cuda_device(device: torch.device | str | None) -> torch.device | None:
 
 @contextlib.contextmanager
 def measure_stage(
-    name: str, records: dict[str, dict[str, Any]] | None = None, *, device: torch.device | str | None = None
+    name: str,
+    records: dict[str, dict[str, Any]] | None = None,
+    *,
+    device: torch.device | str | None = None,
+    release_heap: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Measure the seconds and peak memory of the enclosed block; record them under ``records[name]``.
 
     The record holds ``seconds``, ``cpu_peak_bytes`` (peak resident memory while the block ran),
     ``cpu_extra_bytes`` (that peak minus the resident memory at entry: what the block added),
-    ``cpu_peak_scope`` (``"stage"``, or ``"process"`` where the kernel counter cannot be reset and the value is the
-    process's lifetime peak), ``calls``, and with CUDA in use ``cuda_peak_bytes``/``cuda_extra_bytes`` from
-    ``torch.cuda.max_memory_allocated``. Entering the same name again accumulates: seconds add up, peaks take the
-    maximum. Stages nest. On glibc the heap's free pages are returned to the OS first (``malloc_trim``), so that
-    memory an earlier stage freed does not hide what this one allocates.
+    ``cpu_peak_method`` (``"high-water mark"``: the block raised the process's lifetime peak, which is then its
+    exact peak; or ``"sampled"``: the largest of samples taken every 2 ms, a lower bound), ``calls``, and with CUDA
+    in use ``cuda_peak_bytes``/``cuda_extra_bytes`` (the same two ways, from ``torch.cuda.max_memory_allocated`` and
+    samples of ``memory_allocated``). No process-wide counter is reset. Entering the same name again accumulates:
+    seconds add up, peaks take the maximum. Stages nest.
 
     Args:
         name: the stage (``"inverse_hvp"``, ``"scoring"``, ...).
         records: the dict to record into (a new one when ``None``; the record is also yielded).
         device: the device the stage computes on (CUDA peaks are measured for a CUDA device; ``None`` measures the
             current CUDA device if CUDA has been initialised).
+        release_heap: first give the heap's free pages back to the OS (glibc ``malloc_trim``), so that memory an
+            earlier stage freed does not hide what this one allocates. A process-wide action (later allocations
+            fault their pages in again), so off unless asked.
 
     Example::
 
@@ -264,21 +348,17 @@ def measure_stage(
     """
     records = {} if records is None else records
     cuda = _cuda_device(device)
-    _release_free_heap()
-    resettable = "VmHWM" in _proc_status()
-    if resettable:
-        _fold_peaks(True, cuda)
-        resettable = _reset_cpu_peak()
-    elif cuda is not None:
-        _fold_peaks(False, cuda)
+    if release_heap:
+        _release_free_heap()
     start_rss = current_rss()
-    start_cuda = 0
+    start_hwm = _lifetime_peak()
+    start_cuda = start_cuda_hwm = 0
     if cuda is not None:
         torch.cuda.synchronize(cuda)
         start_cuda = int(torch.cuda.memory_allocated(cuda))
-        torch.cuda.reset_peak_memory_stats(cuda)
-    stage = _OpenStage(cpu_peak=start_rss, cuda_peak=start_cuda)
-    _OPEN.append(stage)
+        start_cuda_hwm = int(torch.cuda.max_memory_allocated(cuda))
+    stage = _OpenStage(cpu_peak=start_rss, cuda_peak=start_cuda, cuda=cuda)
+    _SAMPLER.open(stage)
     record = records.setdefault(name, {"seconds": 0.0, "calls": 0})
     start = time.perf_counter()
     try:
@@ -287,17 +367,20 @@ def measure_stage(
         if cuda is not None:
             torch.cuda.synchronize(cuda)
         seconds = time.perf_counter() - start
-        _fold_peaks(resettable, cuda)
-        _OPEN.remove(stage)
-        cpu_peak = stage.cpu_peak if resettable else max(_lifetime_peak(), stage.cpu_peak)
+        _SAMPLER.close(stage)
+        hwm = _lifetime_peak()
+        exact = hwm > start_hwm
+        cpu_peak = max(hwm, stage.cpu_peak) if exact else stage.cpu_peak
         record["seconds"] += seconds
         record["calls"] += 1
         record["cpu_peak_bytes"] = max(record.get("cpu_peak_bytes", 0), cpu_peak)
         record["cpu_extra_bytes"] = max(record.get("cpu_extra_bytes", 0), cpu_peak - start_rss)
-        record["cpu_peak_scope"] = "stage" if resettable else "process"
+        record["cpu_peak_method"] = "high-water mark" if exact else "sampled"
         if cuda is not None:
-            record["cuda_peak_bytes"] = max(record.get("cuda_peak_bytes", 0), stage.cuda_peak)
-            record["cuda_extra_bytes"] = max(record.get("cuda_extra_bytes", 0), stage.cuda_peak - start_cuda)
+            cuda_hwm = int(torch.cuda.max_memory_allocated(cuda))
+            cuda_peak = cuda_hwm if cuda_hwm > start_cuda_hwm else stage.cuda_peak
+            record["cuda_peak_bytes"] = max(record.get("cuda_peak_bytes", 0), cuda_peak)
+            record["cuda_extra_bytes"] = max(record.get("cuda_extra_bytes", 0), cuda_peak - start_cuda)
 
 
 # -- the cost of one example and the chunk sizes it allows ------------------------------------------------------------
@@ -421,6 +504,7 @@ def plan_chunks(
     score_directions: int | None = None,
     knn_rows: int | None = None,
     max_chunk: int = MAX_CHUNK,
+    reserved: int = 0,
 ) -> MemoryPlan:
     """Derive chunk sizes from ``max_memory`` and the measured cost of one example.
 
@@ -433,6 +517,8 @@ def plan_chunks(
         knn_rows: database rows per distance block of a kNN search (``min(N, 65536)``); ``None`` leaves the kNN
             out of the minimum.
         max_chunk: the largest chunk returned.
+        reserved: bytes held for the whole run besides the works (an exact solver's factorisation: see
+            :meth:`~lightning_fastif.core.ihvp.InverseHVP.reserved_bytes`); added to every work's fixed part.
 
     Raises:
         MemoryBudgetError: the budget cannot hold one example of some work; the message names ``max_memory``, the
@@ -443,22 +529,22 @@ def plan_chunks(
         >>> cost = ExampleCost(activation_bytes=4000, num_params=1000, itemsize=4, examples=8)
         >>> plan = plan_chunks(cost, "5MB", num_vectors=2)
         >>> plan.gradient_chunk, plan.hessian_chunk
-        (39, 38)
+        (39, 16)
     """
     budget = parse_memory(max_memory)
     if budget is None:
-        raise ValueError("max_memory: plan_chunks needs a budget, got None (without a budget keep fixed chunk sizes)")
-    if not (isinstance(num_vectors, int) and num_vectors >= 1):
-        raise ValueError(f"num_vectors: must be a positive integer, got {num_vectors!r}")
+        raise ArgumentError("max_memory: expected a budget for plan_chunks, got None (without one keep fixed chunks)")
+    check_int("num_vectors", num_vectors)
+    check_int("score_directions", score_directions, allow_none=True)
     directions = num_vectors if score_directions is None else score_directions
     a, pb, v, s = cost.activation_bytes, cost.param_bytes, num_vectors, cost.itemsize
     resident = 6 * v * pb
     per_example = {
         "gradients": 3 * a + 3 * pb + v * s,
-        "scoring": (2 + 2 * directions) * a,
-        "hvp": (2 + 2 * v) * a,
+        "scoring": (4 + 4 * directions) * a,
+        "hvp": (4 + 5 * v) * a,
     }
-    resident += RUNTIME_OVERHEAD
+    resident += RUNTIME_OVERHEAD + check_int("reserved", reserved, minimum=0)
     fixed = {"gradients": resident, "scoring": resident + directions * pb, "hvp": resident + 3 * v * pb + pb}
     if knn_rows is not None:
         per_example["knn"] = KNN_BYTES_PER_ELEMENT * knn_rows

@@ -49,6 +49,7 @@ from lightning_fastif.core.grads import FunctionalLoss, LossFn, evaluating
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp import ExactInverse, InverseHVP, relative_residual
 from lightning_fastif.core.params import ParamSpec, select_parameters, unflatten
+from lightning_fastif.errors import ArgumentError, check_int
 from lightning_fastif.metrics import pearson, spearman, top_k_overlap
 
 DEFAULT_THRESHOLDS: dict[str, float] = {
@@ -70,7 +71,7 @@ def last_layer_parameters(model: nn.Module, max_params: int) -> list[str]:
     forward order for ``nn.Sequential`` and for models that define their layers in order).
 
     Raises:
-        ValueError: if the last module alone has more than ``max_params`` parameters (naming both numbers).
+        ArgumentError: if the last module alone has more than ``max_params`` parameters (naming both numbers).
 
     Example::
 
@@ -78,11 +79,10 @@ def last_layer_parameters(model: nn.Module, max_params: int) -> list[str]:
         >>> last_layer_parameters(net, 100)
         ['2.weight', '2.bias']
     """
-    if not (isinstance(max_params, int) and max_params >= 1):
-        raise ValueError(f"max_params: must be a positive integer, got {max_params!r}")
+    check_int("max_params", max_params)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] or list(model.named_parameters())
     if not named:
-        raise ValueError(f"model: {type(model).__name__} has no parameters to verify influence over")
+        raise ArgumentError(f"model: expected a model with parameters, got {type(model).__name__} with none")
     groups: dict[str, list[tuple[str, int]]] = {}
     for name, p in named:
         groups.setdefault(name.rpartition(".")[0], []).append((name, p.numel()))
@@ -92,9 +92,9 @@ def last_layer_parameters(model: nn.Module, max_params: int) -> list[str]:
         size = sum(n for _, n in groups[owner])
         if total + size > max_params:
             if not chosen:
-                raise ValueError(
-                    f"max_params: the last layer {owner or type(model).__name__!r} has {size} parameters, more than "
-                    f"max_params={max_params}; raise max_params to at least {size} or pass params= (name patterns)"
+                raise ArgumentError(
+                    f"max_params: expected at least the {size} parameters of the last layer "
+                    f"{owner or type(model).__name__!r}, got {max_params}; raise it or pass params= (name patterns)"
                 )
             break
         chosen = [n for n, _ in groups[owner]] + chosen
@@ -289,7 +289,9 @@ def verify(
         A :class:`VerifyReport`: ``print(report)``, ``report.passed``, ``report.to_dict()``.
 
     Raises:
-        ValueError: ``max_params``/``num_train``/``loo`` out of range, or a slice larger than ``max_params``.
+        ArgumentError: a bad argument (``ihvp``, ``max_params``, ``num_train``, ``loo``, ``thresholds``, ...) or a
+            slice larger than ``max_params``; the message names it.
+        NonFiniteError: a loss, gradient or solve on the slice is NaN or infinite (naming the indices).
 
     Example::
 
@@ -298,21 +300,27 @@ def verify(
         >>> print(report)  # doctest: +SKIP
     """
     if not isinstance(ihvp, InverseHVP):
-        raise TypeError(f"ihvp: expected an InverseHVP estimator (LiSSA, ConjugateGradient, ...), got {ihvp!r}")
-    if not (isinstance(num_train, int) and num_train >= 2):
-        raise ValueError(f"num_train: must be an integer >= 2, got {num_train!r}")
-    if not (isinstance(loo, int) and 0 <= loo <= num_train):
-        raise ValueError(f"loo: must be an integer in [0, num_train={num_train}], got {loo!r}")
+        raise ArgumentError(
+            f"ihvp: expected an InverseHVP estimator (AutoInverse, LiSSA, ConjugateGradient, ...), got {ihvp!r}"
+        )
+    check_int("num_train", num_train, minimum=2)
+    check_int("max_params", max_params)
+    check_int("loo_steps", loo_steps)
+    check_int("seed", seed, minimum=0)
+    if check_int("loo", loo, minimum=0) > num_train:
+        raise ArgumentError(f"loo: expected an integer in [0, num_train={num_train}], got {loo!r}")
     unknown = set(thresholds or {}) - set(DEFAULT_THRESHOLDS)
     if unknown:
-        raise ValueError(f"thresholds: unknown metric(s) {sorted(unknown)}; accepted: {sorted(DEFAULT_THRESHOLDS)}")
+        raise ArgumentError(
+            f"thresholds: expected metrics among {sorted(DEFAULT_THRESHOLDS)}, got unknown metric(s) {sorted(unknown)}"
+        )
     limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     names = last_layer_parameters(model, max_params) if params is None else list(select_parameters(model, params))
     size = sum(p.numel() for n, p in model.named_parameters() if n in names)
     if size > max_params:
-        raise ValueError(
-            f"max_params: the selected parameters hold {size} values, more than max_params={max_params}; select "
-            f"fewer (params=...) or raise max_params"
+        raise ArgumentError(
+            f"max_params: expected at least the {size} values of the selected parameters, got {max_params}; select "
+            "fewer (params=...) or raise max_params"
         )
     first = next(p for n, p in model.named_parameters() if n in names)
     work = model

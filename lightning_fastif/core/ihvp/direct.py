@@ -1,0 +1,250 @@
+"""The deterministic estimators: :class:`Identity` (no solve), :class:`ExactInverse` (a factorised explicit Hessian)
+and :class:`ConjugateGradient` (full-data Hessian-vector products)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_fastif.core.hessian import HessianOperator
+from lightning_fastif.core.ihvp.base import InverseHVP, damping_message, lowest_eigenvalue, suggest_damping
+from lightning_fastif.core.memory import format_bytes
+from lightning_fastif.errors import ArgumentError, MemoryBudgetError, check_int
+
+
+class Identity(InverseHVP):
+    """``x = v``: influence becomes the plain gradient dot product ``g_testᵀ g_train`` (TracIn at one checkpoint).
+
+    Not a solve of ``(H + λI)x = v``, so nothing is certified: ``converged`` and ``residual`` are ``None``.
+
+    Example::
+
+        >>> Identity().settings()
+        {'damping': 0.0}
+    """
+
+    name = "identity"
+
+    def __init__(self) -> None:
+        super().__init__(0.0, residual_examples=0)
+
+    def _solve(self, operator: HessianOperator, v: Tensor) -> Tensor:
+        return v.clone()
+
+
+def exact_memory_bytes(num_params: int) -> int:
+    """Peak bytes of :class:`ExactInverse`'s factorisation: the Hessian in float64, ``H + λI`` and its factor."""
+    return 3 * num_params * num_params * 8
+
+
+class ExactInverse(InverseHVP):
+    """The explicit Hessian of the mean training loss and a linear solve: exact, for small parameter counts.
+
+    The Hessian (``P`` full-data products) and its factorisation (Cholesky, in float64) are computed once per
+    system (weights, parameters, data, loss, damping) and reused by every later solve: all test batches and every
+    chunk of self-influence pay for one factorisation. ``H + λI`` must be invertible; when it is indefinite (damping
+    below ``|λ_min|``) it is still solved exactly, by LU, with a warning naming ``damping``, ``λ_min`` and a damping
+    that would make it positive definite (``strict=True`` raises instead).
+
+    Args:
+        damping: λ ≥ 0.
+        max_params: refuse parameter counts above this (the Hessian takes ``P²`` memory and ``P`` data passes).
+        tol: the residual a solve must reach (``None``: 1e-6 in float64, 1e-3 in float32, 0.1 below).
+        residual_examples: training examples of the residual check (``None``: all, about ``V / P`` of the cost
+            of building the Hessian; ``0``: off).
+        strict: raise instead of warning (non-convergence, an indefinite system).
+        certify: ``"first"`` or ``"every"`` (see :class:`~lightning_fastif.core.ihvp.InverseHVP`).
+
+    Raises:
+        ArgumentError: a bad argument; at solve time, a singular ``H + λI`` (naming ``damping``, ``λ_min`` and a
+            value that works) or too many parameters (naming ``max_params``).
+        MemoryBudgetError: the operator's ``max_memory`` cannot hold the factorisation.
+
+    Example::
+
+        >>> ExactInverse(damping=0.01).settings()
+        {'damping': 0.01, 'max_params': 5000}
+    """
+
+    name = "exact"
+    cache_size = 1  # a P×P factor per system: keep one
+
+    def __init__(
+        self,
+        damping: float = 0.0,
+        *,
+        max_params: int = 5000,
+        tol: float | None = None,
+        residual_examples: int | None = None,
+        strict: bool = False,
+        certify: str = "first",
+    ) -> None:
+        super().__init__(damping, tol=tol, residual_examples=residual_examples, strict=strict, certify=certify)
+        self.max_params = check_int("max_params", max_params)
+
+    def settings(self) -> dict[str, Any]:
+        return {"damping": self.damping, "max_params": self.max_params}
+
+    def remedy(self) -> str:
+        return "the Hessian is badly conditioned at this precision: raise damping or use float64"
+
+    def reserved_bytes(self, num_params: int, max_memory: int | None = None) -> int:
+        return exact_memory_bytes(num_params)
+
+    def _solve(self, operator: HessianOperator, v: Tensor) -> Tensor:
+        entry = self._entry(operator)
+        self.diagnostics["factorised"] = "factor" not in entry
+        if "factor" not in entry:
+            entry.update(self._factorise(operator))
+        kind, factor = entry["factor"]
+        self.diagnostics.update({k: entry[k] for k in ("factorisation", "factorise_seconds", "min_eigenvalue")})
+        rhs = v.T.to(torch.float64)
+        x = torch.cholesky_solve(rhs, factor) if kind == "cholesky" else torch.linalg.lu_solve(*factor, rhs)
+        self.diagnostics["iterations"] = 1
+        return x.T.to(v.dtype)
+
+    def _factorise(self, operator: HessianOperator) -> dict[str, Any]:
+        start = time.perf_counter()
+        p = operator.num_params
+        if p > self.max_params:
+            operator.dense(self.max_params)  # raises, naming max_params
+        needed = exact_memory_bytes(p)
+        if operator.max_memory is not None and needed > operator.max_memory:
+            raise MemoryBudgetError(
+                f"max_memory: {format_bytes(operator.max_memory)} cannot hold ExactInverse's factorisation of the "
+                f"{p}×{p} Hessian, which alone needs {format_bytes(needed)}; raise max_memory above that (plus the "
+                "rest of the plan), select fewer parameters, or use LiSSA / ConjugateGradient / AutoInverse"
+            )
+        a = operator.dense(self.max_params, cache=False).to(torch.float64, copy=True)  # the operator may cache H
+        a.diagonal().add_(self.damping)
+        factor, info = torch.linalg.cholesky_ex(a)
+        source_eps = torch.finfo(operator.dtype).eps
+        if int(info) == 0:
+            # (min/max pivot)² screens the condition number: far from singular, the Cholesky factor is the answer.
+            pivots = factor.diagonal()
+            ratio = float((pivots.min() / pivots.max()) ** 2)
+            if ratio > 1e3 * source_eps:
+                return {
+                    "factor": ("cholesky", factor),
+                    "factorisation": "cholesky",
+                    "factorise_seconds": time.perf_counter() - start,
+                    "min_eigenvalue": None,
+                }
+        # Not (numerically) positive definite: the spectrum says whether it is singular or indefinite.
+        eigenvalues = torch.linalg.eigvalsh(a) - self.damping
+        lowest, highest = float(eigenvalues.min()), float(eigenvalues.max())
+        shifted = (eigenvalues + self.damping).abs()
+        # Eigenvalues within rounding of H's entries (computed at the model's precision) of zero: singular.
+        singular = float(shifted.min()) <= 10 * source_eps * float(shifted.max())
+        if not singular and lowest + self.damping > 0:  # positive definite, only badly conditioned
+            kind, value = ("cholesky", factor) if int(info) == 0 else ("lu", torch.linalg.lu_factor(a))
+            return {
+                "factor": (kind, value),
+                "factorisation": kind,
+                "factorise_seconds": time.perf_counter() - start,
+                "min_eigenvalue": lowest,
+            }
+        if singular:
+            raise ArgumentError(
+                f"damping: expected a value that makes H + damping·I invertible (the Hessian's eigenvalues span "
+                f"[{lowest:.3g}, {highest:.3g}]; H + {self.damping:g}·I is singular at this precision), got "
+                f"{self.damping:g}; damping={suggest_damping(lowest, highest):g} would work"
+            )
+        message = "ExactInverse: H + damping·I is indefinite, solved exactly by LU; " + damping_message(
+            self.damping, lowest, highest, how="exact"
+        )
+        if self.strict:
+            raise ArgumentError(message)
+        warnings.warn(message, UserWarning, stacklevel=5)
+        return {
+            "factor": ("lu", torch.linalg.lu_factor(a)),
+            "factorisation": "lu (indefinite)",
+            "factorise_seconds": time.perf_counter() - start,
+            "min_eigenvalue": lowest,
+        }
+
+
+class ConjugateGradient(InverseHVP):
+    """Conjugate gradients on ``(H + λI) x = v``, one full-data HVP per iteration, all vectors at once.
+
+    Needs ``H + λI`` positive definite: a direction of non-positive curvature raises an :class:`ArgumentError`
+    naming ``damping``, the estimated ``λ_min`` and a damping that would work.
+
+    Args:
+        damping: λ ≥ 0.
+        max_iter: iteration cap (at most ``P`` are needed in exact arithmetic).
+        tol: stop when every ``‖r‖ / ‖v‖`` is at most it; also the certificate's tolerance (``None``: 1e-6 in
+            float64, 1e-3 in float32, 0.1 below).
+        residual_examples: training examples of the residual check (``None``: all, one more iteration's cost).
+        strict, certify: see :class:`~lightning_fastif.core.ihvp.InverseHVP`. Solves after the first report
+            their own recurrence residual (over all examples, free) next to the first solve's measured one.
+
+    Example::
+
+        >>> ConjugateGradient(damping=0.01, max_iter=50).settings()
+        {'damping': 0.01, 'max_iter': 50, 'tol': None}
+    """
+
+    name = "cg"
+
+    def __init__(
+        self,
+        damping: float = 0.01,
+        *,
+        max_iter: int = 100,
+        tol: float | None = None,
+        residual_examples: int | None = None,
+        strict: bool = False,
+        certify: str = "first",
+    ) -> None:
+        super().__init__(damping, tol=tol, residual_examples=residual_examples, strict=strict, certify=certify)
+        self.max_iter = check_int("max_iter", max_iter)
+
+    def settings(self) -> dict[str, Any]:
+        return {"damping": self.damping, "max_iter": self.max_iter, "tol": self.tol}
+
+    def remedy(self) -> str:
+        return f"raise max_iter (now {self.max_iter}) or damping (now {self.damping:g})"
+
+    def _solve(self, operator: HessianOperator, v: Tensor) -> Tensor:
+        tol = self.diagnostics["tol"]
+        tiny = torch.finfo(v.dtype).tiny
+        x = torch.zeros_like(v)
+        r = v.clone()
+        p = r.clone()
+        rs = torch.einsum("vp,vp->v", r, r)
+        v_norm = v.norm(dim=-1).clamp_min(tiny)
+        iterations = 0
+        # Updates in place: CG's state is five [V, P] arrays, and temporaries of that size would break a budget.
+        for iterations in range(1, self.max_iter + 1):  # noqa: B007 - reported below
+            ap = operator.matvec(p).add_(p, alpha=self.damping)
+            pap = torch.einsum("vp,vp->v", p, ap)
+            active = rs.sqrt() / v_norm > tol
+            if bool((pap[active] <= 0).any()):
+                self._not_positive_definite(operator, p, pap, active)
+            alpha = torch.where(active, rs / pap.clamp_min(tiny), torch.zeros_like(rs))[:, None]
+            x.addcmul_(alpha, p)
+            r.addcmul_(alpha, ap, value=-1.0)
+            del ap
+            rs_new = torch.einsum("vp,vp->v", r, r)
+            if bool((rs_new.sqrt() / v_norm <= tol).all()):
+                rs = rs_new
+                break
+            p.mul_((rs_new / rs.clamp_min(tiny))[:, None]).add_(r)
+            rs = rs_new
+        self.diagnostics["iterations"] = iterations
+        self.diagnostics["recurrence_residual"] = float((rs.sqrt() / v_norm).max())
+        return x
+
+    def _not_positive_definite(self, operator: HessianOperator, p: Tensor, pap: Tensor, active: Tensor) -> None:
+        """Raise naming damping: ``p`` is a direction of curvature ``pᵀ(H + λI)p ≤ 0``, refined to ``λ_min``."""
+        row = int(torch.where(active, pap, torch.full_like(pap, float("inf"))).argmin())
+        direction = p[row]
+        rayleigh = float(pap[row] / (direction @ direction)) - self.damping
+        estimate = lowest_eigenvalue(operator, num_examples=None, start=direction)
+        lowest = min(rayleigh, estimate["min_eigenvalue"])
+        raise ArgumentError(damping_message(self.damping, lowest, estimate["max_eigenvalue"]))
