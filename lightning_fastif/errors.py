@@ -43,6 +43,11 @@ class NonFiniteError(ArithmeticError):
     and/or test indices involved (or says that every example is affected), so nothing non-finite is ranked."""
 
 
+class ConvergenceError(ArithmeticError):
+    """A solve missed its tolerance and the estimator was built with ``strict=True``; the message names the
+    estimator, the residual, the tolerance and the setting to change."""
+
+
 class MemoryBudgetError(ValueError):
     """A memory budget is too small for even one example; the message names the smallest budget that works."""
 

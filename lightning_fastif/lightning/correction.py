@@ -98,7 +98,7 @@ class ErrorCorrection(Callback):
     ``..._after`` (or ``..._loss_...``; after the correction, before any rollback), ``fastif/correction_kept`` (1 or
     0) and ``fastif/correction_lr`` (the learning rate used, ``lr="auto"`` resolved). Everything, with the points
     used, is written to ``<dirpath>/correction.json`` and :attr:`history`. A step that makes the weights
-    non-finite restores the weights from before that correction and stops the fit with ``FloatingPointError``.
+    non-finite restores the weights from before that correction and stops the fit with ``NonFiniteError``.
 
     Args:
         anchors: examples whose predictions should improve. ``None`` with ``anchors_from="misclassified"`` takes the

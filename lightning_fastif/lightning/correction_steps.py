@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from lightning_fastif.core.batches import IndexedData, move_batch
 from lightning_fastif.core.grads import LossFn, check_losses, default_loss_fn, evaluating
-from lightning_fastif.errors import ArgumentError, LiSSADivergenceError, check_choice
+from lightning_fastif.errors import ArgumentError, LiSSADivergenceError, NonFiniteError, check_choice
 from lightning_fastif.lightning import distributed
 from lightning_fastif.lightning.arguments import AUTO_LR_GRID, SELECTIONS, CorrectionArguments, arguments_of
 from lightning_fastif.lightning.evaluation import dataset_of, evaluation_metric, split_holdout
@@ -185,7 +185,7 @@ def correct_errors(
     before are restored and ``report.kept`` is False. The held-out examples are ``holdout_dataset``, or, when it is
     None, half of ``anchors`` (:func:`split_holdout` by ``seed``; the steps draw their anchors from the other
     half). After every step the parameters must be finite: otherwise the weights are restored likewise and
-    ``FloatingPointError`` names the step and the points it used.
+    ``NonFiniteError`` names the step and the points it used.
 
     Args:
         model: the model to correct (the one ``influence`` wraps; updated in place).
@@ -215,7 +215,7 @@ def correct_errors(
     Raises:
         ArgumentError: for an empty anchor set, a bad step setting or ``keep``, anchors the loss cannot take,
             ``top_m`` larger than the candidates the influence module provides, or fewer than 2 anchors to split.
-        FloatingPointError: when a step makes a parameter non-finite (the weights are restored first).
+        NonFiniteError: when a step makes a parameter non-finite (the weights are restored first).
 
     Example::
 
@@ -281,7 +281,7 @@ def correct_errors(
     estimator = influence.ihvp
     try:
         _correction_steps(model, influence, anchor_data, source, report, args, loss_fn, opt, pool, lightning)
-    except FloatingPointError:
+    except NonFiniteError:
         restore()
         raise
     finally:
@@ -528,7 +528,7 @@ def _agree_on(local: Tensor) -> tuple[Tensor, list[list[int]] | None]:
 def _check_finite(
     model: nn.Module, params: list[Tensor], step: int, chosen: Tensor, args: CorrectionArguments, lr: float | None
 ) -> None:
-    """Raise ``FloatingPointError`` on every rank when any rank's step left a parameter NaN or infinite."""
+    """Raise ``NonFiniteError`` on every rank when any rank's step left a parameter NaN or infinite."""
     with torch.no_grad():
         finite = torch.stack([p.isfinite().all() for p in params]).all() if params else torch.tensor(True)
     bad = distributed.all_reduce_sum(torch.tensor([0.0 if bool(finite) else 1.0]))
@@ -536,7 +536,7 @@ def _check_finite(
         return
     names = [n for n, p in model.named_parameters() if p.requires_grad and not bool(p.detach().isfinite().all())]
     where = f"parameters {names[:10]}" if names else "parameters on another rank"
-    raise FloatingPointError(
+    raise NonFiniteError(
         f"ErrorCorrection: step {step} (selection {args.selection!r}, lr {lr:g}) on training indices "
         f"{chosen.tolist()} made {where} non-finite; the weights from before the correction are restored. Lower "
         "lr (or harmful_weight), or check the loss on those examples"

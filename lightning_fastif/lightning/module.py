@@ -49,7 +49,7 @@ from lightning_fastif.core.fingerprint import (
 )
 from lightning_fastif.core.grads import FunctionalLoss, LossFn, evaluating
 from lightning_fastif.core.hessian import HessianOperator
-from lightning_fastif.core.ihvp import InverseHVP, LiSSA
+from lightning_fastif.core.ihvp import AutoInverse, InverseHVP
 from lightning_fastif.core.memory import measure_example_cost, parse_memory, plan_chunks
 from lightning_fastif.core.params import ParamSpec, select_parameters
 from lightning_fastif.errors import ArgumentError, SnapshotNotFoundError, check_bool, check_int, check_path
@@ -98,7 +98,8 @@ class InfluenceModule(LightningModule):
             ``collate_fn`` is used), in the order the snapshot indexed it.
         loss_fn: per-example loss; default ``model.per_example_loss``.
         snapshot: the snapshot directory (needed for kNN candidates and for ``checkpoints``).
-        ihvp: the inverse-HVP estimator (default ``LiSSA()``).
+        ihvp: the inverse-HVP estimator (default ``AutoInverse()``: the exact inverse when the selected parameters
+            fit, factorised once per weights, else a certified LiSSA; its choice and residual go to the manifest).
         params: which parameters influence is taken over (name patterns like ``"classifier.*"``, submodules, or a
             list; default: all trainable).
         num_candidates: ``k`` nearest training points scored per test point; ``None`` scores all ``N`` (the
@@ -181,11 +182,11 @@ class InfluenceModule(LightningModule):
         if loss_fn is None:
             FunctionalLoss(model, None, params)  # raises naming loss_fn when the model has no per_example_loss
         self.loss_fn = loss_fn
-        self.ihvp: InverseHVP = LiSSA() if ihvp is None else ihvp
+        self.ihvp: InverseHVP = AutoInverse() if ihvp is None else ihvp
         if not isinstance(self.ihvp, InverseHVP):
             raise ArgumentError(
-                "ihvp: expected an InverseHVP estimator (LiSSA, ConjugateGradient, ExactInverse, Identity), got "
-                f"{type(ihvp).__name__}"
+                "ihvp: expected an InverseHVP estimator (AutoInverse, LiSSA, ConjugateGradient, ExactInverse, EKFAC, "
+                f"Identity), got {type(ihvp).__name__}"
             )
         self.params = self._normalise_params(model, params)
         self.top_k = check_int("top_k", top_k)

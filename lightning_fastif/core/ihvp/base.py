@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lightning_fastif.core.grads import check_finite
 from lightning_fastif.core.hessian import HessianOperator
-from lightning_fastif.errors import ArgumentError, check_bool, check_choice, check_int, check_number
+from lightning_fastif.errors import ArgumentError, ConvergenceError, check_bool, check_choice, check_int, check_number
 
 RESIDUAL_SEED = 12345
 """Seeds the residual sample, so every check of a run uses the same training examples."""
@@ -33,11 +33,6 @@ RESIDUAL_SEED = 12345
 DEFAULT_TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
 """``tol=None`` of the direct solvers, by dtype: what their arithmetic (and the residual's own) reaches."""
 LOW_PRECISION_TOL = 1e-1
-
-
-class ConvergenceError(ArithmeticError):
-    """A solve missed its tolerance and the estimator was built with ``strict=True``; the message names the
-    estimator, the residual, the tolerance and the setting to change."""
 
 
 def relative_residual(

@@ -84,7 +84,7 @@ class LiSSA(InverseHVP):
         scale_retries: with ``scale="auto"``, how many times a diverging repeat restarts with twice the scale (a
             rare minibatch can have a larger top eigenvalue than the batches the estimate saw).
         residual_examples: training examples of the residual check (``None``: all; ``0`` turns it off).
-        strict: raise :class:`~lightning_fastif.core.ihvp.ConvergenceError` instead of warning.
+        strict: raise :class:`~lightning_fastif.errors.ConvergenceError` instead of warning.
         certify: ``"first"`` (measure once per system) or ``"every"`` solve.
 
     After :meth:`solve`, ``diagnostics`` holds the settings *as used* (``scale`` is the number chosen), ``auto``
