@@ -486,6 +486,7 @@ class InfluenceModule(LightningModule):
                     self.checkpoint_weights.apply(version)
                 function = self._function()
                 hessian_chunk = self.compute.hessian_batch_size
+                gradient_chunk = None
                 if self.max_memory is not None:
                     if self._example_cost is None:
                         self._example_cost = measure_example_cost(function, self.train_data)
@@ -495,7 +496,11 @@ class InfluenceModule(LightningModule):
                         num_vectors=rows,
                         score_directions=1 if candidates is not None else rows,
                     )
-                    hessian_chunk, self._chunk = plan.hessian_chunk, plan.score_chunk
+                    hessian_chunk, self._chunk, gradient_chunk = (
+                        plan.hessian_chunk,
+                        plan.score_chunk,
+                        plan.gradient_chunk,
+                    )
                     stages.memory["plan"] = plan.as_dict()
                 operator = HessianOperator(
                     self.model, None, self.train_data, batch_size=hessian_chunk, function=function
@@ -517,6 +522,7 @@ class InfluenceModule(LightningModule):
                     s_test,
                     candidates,
                     chunk_size=self._chunk or self.compute.batch_size,
+                    gradient_chunk_size=gradient_chunk,
                     method=self.compute.score_method,
                     progress=self._progress_enabled(),
                 )

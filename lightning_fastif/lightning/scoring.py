@@ -103,6 +103,7 @@ def score_columns(
     chunk_size: int,
     method: str,
     progress: bool,
+    gradient_chunk_size: int | None = None,
 ) -> Tensor:
     """Scores of candidate columns ``[lo, hi)``: ``[T, hi - lo]``.
 
@@ -114,7 +115,10 @@ def score_columns(
             then dataset indices).
         lo: the first column.
         hi: one past the last column.
-        chunk_size: candidates per forward pass.
+        chunk_size: candidates per forward pass when scoring by JVP.
+        gradient_chunk_size: candidates per pass when per-example gradients are materialised (``None``:
+            ``chunk_size``); a memory budget sets it from its own plan, since a gradient costs ``P`` numbers per
+            example where a JVP costs a forward pass.
         method: ``"auto"``, ``"jvp"`` or ``"grads"`` (``"auto"`` materialises gradients only when every test point
             shares the candidates and there are at least ``GRADS_MIN_TEST_POINTS`` of them).
         progress: show a progress bar.
@@ -126,14 +130,16 @@ def score_columns(
 
         bar = tqdm(total=(hi - lo) * rows, desc="fastif: candidates", leave=False, unit="pair")
     use_grads = method == "grads" or (candidates is None and method == "auto" and rows >= GRADS_MIN_TEST_POINTS)
+    step = (gradient_chunk_size or chunk_size) if use_grads else chunk_size
     parts = []
     try:
-        for start in range(lo, hi, chunk_size):
-            stop = min(hi, start + chunk_size)
+        for start in range(lo, hi, step):
+            stop = min(hi, start + step)
             if candidates is None:
                 chunk = data.gather(torch.arange(start, stop))
                 if use_grads:
-                    parts.append(s_test @ function.per_example_gradients(chunk).T.to(s_test.dtype))
+                    # One parameter's gradients at a time: no [chunk, P] matrix beside its parts.
+                    parts.append(function.gradient_dots(chunk, s_test).to(s_test.dtype))
                 else:
                     parts.append(function.directional_derivatives(chunk, s_test))
             else:
@@ -143,7 +149,7 @@ def score_columns(
                         data,
                         s_test,
                         candidates[:, start:stop],
-                        batch_size=chunk_size,
+                        batch_size=step,
                         method="grads" if use_grads else "jvp",
                     )
                 )
