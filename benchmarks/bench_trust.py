@@ -48,6 +48,21 @@ DAMPING = 1.0
 """Above |λ_min| of the slice's Hessian (about -0.46 after training), so that LiSSA can converge."""
 
 
+
+def _step_of(message: str) -> int | None:
+    """The step a divergence message names (``... at step 96 ...``), if it names one."""
+    import re
+
+    found = re.search(r"step (\d+)", message)
+    return int(found.group(1)) if found else None
+
+
+def _stopped(value: object) -> str:
+    """Why a LiSSA solve stopped: one reason (``"tol"``, ``"depth"``, ...), or the first of a per-repeat list."""
+    if isinstance(value, (list, tuple)):
+        return str(value[0]) if value else "depth"
+    return str(value or "depth")
+
 def digits_problem(smoke: bool) -> dict[str, Any]:
     """The trained digits CNN (float64 afterwards), its training set and 8 test points."""
     from lightning_fastif.app.data import DigitsDataModule
@@ -114,9 +129,8 @@ def evaluate(problem: dict[str, Any], est: InverseHVP, exact_scores: torch.Tenso
             "spearman": None,
             "residual": None,
             "scale": est.diagnostics.get("scale"),
-            "iterations": [int(str(err).split("step ")[1].split()[0])],
-            "stopped_by": ["diverged"],
-            "window": None,
+            "iterations": [_step_of(str(err))],
+            "stopped_by": "diverged",
             "eigenvalue": None,
             "scale_seconds": None,
             "diverged": str(err),
@@ -133,7 +147,6 @@ def evaluate(problem: dict[str, Any], est: InverseHVP, exact_scores: torch.Tenso
         "scale": d.get("scale"),
         "iterations": d.get("iterations"),
         "stopped_by": d.get("stopped_by"),
-        "window": d.get("window"),
         "eigenvalue": (d.get("scale_estimate") or {}).get("eigenvalue"),
         "scale_seconds": (d.get("scale_estimate") or {}).get("seconds"),
         "diverged": None,
@@ -201,8 +214,8 @@ def auto_vs_fixed(problem: dict[str, Any], smoke: bool) -> tuple[list[dict[str, 
         note = (
             f'\n\n`scale="auto"` estimated the top minibatch-Hessian eigenvalue at {auto["eigenvalue"]:.3g} '
             f"(8 batches of 8, {auto['scale_seconds']:.2f} s) and chose scale {auto['scale']:.3g} "
-            f'(1.5x (eigenvalue + damping)); `recursion_depth="auto"` used a window of {auto["window"]} steps and '
-            f"stopped after {auto['iterations'][0]} steps ({auto['stopped_by'][0]})."
+            f'(1.5x (eigenvalue + damping)); `recursion_depth="auto"` stopped after {auto["iterations"][0]} steps '
+            f"({_stopped(auto['stopped_by'])})."
         )
     if 50.0 in references and DAMPING in references:
         exact_50, exact_d = references[50.0], references[DAMPING]
@@ -299,7 +312,7 @@ def damping_sweep(problem: dict[str, Any], smoke: bool, out_dir: Path | None) ->
                 r["damping"],
                 r["depth"],
                 r["iterations"][0],
-                (r["stopped_by"] or ["depth"])[0],
+                _stopped(r["stopped_by"]),
                 r["scale"],
                 r["pearson"],
                 r["residual"],
