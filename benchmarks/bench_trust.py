@@ -48,7 +48,6 @@ DAMPING = 1.0
 """Above |λ_min| of the slice's Hessian (about -0.46 after training), so that LiSSA can converge."""
 
 
-
 def _step_of(message: str) -> int | None:
     """The step a divergence message names (``... at step 96 ...``), if it names one."""
     import re
@@ -62,6 +61,7 @@ def _stopped(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return str(value[0]) if value else "depth"
     return str(value or "depth")
+
 
 def digits_problem(smoke: bool) -> dict[str, Any]:
     """The trained digits CNN (float64 afterwards), its training set and 8 test points."""

@@ -62,7 +62,7 @@ def test_configs_are_package_data():
     folder = ROOT / "lightning_fastif" / "app" / "configs"
     files = {p.relative_to(folder).as_posix() for p in folder.rglob("*.yaml")}
     packaged = {p.relative_to(folder).as_posix() for g in globs for p in folder.glob(g)}
-    assert len(files) == 20
+    assert len(files) == 22
     assert packaged == files
     assert (folder / "__init__.py").is_file()  # importable, so pkg:// finds it
     assert (resources.files(CONFIG_MODULE) / "fastif.yaml").is_file()
@@ -70,7 +70,7 @@ def test_configs_are_package_data():
 
 
 def test_group_options_are_the_yaml_files():
-    assert group_options("influence/ihvp") == ["cg", "exact", "identity", "lissa"]
+    assert group_options("influence/ihvp") == ["auto", "cg", "ekfac", "exact", "identity", "lissa"]
     assert group_options("data") == ["digits", "drug_reviews", "rotten_tomatoes", "spurious_digits"]
     assert group_options("model") == ["digits", "text"]
     assert set(group_options("experiment")) == {"correction", "smoke", "text"}
@@ -263,7 +263,10 @@ def test_every_experiment_runs_at_its_smallest(tmp_path, experiment):
         ),
         ("influence.top_k=2.5", r"influence\.top_k: expected an integer >= 1, got 2\.5"),
         ("trainer.max_epochs=two", r"trainer\.max_epochs: expected a number .*got the string 'two'"),
-        ("influence.ihvp=newton", r"influence\.ihvp: expected one of \['cg', 'exact', 'identity', 'lissa'\]"),
+        (
+            "influence.ihvp=newton",
+            r"influence\.ihvp: expected one of \['auto', 'cg', 'ekfac', 'exact', 'identity', 'lissa'\]",
+        ),
         ("influence.ihvp.damping='1e-3'", r"influence\.ihvp\.damping: expected a number .*got the string '1e-3'"),
         ("influence.ihvp.damping=-1", r"influence\.ihvp\.damping: expected a finite number >= 0, got -1"),
         ("trainer.max_epochs='2'", r"trainer\.max_epochs: expected a number .*got the string '2'"),

@@ -344,9 +344,7 @@ def test_a_step_that_makes_weights_non_finite_restores_them_and_raises(trained, 
     before = {k: v.clone() for k, v in m.state_dict().items()}
     influence = InfluenceModule(m, train_dataset=train, num_candidates=None, ihvp=fast_lissa(), progress=False)
     optimizer = torch.optim.Adam(m.parameters(), lr=0.05) if with_optimizer else None
-    with pytest.raises(
-        NonFiniteError, match=r"step 1 \(selection 'random'.*\) on training indices (\[.*\])"
-    ) as err:
+    with pytest.raises(NonFiniteError, match=r"step 1 \(selection 'random'.*\) on training indices (\[.*\])") as err:
         correct_errors(m, influence, anchors, steps=settings, loss_fn=_NaNOnStep(1), optimizer=optimizer)
     assert str(expected) in str(err.value)
     assert "body.0.weight" in str(err.value)

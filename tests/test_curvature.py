@@ -333,6 +333,31 @@ def test_preconditioned_cg_reaches_the_exact_answer_in_far_fewer_iterations():
     assert fast_iterations <= 30
 
 
+def test_conjugate_gradient_with_the_ekfac_preconditioner_is_exact_and_fits_once():
+    from lightning_fastif import ConjugateGradient
+
+    model, data = teacher_student_regression()
+    op = HessianOperator(model, mse, data)
+    damping = 1e-3
+    v = per_example(model, mse, TensorDataset(*(t[:3] for t in data.tensors)))
+    exact = ExactInverse(damping, residual_examples=0).solve(op, v)
+    plain = ConjugateGradient(damping, max_iter=1000, tol=1e-9, residual_examples=0)
+    fast = ConjugateGradient(damping, max_iter=1000, tol=1e-9, residual_examples=0, preconditioner="ekfac")
+    for estimator in (plain, fast):
+        x = estimator.solve(op, v)
+        assert float(((x - exact).norm(dim=-1) / exact.norm(dim=-1)).max()) < 1e-6
+    assert plain.diagnostics["iterations"] >= 80
+    assert fast.diagnostics["iterations"] <= 30
+    assert fast.settings()["preconditioner"] == "ekfac"
+    assert fast.diagnostics["preconditioner_fit_seconds"] > 0
+    fast.solve(HessianOperator(model, mse, data), v)  # a new operator over the same system: the factors are reused
+    assert fast.diagnostics["preconditioner_fit_seconds"] == 0.0
+    with pytest.raises(ArgumentError, match="preconditioner: expected one of \\['ekfac', 'kfac'\\], got 'diag'"):
+        ConjugateGradient(0.1, preconditioner="diag")
+    with pytest.raises(ArgumentError, match="damping: expected a number > 0 with preconditioner='ekfac'"):
+        ConjugateGradient(0.0, preconditioner="ekfac")
+
+
 # -- storage ------------------------------------------------------------------------------------------------------
 def test_save_load_round_trip(tmp_path):
     model, data = TokenNet().double(), token_data()
