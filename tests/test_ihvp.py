@@ -229,3 +229,31 @@ def test_auto_scale_doubles_after_a_divergence(mlp, monkeypatch):
     fixed = LiSSA(damping=DAMPING, scale=0.1 * true_top, recursion_depth=300, batch_size=60)
     with pytest.raises(LiSSADivergenceError):  # a fixed scale is never changed behind the user's back
         fixed.solve(op, v)
+
+
+def test_progress_bars_follow_the_iterations_without_changing_the_answer(capsys):
+    from lightning_fastif import ConjugateGradient
+
+    problem = _progress_problem()
+    quiet = ConjugateGradient(0.1, max_iter=50, residual_examples=0).solve(*problem)
+    loud_cg = ConjugateGradient(0.1, max_iter=50, residual_examples=0)
+    loud_cg.progress = True
+    torch.testing.assert_close(loud_cg.solve(*problem), quiet)
+    assert "fastif: CG" in capsys.readouterr().err
+    lissa = LiSSA(damping=0.1, scale=10.0, recursion_depth=20, residual_examples=0, seed=1)
+    quiet_lissa = lissa.solve(*problem)
+    lissa.progress = True
+    torch.testing.assert_close(lissa.solve(*problem), quiet_lissa)
+    assert "fastif: LiSSA (repeat 0)" in capsys.readouterr().err
+
+
+def _progress_problem():
+    from torch.utils.data import TensorDataset
+
+    from lightning_fastif.core.hessian import HessianOperator
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1).double()
+    data = TensorDataset(torch.randn(20, 3, dtype=torch.float64), torch.randn(20, dtype=torch.float64))
+    operator = HessianOperator(net, lambda m, b: (m(b[0]).squeeze(-1) - b[1]) ** 2, data)
+    return operator, torch.randn(2, operator.num_params, dtype=torch.float64)

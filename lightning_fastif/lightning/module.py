@@ -510,6 +510,7 @@ class InfluenceModule(LightningModule):
                     if combine:
                         g_test = g_test.mean(0, keepdim=True)
                 with stages("s_test"):
+                    self.ihvp.progress = self._progress_enabled()  # iterations and residual on the Trainer's console
                     if split:
                         s_test, diag = solve_split(self.ihvp, operator, g_test)
                     else:

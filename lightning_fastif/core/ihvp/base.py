@@ -149,6 +149,15 @@ def lowest_eigenvalue(
     }
 
 
+def iteration_bar(enabled: bool, total: int, description: str) -> Any:
+    """A tqdm bar over a solver's iterations, or ``None`` when progress is off (tqdm is imported only then)."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, leave=False, unit="step")
+
+
 class SystemCache:
     """What an estimator computed for one system (``H`` and the estimator's settings), for its later solves.
 
@@ -222,6 +231,9 @@ class InverseHVP(ABC):
         self.strict = check_bool("strict", strict)
         self.certify = check_choice("certify", certify, ("first", "every"))
         self.diagnostics: dict[str, Any] = {}
+        self.progress = False
+        """Show a progress bar over the iterations of each solve (set by ``InfluenceModule`` when the Trainer's
+        progress bar is on); it never changes the result."""
         self._cache = SystemCache(self.cache_size)
 
     # -- the template every estimator follows -------------------------------------------------------------------

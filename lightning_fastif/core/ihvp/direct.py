@@ -11,7 +11,13 @@ import torch
 from torch import Tensor
 
 from lightning_fastif.core.hessian import HessianOperator
-from lightning_fastif.core.ihvp.base import InverseHVP, damping_message, lowest_eigenvalue, suggest_damping
+from lightning_fastif.core.ihvp.base import (
+    InverseHVP,
+    damping_message,
+    iteration_bar,
+    lowest_eigenvalue,
+    suggest_damping,
+)
 from lightning_fastif.core.memory import format_bytes
 from lightning_fastif.errors import ArgumentError, MemoryBudgetError, check_choice, check_int
 
@@ -237,6 +243,7 @@ class ConjugateGradient(InverseHVP):
         rs = torch.einsum("vp,vp->v", r, r)
         v_norm = v.norm(dim=-1).clamp_min(tiny)
         iterations = 0
+        bar = iteration_bar(self.progress, self.max_iter, "fastif: CG")
         # Updates in place: CG's state is five [V, P] arrays, and temporaries of that size would break a budget.
         for iterations in range(1, self.max_iter + 1):  # noqa: B007 - reported below
             ap = operator.matvec(p).add_(p, alpha=self.damping)
@@ -249,11 +256,16 @@ class ConjugateGradient(InverseHVP):
             r.addcmul_(alpha, ap, value=-1.0)
             del ap
             rs_new = torch.einsum("vp,vp->v", r, r)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(residual=f"{float((rs_new.sqrt() / v_norm).max()):.3g}")
             if bool((rs_new.sqrt() / v_norm <= tol).all()):
                 rs = rs_new
                 break
             p.mul_((rs_new / rs.clamp_min(tiny))[:, None]).add_(r)
             rs = rs_new
+        if bar is not None:
+            bar.close()
         self.diagnostics["iterations"] = iterations
         self.diagnostics["recurrence_residual"] = float((rs.sqrt() / v_norm).max())
         return x

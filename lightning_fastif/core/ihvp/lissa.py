@@ -15,6 +15,7 @@ from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp.base import (
     InverseHVP,
     damping_message,
+    iteration_bar,
     lowest_eigenvalue,
     relative_residual,
     residual_count,
@@ -376,12 +377,36 @@ class LiSSA(InverseHVP):
             if t > 1:
                 marks.setdefault(c - t, []).append(c)
         first_mark = min(marks) if marks else None
+        h = v.clone()
+        bar = iteration_bar(self.progress, checkpoints[-1], f"fastif: LiSSA (repeat {repeat})")
+        try:
+            return self._iterate(operator, g, v, h, scale, checkpoints, checkpoint, tails, marks, first_mark, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _iterate(
+        self,
+        operator: HessianOperator,
+        g: torch.Generator,
+        v: Tensor,
+        h: Tensor,
+        scale: float,
+        checkpoints: list[int],
+        checkpoint: Checkpoint | None,
+        tails: dict[int, int],
+        marks: dict[int, list[int]],
+        first_mark: int | None,
+        bar: Any,
+    ) -> tuple[Tensor, int, str]:
+        """The steps of one repeat (see :meth:`_recursion`)."""
         running = torch.zeros_like(v) if first_mark == 0 else None
         snapshots: dict[int, Tensor] = {}
         monitor = _GrowthMonitor(v, checkpoints[-1])
-        h = v.clone()
         for step in range(1, checkpoints[-1] + 1):
             h = self._step(operator, g, v, h, scale)
+            if bar is not None:
+                bar.update(1)
             reason = monitor.observe(h, step, operator.last_sample)
             if reason is not None:
                 if reason == "non-finite" and monitor.culprits(operator):
@@ -403,6 +428,9 @@ class LiSSA(InverseHVP):
                 else:  # this tail began at the first mark, where the running sum started
                     x = running / (t * scale)
                 stop = "depth" if checkpoint is None else checkpoint(step, x)
+                checks = getattr(getattr(checkpoint, "__self__", None), "checks", None)  # the depth search's
+                if bar is not None and checks:
+                    bar.set_postfix(residual=f"{checks[-1][1]:.3g}")
                 if stop is not None:
                     return x, step, stop
         raise AssertionError("unreachable: the last checkpoint always stops")  # pragma: no cover
