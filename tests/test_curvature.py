@@ -192,7 +192,7 @@ def test_ekfac_solve_equals_exact_inverse_of_the_empirical_fisher_for_kronecker_
     class FisherOperator(HessianOperator):
         """The empirical Fisher ``(1/N) Σ g gᵀ`` in place of the Hessian, for ExactInverse to invert."""
 
-        def dense(self, max_params: int = 5000) -> Tensor:
+        def dense(self, max_params: int = 5000, *, cache: bool = True) -> Tensor:
             g = self.function.per_example_gradients(self.data.gather(range(self.num_train)))
             return g.T @ g / self.num_train
 
