@@ -6,7 +6,7 @@ Two parts:
   (64 -> 256 -> 128, features = the 128-d hidden layer): embedding, writing the safetensors file and the manifest,
   and for ``index="ivf"`` training and saving the FAISS IVF index. The time is the one the callback records.
 * **Index**: synthetic clustered features (a mixture of 256 Gaussians, D = 128, as a trained model's features are
-  clustered), indexed exactly (plain torch, FAISS flat) and with FAISS IVF (``nlist`` ~ 4 sqrt(N), ``nprobe`` 8, 32 and
+  clustered), indexed exactly (plain torch, FAISS flat) and with FAISS IVF (``nlist`` ~ 2 sqrt(N), ``nprobe`` 8, 32 and
   128). Build time includes IVF training. Query latency is the median of 3 repeats, for one query and per query in
   a batch of 100. Recall@k is the fraction of the exact k nearest neighbours an IVF search returns.
 

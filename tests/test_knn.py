@@ -76,7 +76,7 @@ def test_ivf_recall_against_exact(metric):
     recalls = {}
     for nprobe in (1, 8, 32):
         ivf = KNNIndex(features, metric=metric, kind="ivf", nprobe=nprobe, use_gpu=False)
-        assert ivf.nlist == default_nlist(2000) == 179
+        assert ivf.nlist == default_nlist(2000) == 89
         _, found = ivf.search(queries, k=100)
         recalls[nprobe] = knn_recall(found, exact_ids)
     print(f"IVF recall@100 ({metric}, nlist=179): {recalls}")
@@ -243,7 +243,9 @@ def test_auto_kind_builds_a_tuned_ivf_above_the_threshold(monkeypatch, tmp_path)
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(20, 16, generator=g) * 4
     feats = centers[torch.randint(0, 20, (3000,), generator=g)] + torch.randn(3000, 16, generator=g)
-    index = KNNIndex(feats, metric="ip", backend="faiss", nprobe=1, use_gpu=False).build()
+    index = KNNIndex(feats, metric="ip", backend="faiss", nprobe=1, use_gpu=False)
+    index.save(tmp_path, "unbuilt")  # saving builds and tunes first: the file holds the tuned nprobe
+    assert KNNIndex.load(tmp_path, "unbuilt", use_gpu=False).nprobe == index.nprobe > 1
     assert index.kind == "ivf"
     tuning = index.tuning
     assert tuning["recall"] >= 0.99

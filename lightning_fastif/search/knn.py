@@ -80,14 +80,21 @@ def faiss_gpu_available() -> bool:
 
 
 def default_nlist(n: int) -> int:
-    """Default number of IVF lists: ``4 * sqrt(n)`` (FAISS's guideline is 4-16 sqrt(n)), between 1 and ``n``.
+    """Default number of IVF lists: ``2 * sqrt(n)``, between 1 and ``n``.
+
+    Fewer lists than FAISS's billion-scale guideline (4-16 sqrt(n)): at the 1e5-1e6 examples of a training set the
+    lists stay large enough that a few probes reach a recall of 0.99, and training stays a small part of a snapshot.
 
     Example::
 
         >>> default_nlist(10_000)
-        400
+        200
     """
-    return max(1, min(n, int(round(4 * math.sqrt(n)))))
+    return max(1, min(n, int(round(2 * math.sqrt(n)))))
+
+
+IVF_TRAIN_POINTS_PER_LIST = 64
+"""IVF centroids are trained on a seeded sample of this many examples per list (FAISS needs at least 39)."""
 
 
 def _check_choice(name: str, value: Any, accepted: tuple[Any, ...]) -> None:
@@ -115,7 +122,7 @@ class KNNIndex:
         kind: ``"flat"`` (exact), ``"ivf"`` (approximate, FAISS ``IndexIVFFlat``; exact with the torch backend) or
             ``"auto"``: flat below ``AUTO_IVF_MIN_SIZE`` examples or without FAISS, else IVF tuned at build time to
             ``target_recall`` (see :meth:`tune`).
-        nlist: IVF lists (default :func:`default_nlist`, ~4 sqrt(N)); at most N.
+        nlist: IVF lists (default :func:`default_nlist`, ~2 sqrt(N); trained on a sample of 64 examples per list); at most N.
         nprobe: IVF lists searched per query (more: slower, better recall); at most ``nlist``.
         use_gpu: ``"auto"`` (a GPU when the backend can use one), ``True`` (require one) or ``False``.
         backend: ``"auto"`` (FAISS when installed, else torch), ``"faiss"`` or ``"torch"``.
@@ -333,7 +340,10 @@ class KNNIndex:
         if self._on_gpu:
             index = self._to_gpu(index)
         if self._kind == "ivf":
-            index.train(x)
+            # A sample trains the centroids as well as the whole set, at a fraction of the k-means cost.
+            size = min(self.ntotal, IVF_TRAIN_POINTS_PER_LIST * (self._nlist or 1))
+            sample = torch.randperm(self.ntotal, generator=torch.Generator().manual_seed(0))[:size].sort().values
+            index.train(x if size == self.ntotal else np.ascontiguousarray(x[sample.numpy()]))
         index.add(x)
         self._set_nprobe(index)
         self._index = index
@@ -582,6 +592,8 @@ class KNNIndex:
         Returns:
             The path of the safetensors file.
         """
+        if self._kind == "ivf" and self._backend == "faiss":
+            self._ensure_built()  # trains and, for kind="auto", tunes nprobe: the settings saved are the ones used
         meta = {
             "format": KNN_FORMAT,
             "metric": self._metric,

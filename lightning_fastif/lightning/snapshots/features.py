@@ -98,7 +98,7 @@ class FeatureSnapshot(SnapshotCallback):
         index: ``"auto"`` (flat below ``AUTO_IVF_MIN_SIZE`` examples or without FAISS, else a FAISS IVF index whose
             ``nprobe`` is tuned to a recall of 0.99 of the exact neighbours; the measured recall goes into the
             manifest), ``"flat"`` (exact) or ``"ivf"`` (FAISS IVF, trained and saved with the snapshot).
-        nlist: IVF lists (default ~4 sqrt(N)).
+        nlist: IVF lists (default ~2 sqrt(N)).
         nprobe: IVF lists searched per query.
         max_hessian_params: with ``features="loss_gradient"``, store ``H_last`` only when ``layer`` has at most this
             many parameters (``P²`` numbers on disk, ``P`` Hessian-vector products over the training set).
