@@ -122,7 +122,7 @@ class KNNIndex:
         kind: ``"flat"`` (exact), ``"ivf"`` (approximate, FAISS ``IndexIVFFlat``; exact with the torch backend) or
             ``"auto"``: flat below ``AUTO_IVF_MIN_SIZE`` examples or without FAISS, else IVF tuned at build time to
             ``target_recall`` (see :meth:`tune`).
-        nlist: IVF lists (default :func:`default_nlist`, ~2 sqrt(N); trained on a sample of 64 examples per list); at most N.
+        nlist: IVF lists (default :func:`default_nlist`, ~2 sqrt(N); trained on 64 sampled examples per list).
         nprobe: IVF lists searched per query (more: slower, better recall); at most ``nlist``.
         use_gpu: ``"auto"`` (a GPU when the backend can use one), ``True`` (require one) or ``False``.
         backend: ``"auto"`` (FAISS when installed, else torch), ``"faiss"`` or ``"torch"``.
