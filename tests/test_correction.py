@@ -148,8 +148,8 @@ def test_callback_in_trainer_runs_changes_weights_and_logs(tmp_path):
     saved = json.loads((tmp_path / "corr" / "correction.json").read_text())
     assert saved["done"] == ["epoch=0", "fit_end"]
     logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
-    assert "fastif/correction_acc_before" in logged
-    assert "fastif/correction_acc_after" in logged
+    assert "fastif/correction/acc_before" in logged
+    assert "fastif/correction/acc_after" in logged
     assert trainer.state.finished
 
 
@@ -400,8 +400,8 @@ def test_regression_model_in_the_callback(tmp_path):
     assert entry["accuracy_before"] is None
     assert entry["metric_after"] < entry["metric_before"]
     logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
-    assert "fastif/correction_loss_before" in logged
-    assert "fastif/correction_acc_before" not in logged
+    assert "fastif/correction/loss_before" in logged
+    assert "fastif/correction/acc_before" not in logged
 
 
 def test_whole_batch_forward_with_dict_batches(trained):
@@ -763,7 +763,7 @@ def test_callback_holdout_is_never_an_anchor(tmp_path):
         assert isinstance(entry["lr"], float)
         assert entry["kept"] == (entry["holdout_after"] >= entry["holdout_before"])
     logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
-    for key in ("fastif/correction_kept", "fastif/correction_lr", "fastif/correction_holdout_acc_before"):
+    for key in ("fastif/correction/kept", "fastif/correction/lr", "fastif/correction/holdout_acc_before"):
         assert key in logged
 
 

@@ -107,7 +107,7 @@ def test_feature_snapshot_every_epoch_writes_files_and_manifest(tmp_path):
     index = KNNIndex.from_snapshot(root)
     _, ids = index.search(expected[:3], k=1)
     assert ids[:, 0].tolist() == [0, 1, 2]
-    assert "fastif/snapshot_seconds" in trainer.callback_metrics
+    assert "fastif/snapshot/seconds" in trainer.callback_metrics
 
 
 def test_fit_end_snapshot_features_method_ivf_and_logger(tmp_path):
@@ -125,9 +125,9 @@ def test_fit_end_snapshot_features_method_ivf_and_logger(tmp_path):
     assert (tmp_path / "snap" / "features" / "epoch=0-step=3" / "train.faiss").exists() == faiss_available()
     assert entry["datasets"]["train"]["index_file"] == ("train.faiss" if faiss_available() else None)
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
-        rows = [row for row in csv.DictReader(f) if row.get("fastif/snapshot_seconds")]
+        rows = [row for row in csv.DictReader(f) if row.get("fastif/snapshot/seconds")]
     assert len(rows) == 1
-    assert float(rows[0]["fastif/snapshot_seconds"]) > 0
+    assert float(rows[0]["fastif/snapshot/seconds"]) > 0
 
 
 def test_checkpoint_snapshot_schedule_metadata_and_weights(tmp_path):

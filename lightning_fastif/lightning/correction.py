@@ -93,10 +93,10 @@ class ErrorCorrection(Callback):
     ``anchors_from="misclassified"`` the split is made for ``keep="always"`` too, so the reported metric is never
     measured on the anchors.
 
-    Logged to the Trainer's loggers: ``fastif/correction_acc_before``/``..._after`` (or ``..._loss_...``) on
-    ``eval_dataset`` (its held-out half with misclassified anchors), ``fastif/correction_holdout_acc_before``/
-    ``..._after`` (or ``..._loss_...``; after the correction, before any rollback), ``fastif/correction_kept`` (1 or
-    0) and ``fastif/correction_lr`` (the learning rate used, ``lr="auto"`` resolved). Everything, with the points
+    Logged to the Trainer's loggers: ``fastif/correction/acc_before``/``..._after`` (or ``..._loss_...``) on
+    ``eval_dataset`` (its held-out half with misclassified anchors), ``fastif/correction/holdout_acc_before``/
+    ``..._after`` (or ``..._loss_...``; after the correction, before any rollback), ``fastif/correction/kept`` (1 or
+    0) and ``fastif/correction/lr`` (the learning rate used, ``lr="auto"`` resolved). Everything, with the points
     used, is written to ``<dirpath>/correction.json`` and :attr:`history`. A step that makes the weights
     non-finite restores the weights from before that correction and stops the fit with ``NonFiniteError``.
 
@@ -355,17 +355,17 @@ class ErrorCorrection(Callback):
         self._done.append(moment)
         if report is not None:
             self._history.append({"moment": moment, **report.to_dict()})
-            metrics = {"fastif/correction_seconds": report.seconds, "fastif/correction_kept": float(report.kept)}
+            metrics = {"fastif/correction/seconds": report.seconds, "fastif/correction/kept": float(report.kept)}
             if report.lr is not None:
-                metrics["fastif/correction_lr"] = report.lr
+                metrics["fastif/correction/lr"] = report.lr
             if report.metric_before is not None:
                 short = "acc" if report.metric == "accuracy" else "loss"
-                metrics[f"fastif/correction_{short}_before"] = report.metric_before
-                metrics[f"fastif/correction_{short}_after"] = report.metric_after
+                metrics[f"fastif/correction/{short}_before"] = report.metric_before
+                metrics[f"fastif/correction/{short}_after"] = report.metric_after
             if report.holdout_before is not None:
                 short = "acc" if report.holdout_metric == "accuracy" else "loss"
-                metrics[f"fastif/correction_holdout_{short}_before"] = report.holdout_before
-                metrics[f"fastif/correction_holdout_{short}_after"] = report.holdout_after
+                metrics[f"fastif/correction/holdout_{short}_before"] = report.holdout_before
+                metrics[f"fastif/correction/holdout_{short}_after"] = report.holdout_after
             if trainer.is_global_zero:
                 for logger in trainer.loggers:
                     logger.log_metrics(metrics, step=trainer.global_step)

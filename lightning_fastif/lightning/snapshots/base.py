@@ -188,7 +188,7 @@ class SnapshotCallback(Callback):
             self._versions.append(version)
 
     def _log_seconds(self, trainer: pl.Trainer, pl_module: pl.LightningModule, seconds: float, in_epoch: bool) -> None:
-        key = f"fastif/{'snapshot' if self._kind == FEATURES_DIR else 'checkpoint'}_seconds"
+        key = f"fastif/{'snapshot' if self._kind == FEATURES_DIR else 'checkpoint'}/seconds"
         if in_epoch:
             # Every rank logs; the slowest rank's time is the snapshot's wall time.
             pl_module.log(key, seconds, on_step=False, on_epoch=True, batch_size=1, sync_dist=True, reduce_fx="max")

@@ -31,7 +31,7 @@ class CheckpointSnapshot(SnapshotCallback):
     ``pl_module.named_parameters()``), or the whole ``state_dict()`` when ``params`` is None, as
     ``<dirpath>/checkpoints/<version>.safetensors``, with the epoch, step and monitored metric in the manifest.
     Several triggers may be combined; one step is saved at most once. Read back with :func:`load_checkpoint`
-    and :func:`apply_checkpoint`. The time each save took is logged as ``fastif/checkpoint_seconds``.
+    and :func:`apply_checkpoint`. The time each save took is logged as ``fastif/checkpoint/seconds``.
 
     One epoch numbering everywhere: Lightning's 0-based ``trainer.current_epoch`` of the epoch the weights come
     from, in ``epochs=``, in the manifest's ``"epoch"`` and in the version name ``epoch=<E>-step=<S>``. The save at

@@ -66,7 +66,7 @@ class FeatureSnapshot(SnapshotCallback):
     Under DDP every rank embeds every ``world_size``-th batch (the dataset is split here, not by the training
     sampler, which pads with repeated examples), the parts are gathered on every rank (``N x D`` float32 each),
     and rank 0 writes each dataset index exactly once (sorted) while the other ranks wait. The time each snapshot
-    took is logged as ``fastif/snapshot_seconds``.
+    took is logged as ``fastif/snapshot/seconds``.
 
     With ``features="loss_gradient"`` each version also stores the Hessian of the *mean training loss* with respect
     to ``layer``'s parameters only, ``H_last`` (``[P, P]``, ``last_layer_hessian.safetensors``; computed by rank 0 from
