@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_fastif.core.batches import Batch, IndexedData, batch_size_of, move_batch
+from lightning_fastif.core.batches import LABEL_KEYS, Batch, IndexedData, batch_size_of, move_batch
 from lightning_fastif.core.grads import FunctionalLoss
 
 ForwardFn = Callable[[nn.Module, Batch], Any]
@@ -53,9 +53,6 @@ HookSide = Literal["input", "output"]
 FeatureKind = Literal["activations", "loss_gradient"]
 FEATURE_KINDS: tuple[str, ...] = ("activations", "loss_gradient")
 """The accepted ``kind`` values."""
-
-LABEL_KEYS = frozenset({"labels", "label", "y", "target", "targets"})
-"""Keys of a dict batch that the default forward does not pass to the model."""
 
 _MAX_LISTED = 60
 
