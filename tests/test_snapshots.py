@@ -421,6 +421,11 @@ def test_resumed_fit_leaves_the_same_snapshots_as_one_run(tmp_path, crash, redon
     assert {v for v in before if after[v]["created"] != before[v]["created"]} == redone
     assert len({e["run_id"] for e in after.values()}) == 1  # one run, continued (no "-run=1" names above)
     assert list(_versions(two / "fastif_snapshot", "checkpoints")) == list(after)
+    # Versions written after the resume say so (the step the resumed fit started from); the others do not.
+    resumed_at = 8 if crash == (2, "start") else 4
+    assert {v: e["resumed_from_step"] for v, e in after.items()} == {
+        v: (resumed_at if v == "epoch=2-step=12" or v in redone else None) for v in after
+    }
     for version in after:
         a, _, _ = read_feature_snapshot(one / "fastif_snapshot", version=version)
         b, _, _ = read_feature_snapshot(two / "fastif_snapshot", version=version)

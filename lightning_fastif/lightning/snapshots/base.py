@@ -95,9 +95,21 @@ class SnapshotCallback(Callback):
         """Raise ``ArgumentError`` early when the model cannot be snapshotted with these arguments."""
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The loops' state (global_step) is restored after on_fit_start and before this hook.
+        if getattr(self, "_resumed", False):
+            self._resumed_from_step = int(trainer.global_step)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         resumed = self._restarting
         self._restarting = False
+        # A resumed fit is marked in every version it writes: Lightning restores the loop's position, not a shuffled
+        # loader's order within an epoch, so after a mid-epoch resume the weights (and snapshots) can differ from an
+        # uninterrupted fit. The features of a given set of weights never depend on the order (they are embedded
+        # in dataset order).
+        self._resumed = resumed
+        self._resumed_from_step: int | None = None  # the restored global step, known from on_train_start on
         if not resumed or self._run_id is None:
             self._run_id = str(trainer.strategy.broadcast(uuid.uuid4().hex))
             self._last_step = -1
@@ -176,6 +188,7 @@ class SnapshotCallback(Callback):
 
     def _record(self, version: str, entry: dict[str, Any]) -> None:
         """Add ``entry`` to the manifest (rank 0 only; no collectives here)."""
+        entry = {**entry, "resumed_from_step": getattr(self, "_resumed_from_step", None)}
         record_version(self._directory(), self._kind, version, entry)
 
     def _finish(self, trainer: pl.Trainer, version: str, error: str | None) -> None:

@@ -110,7 +110,10 @@ class FeatureSnapshot(SnapshotCallback):
     Versions are named ``epoch=<E>-step=<S>`` with Lightning's 0-based epoch (a snapshot at the end of fit names
     the last epoch that ran) and listed in the manifest (see :mod:`lightning_fastif.io.snapshot_store`, which also
     describes how a second fit into the same directory is kept apart as a new run). After ``setup``,
-    :attr:`snapshot_dir` is the directory written to.
+    :attr:`snapshot_dir` is the directory written to. A fit resumed with ``ckpt_path`` continues the same run; each
+    version it writes records ``resumed_from_step``. Resumed at an epoch boundary, the snapshots equal those of an
+    uninterrupted fit (tested); after a mid-epoch resume with a shuffled loader they can differ, because Lightning
+    restores the loop's position but not the loader's order within the epoch.
 
     Raises:
         ArgumentError: an argument outside its accepted values (the message names it; at construction), or, in
