@@ -89,6 +89,8 @@ REFERENCE_TOL = 1e-6
 REFERENCE_MAX_ITER = 500
 
 WORKER_TIMEOUT = 4 * 3600
+MEMORY_FRACTION = 0.85
+"""The ``million`` workers may map this fraction of the memory available when the part starts (``RLIMIT_AS``)."""
 PARTS = ("fit", "fastif", "self_influence", "million")
 DEFAULT_PARTS = ("fit", "fastif", "self_influence")
 
@@ -266,6 +268,66 @@ def worker_fit(n: int, workdir: Path, *, snapshot: bool, save: str | None) -> di
     return out
 
 
+def worker_snapshot_stages(n: int, workdir: Path) -> dict[str, Any]:
+    """The snapshot's stages one by one, on the fitted model, as ``FeatureSnapshot`` runs them: seconds each.
+
+    Embed (per-example loss gradients of ``net.4``), the index (IVF above 100k examples: k-means training and adding
+    the vectors, then the ``nprobe`` tuning to recall 0.99; flat below), writing it, and ``H_last`` over the
+    snapshot's sample of 8,192 examples.
+    """
+    from lightning_fastif.core.grads import evaluating
+    from lightning_fastif.core.hessian import HessianOperator
+    from lightning_fastif.search.features import extract_features
+    from lightning_fastif.search.knn import AUTO_IVF_MIN_SIZE, TUNE_K, KNNIndex
+
+    train = make_data(n, TRAIN_SEED)
+    model = _load_model(_model_path(workdir, "snapshot", n))
+    seconds: dict[str, float] = {}
+    _stage("embed")
+    start = time.perf_counter()
+    features = extract_features(model, train, layer="net.4", batch_size=256, kind="loss_gradient")
+    seconds["embed"] = time.perf_counter() - start
+    ivf = n >= AUTO_IVF_MIN_SIZE
+    _stage("index")
+    start = time.perf_counter()
+    index = KNNIndex(features, torch.arange(n), metric="ip", kind="ivf" if ivf else "flat", use_gpu=False).build()
+    seconds["index_build (IVF: train + add)" if ivf else "index_build (flat)"] = time.perf_counter() - start
+    if ivf:
+        _stage("index tuning")
+        start = time.perf_counter()
+        index.tune(TUNE_K, target_recall=0.99)
+        seconds["index_tune (nprobe to recall 0.99)"] = time.perf_counter() - start
+    _stage("write")
+    start = time.perf_counter()
+    index.save(workdir / f"stages_{n}", "train")
+    seconds["write"] = time.perf_counter() - start
+    shutil.rmtree(workdir / f"stages_{n}", ignore_errors=True)
+    _stage("H_last")
+    sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:8192].sort().values
+    start = time.perf_counter()
+    with evaluating(model):
+        operator = HessianOperator(model, None, Subset(train, sample.tolist()), params=["net.4.*"], batch_size=256)
+        operator.dense(max_params=5000)
+    seconds["H_last (8192 examples)"] = time.perf_counter() - start
+    return {"n": n, "seconds": seconds, "index": {"nlist": index.nlist, "nprobe": index.nprobe}}
+
+
+def _exact_candidates(module: Any, batch: tuple[Tensor, Tensor], k: int) -> Tensor:
+    """The candidates the module's queries get from an exact (flat) search of the snapshot's features.
+
+    Separates what the approximate index loses from what the embedding itself misses.
+    """
+    from lightning_fastif.core.grads import evaluating
+    from lightning_fastif.search.knn import KNNIndex
+
+    index = module.knn_index
+    exact = KNNIndex(index.features, index.ids, metric=index.metric, kind="flat", backend="torch", use_gpu=False)
+    damping = module.search.knn_damping if module.search.knn_damping is not None else module.ihvp.damping
+    with torch.no_grad(), evaluating(module.model):
+        queries = module.queries.embed(module.model, batch, module.loss_fn, damping)
+    return module.queries.nearest(exact, queries, k)
+
+
 def worker_influence(n: int, workdir: Path, *, mode: str, num_test: int, num_candidates: int) -> dict[str, Any]:
     """``trainer.predict`` with FastIF (``mode="fastif"``) or every training point (``"all"``), one test batch."""
     from lightning_fastif.lightning.arguments import ComputeArguments
@@ -290,13 +352,15 @@ def worker_influence(n: int, workdir: Path, *, mode: str, num_test: int, num_can
     _trainer(workdir / f"predict_{mode}_{n}").predict(module, loader)
     seconds = time.perf_counter() - start
     _stage("after predict")
+    peak = _peak_mb()  # before the diagnosis below
     result = module.result
     manifest = result.manifest
     keep = min(NUM_TEST_ALL, num_test)
-    torch.save(
-        {"candidates": result.candidate_indices[:keep].clone(), "scores": result.scores[:keep].clone()},
-        workdir / f"influence_{mode}_{n}.pt",
-    )
+    saved = {"candidates": result.candidate_indices[:keep].clone(), "scores": result.scores[:keep].clone()}
+    if mode == "fastif":
+        _stage("exact kNN")
+        saved["exact_candidates"] = _exact_candidates(module, (test_x[:keep], test_y[:keep]), num_candidates)
+    torch.save(saved, workdir / f"influence_{mode}_{n}.pt")
     ihvp = manifest.get("ihvp", [{}])[0].get("diagnostics", [{}])
     return {
         "n": n,
@@ -312,7 +376,10 @@ def worker_influence(n: int, workdir: Path, *, mode: str, num_test: int, num_can
         if ihvp
         else None,
         "knn_preconditioned": module.knn_preconditioned,
-        "peak_rss_mb": _peak_mb(),
+        "index": {"kind": module.knn_index.kind, "nlist": module.knn_index.nlist, "nprobe": module.knn_index.nprobe}
+        if mode == "fastif"
+        else None,
+        "peak_rss_mb": peak,
     }
 
 
@@ -433,7 +500,8 @@ def worker_self_reference(n: int, workdir: Path) -> dict[str, Any]:
     train = make_data(n, TRAIN_SEED)
     model = _load_model(_model_path(workdir, "self", n)).double()
     rows = _reference_indices(n)
-    cg = ConjugateGradient(DAMPING, max_iter=REFERENCE_MAX_ITER, tol=REFERENCE_TOL)
+    # The residual over every training example (one more product), not the default sample of 2048.
+    cg = ConjugateGradient(DAMPING, max_iter=REFERENCE_MAX_ITER, tol=REFERENCE_TOL, residual_examples=None)
     diagnostics: dict[str, Any] = {}
     _stage("conjugate gradients")
     start = time.perf_counter()
@@ -461,11 +529,16 @@ def worker_self_reference(n: int, workdir: Path) -> dict[str, Any]:
     }
 
 
-WORKERS = ("fit", "fit_snapshot", "fastif", "all", "self_train", "self_ours", "self_kronfluence",
+WORKERS = ("fit", "fit_snapshot", "snapshot_stages", "fastif", "all", "self_train", "self_ours", "self_kronfluence",
            "self_kronfluence_empirical", "self_reference")  # fmt: skip
 
 
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
+    if args.memory_limit_mb is not None:
+        # Address space, not RSS: an allocation past it fails with an error (and a traceback saying where) instead of
+        # the kernel's OOM killer taking this or another process on a shared machine.
+        limit = int(args.memory_limit_mb) * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     _quiet()
     set_threads(args.threads)
     workdir, n, name = Path(args.workdir), args.n, args.worker
@@ -473,6 +546,8 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         return worker_fit(
             n, workdir, snapshot=name == "fit_snapshot", save="snapshot" if name == "fit_snapshot" else None
         )
+    if name == "snapshot_stages":
+        return worker_snapshot_stages(n, workdir)
     if name == "self_train":
         return worker_fit(n, workdir, snapshot=False, save="self")
     if name in ("fastif", "all"):
@@ -513,14 +588,17 @@ def _spawn(name: str, n: int, workdir: Path, threads: int, **extra: Any) -> dict
 
 
 def _failure(name: str, n: int, how: str, stderr: str, seconds: float) -> dict[str, Any]:
-    stages = [line.split(" ", 1)[1] for line in stderr.splitlines() if line.startswith("@stage ")]
-    tail = [line for line in stderr.splitlines() if line.strip() and not line.startswith("@stage ")][-3:]
+    lines = stderr.splitlines()
+    stages = [line.split(" ", 1)[1] for line in lines if line.startswith("@stage ")]
+    text = [line.strip() for line in lines if line.strip() and not line.startswith("@stage ")]
+    frames = [line for line in text if line.startswith("File ")][-3:]  # the innermost frames of the traceback
     return {
         "worker": name,
         "n": n,
         "failed": how,
         "stage": stages[-1] if stages else "start-up",
-        "error": " / ".join(tail)[-600:],
+        "error": (text[-1] if text else "")[-400:],
+        "where": frames,
         "process_seconds": seconds,
     }
 
@@ -530,8 +608,10 @@ def _ok(result: dict[str, Any] | None) -> bool:
 
 
 def _failed_note(result: dict[str, Any]) -> str:
-    return f"{result['worker']} at N={result['n']} failed ({result['failed']}) in stage '{result['stage']}': " + (
-        result.get("error") or ""
+    where = " <- ".join(reversed(result.get("where") or []))
+    return (
+        f"{result['worker']} at N={result['n']} failed ({result['failed']}) in stage '{result['stage']}': "
+        f"{result.get('error') or ''}" + (f" [at {where}]" if where else "")
     )
 
 
@@ -574,26 +654,53 @@ def part_fit(sizes: Sequence[int], workdir: Path, threads: int) -> dict[str, Any
             [n, "peak with snapshot, MiB (bound: plain peak + 2 x features file)", snap["peak_rss_mb"],
              f"≤ {bound:.4g}", goal(snap["peak_rss_mb"], bound, at_least=False)],
         ]  # fmt: skip
+        if ratio > TARGETS["fit_ratio"]:  # where the snapshot's time goes: its stages, re-run one by one
+            stages = _spawn("snapshot_stages", n, workdir, threads)
+            raw[n]["snapshot_stages"] = stages
+            if _ok(stages):
+                text = ", ".join(f"{name} {value:.3g}" for name, value in stages["seconds"].items())
+                rows.append([n, "snapshot stages s (re-run one by one)", text, "", ""])
+            else:
+                notes.append(_failed_note(stages))
     return {"rows": rows, "raw": raw, "notes": notes}
 
 
 def _recall_and_agreement(workdir: Path, n: int, num_candidates: int) -> dict[str, Any]:
     fast = torch.load(workdir / f"influence_fastif_{n}.pt", weights_only=True)
     full = torch.load(workdir / f"influence_all_{n}.pt", weights_only=True)
-    recalls, recalls_helpful, pearsons = [], [], []
+    recalls, recalls_helpful, recalls_exact, index_recalls, pearsons = [], [], [], [], []
     for t in range(full["scores"].shape[0]):
         scores = full["scores"][t]  # every training point, in dataset order
         top = set(scores.topk(TOP).indices.tolist())
         cand = fast["candidates"][t]
+        exact = fast["exact_candidates"][t]
         recalls.append(len(top & set(cand.tolist())) / TOP)
         recalls_helpful.append(len(top & set(cand[:num_candidates].tolist())) / TOP)
+        recalls_exact.append(len(top & set(exact.tolist())) / TOP)
+        index_recalls.append(len(set(cand.tolist()) & set(exact.tolist())) / exact.numel())
         pearsons.append(pearson(fast["scores"][t].double(), scores[cand].double()))
     return {
         "recall10": sum(recalls) / len(recalls),
         "recall10_helpful_direction": sum(recalls_helpful) / len(recalls_helpful),
+        "recall10_exact_knn": sum(recalls_exact) / len(recalls_exact),
+        "index_recall_of_exact_knn": sum(index_recalls) / len(index_recalls),
         "per_point_recall10": recalls,
         "score_pearson_on_candidates": pearsons,
     }
+
+
+def _index_text(result: dict[str, Any]) -> str:
+    index = result["index"]
+    if index["kind"] != "ivf":
+        return f"the snapshot's index is {index['kind']}"
+    return f"the snapshot's index is IVF, nprobe {index['nprobe']} of {index['nlist']} lists"
+
+
+def _stage_text(result: dict[str, Any]) -> str:
+    """Seconds per stage, and the rest of the predict wall time (Trainer set-up, loading the index)."""
+    stages = result["stage_seconds"]
+    other = result["seconds"] - sum(stages.values())
+    return ", ".join(f"{s} {v:.3g}" for s, v in stages.items()) + f", other {other:.3g}"
 
 
 def part_fastif(sizes: Sequence[int], workdir: Path, threads: int, *, smoke: bool) -> dict[str, Any]:
@@ -618,8 +725,7 @@ def part_fastif(sizes: Sequence[int], workdir: Path, threads: int, *, smoke: boo
         quality = _recall_and_agreement(workdir, n, k)
         raw[n].update(speedup=speedup, **quality)
         target, verdict = _at_target(n, speedup, TARGETS["speedup"], at_least=True)
-        stages_fast = ", ".join(f"{s} {v:.3g}" for s, v in fast["stage_seconds"].items())
-        stages_full = ", ".join(f"{s} {v:.3g}" for s, v in full["stage_seconds"].items())
+        stages_fast, stages_full = _stage_text(fast), _stage_text(full)
         rows += [
             [n, f"FastIF s / test point ({num_test} points, {fast['candidates_per_point']} candidates each)",
              fast["seconds_per_point"], "", ""],
@@ -629,6 +735,10 @@ def part_fastif(sizes: Sequence[int], workdir: Path, threads: int, *, smoke: boo
              quality["recall10"], f"≥ {TARGETS['recall']:g}", goal(quality["recall10"], TARGETS["recall"])],
             [n, f"same, among the k = {k} helpful-direction candidates", quality["recall10_helpful_direction"], "",
              ""],
+            [n, f"same, among the candidates of an exact (flat) search with the same queries ({_index_text(fast)})",
+             quality["recall10_exact_knn"], "", ""],
+            [n, "the index's recall of the exact search's candidates (these queries)",
+             quality["index_recall_of_exact_knn"], "", ""],
             [n, "stage s, FastIF run (all points)", stages_fast, "", ""],
             [n, "stage s, all-N run (all points)", stages_full, "", ""],
             [n, "peak RSS MiB: FastIF / all-N", f"{fast['peak_rss_mb']:.4g} / {full['peak_rss_mb']:.4g}", "", ""],
@@ -709,14 +819,28 @@ def fmt_mb(value: float | None) -> str:
     return "—" if value is None else f"{value:.4g}"
 
 
+def _available_mb() -> float:
+    """``MemAvailable`` of ``/proc/meminfo`` in MiB (the whole machine's when unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+
+
 def part_million(n: int, workdir: Path, threads: int, *, smoke: bool) -> dict[str, Any]:
     """Fit + snapshot at N, then FastIF for 100 test points; time, peak, or where it failed."""
     num_test = SMOKE_TEST if smoke else NUM_TEST
     k = SMOKE_CANDIDATES if smoke else NUM_CANDIDATES
-    raw: dict[str, Any] = {"n": n}
-    raw["fit_snapshot"] = snap = _spawn("fit_snapshot", n, workdir, threads)
+    limit = int(MEMORY_FRACTION * _available_mb())
+    raw: dict[str, Any] = {"n": n, "memory_limit_mb": limit}
+    raw["fit_snapshot"] = snap = _spawn("fit_snapshot", n, workdir, threads, memory_limit_mb=limit)
     raw["fastif"] = fast = (
-        _spawn("fastif", n, workdir, threads, num_test=num_test, num_candidates=k) if _ok(snap) else None
+        _spawn("fastif", n, workdir, threads, num_test=num_test, num_candidates=k, memory_limit_mb=limit)
+        if _ok(snap)
+        else None
     )
     completed = _ok(snap) and _ok(fast)
     raw["completed"] = completed
@@ -731,14 +855,15 @@ def part_million(n: int, workdir: Path, threads: int, *, smoke: bool) -> dict[st
              f"{snap['features_bytes'] / 2**20:.4g}; {snap['snapshot_bytes'] / 2**20:.4g}", "", ""],
         ]  # fmt: skip
     if _ok(fast):
-        stages = ", ".join(f"{s} {v:.3g}" for s, v in fast["stage_seconds"].items())
+        stages = _stage_text(fast)
         rows += [
             [n, f"FastIF predict s ({num_test} test points); s / point",
              f"{fast['seconds']:.4g}; {fast['seconds_per_point']:.3g}", "", ""],
             [n, "FastIF peak RSS MiB", fast["peak_rss_mb"], "", ""],
             [n, "stage s, FastIF run", stages, "", ""],
         ]  # fmt: skip
-    rows.append([n, "completes on this machine", completed, "yes", "met" if completed else "NOT met"])
+    rows.append([n, f"completes (each process limited to {limit} MiB of address space)", completed, "yes",
+                 "met" if completed else "NOT met"])  # fmt: skip
     return {"rows": rows, "raw": raw, "notes": notes}
 
 
@@ -758,6 +883,7 @@ def run(
     threads: int = 1,
     sizes: Sequence[int] | None = None,
     parts: Sequence[str] | None = None,
+    workdir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Measure the parts asked for (default: fit, fastif, self_influence) and return the benchmark contract's dict.
 
@@ -766,6 +892,8 @@ def run(
         threads: torch threads per worker process.
         sizes: the N of ``fit`` and ``fastif`` (default 10k, 50k, 200k; smoke: 600).
         parts: any of ``fit``, ``fastif``, ``self_influence``, ``million``.
+        workdir: where the models, snapshots and scores go, kept afterwards (default: a temporary directory,
+            removed at the end).
 
     Returns:
         ``{"name", "title", "headline", "markdown", "details"}``.
@@ -777,7 +905,9 @@ def run(
     if unknown:
         raise ValueError(f"parts: expected some of {PARTS}, got {unknown}")
     sizes = tuple(sizes) if sizes is not None else (SMOKE_SIZES if smoke else SIZES)
-    workdir = Path(tempfile.mkdtemp(prefix="bench_scale_"))
+    keep = workdir is not None
+    workdir = Path(workdir) if keep else Path(tempfile.mkdtemp(prefix="bench_scale_"))
+    workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     start = time.perf_counter()
     try:
@@ -790,7 +920,8 @@ def run(
         if "million" in parts:
             results["million"] = part_million(SMOKE_SIZES[-1] * 2 if smoke else MILLION, workdir, threads, smoke=smoke)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
     info = machine_info(threads)
     sections = []
     for part, result in results.items():
@@ -849,15 +980,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the returned dict here")
     parser.add_argument("--worker", choices=WORKERS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help="keep models, snapshots and scores here (default: temporary)")
     parser.add_argument("--num-test", type=int, default=NUM_TEST, help=argparse.SUPPRESS)
     parser.add_argument("--num-candidates", type=int, default=NUM_CANDIDATES, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-limit-mb", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(jsonable(_worker(args))), flush=True)
         return
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    out = run(smoke=args.smoke, threads=args.threads, sizes=args.sizes, parts=parts)
+    out = run(smoke=args.smoke, threads=args.threads, sizes=args.sizes, parts=parts, workdir=args.workdir)
     print(f"## {out['title']}\n\n{out['markdown']}")
     if args.json is not None:
         write_atomic(args.json, json.dumps(jsonable(out), indent=2) + "\n")
