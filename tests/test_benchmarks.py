@@ -146,6 +146,52 @@ def test_peers_smoke():
         assert all(f["seconds_ratio"] is not None and f["seconds_ratio"] > 0 for f in peers.values())
 
 
+@pytest.mark.slow
+def test_bench_scale_smoke():
+    pytest.importorskip("kronfluence")
+    from benchmarks import bench_scale
+
+    out = bench_scale.run(smoke=True, threads=1)
+    assert set(out) >= {"name", "title", "headline", "markdown", "details"}
+    assert out["name"] == "scale"
+    assert out["headline"] == {}
+    assert "| --- |" in out["markdown"]
+    json.dumps(out["details"])
+    details = out["details"]
+    assert set(details) >= {"machine", "sizes", "settings", "fit", "fastif", "self_influence"}
+    assert "million" not in details  # only when asked for
+    for part in ("fit", "fastif", "self_influence"):
+        assert details[part]["notes"] == [], details[part]["notes"]  # no worker failed
+
+    def finite(*values):
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values), values
+
+    (n,) = details["sizes"]
+    fit = details["fit"]["raw"][str(n)]
+    finite(fit["plain"]["seconds"], fit["snapshot"]["seconds"], fit["time_ratio"], fit["peak_bound_mb"])
+    finite(fit["plain"]["peak_rss_mb"], fit["snapshot"]["peak_rss_mb"])
+    # 1290 float32 loss-gradient features (net.4: 128 x 10 + 10) per training point, plus the file's header.
+    assert fit["snapshot"]["features_dim"] == 1290
+    assert n * 1290 * 4 < fit["snapshot"]["features_bytes"] < n * 1290 * 4 + 2**16
+
+    fastif = details["fastif"]["raw"][str(n)]
+    finite(fastif["speedup"], fastif["fastif"]["seconds_per_point"], fastif["all"]["seconds_per_point"])
+    k = details["settings"]["num_candidates"]
+    assert fastif["fastif"]["candidates_per_point"] == 2 * k  # k likely helpful + k likely harmful
+    assert fastif["all"]["candidates_per_point"] == n
+    # Both runs use the same seeded LiSSA, so FastIF's scores are the all-N scores of its candidates.
+    assert min(fastif["score_pearson_on_candidates"]) > 0.999
+    assert 0 <= fastif["recall10"] <= 1
+    assert len(fastif["per_point_recall10"]) == 4
+
+    self_inf = details["self_influence"]["raw"]
+    finite(self_inf["ours"]["seconds"], self_inf["kronfluence"]["seconds"], self_inf["time_ratio"])
+    assert self_inf["reference"]["residual"] <= 10 * bench_scale.REFERENCE_TOL
+    for key in ("ours", "kronfluence", "kronfluence_empirical"):
+        # Every EK-FAC is a fair approximation of the damped Hessian's self-influence on this small model.
+        assert 0.8 < self_inf["pearson"][key] <= 1.0, key
+
+
 def test_missing_peer_is_a_row_not_a_crash(monkeypatch):
     monkeypatch.setattr(bench_peers.importlib.util, "find_spec", lambda name: None)
     result = bench_quality.evaluate(bench_peers.KronfluenceEKFAC(), smoke=True, tasks=("loo",))
