@@ -36,16 +36,22 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor
 
 from lightning_fastif.errors import SnapshotError, check_choice, check_number
 from lightning_fastif.io.atomic import PathLike, atomic_write_bytes, load_tensors, read_tensor_metadata, save_tensors
 from lightning_fastif.io.snapshot_store import feature_snapshot_file
 from lightning_fastif.metrics import knn_recall as knn_recall  # moved to metrics; this path still imports it
-
-_FAISS_AVAILABLE = RequirementCache(module="faiss")
-"""Truthy when ``import faiss`` works; evaluated on first use only."""
+from lightning_fastif.search.ivf import (
+    AUTO_IVF_MIN_SIZE,
+    IVF_TRAIN_POINTS_PER_LIST,
+    TUNE_K,
+    TUNE_QUERIES,
+    default_nlist,
+    faiss_available,
+    faiss_gpu_available,
+    tune_nprobe,
+)
 
 Metric = Literal["l2", "cosine", "ip"]
 Sign = Literal["positive", "negative", "both"]
@@ -56,45 +62,6 @@ KNN_FORMAT = "lightning_fastif.knn"
 _GPU_MAX_K = 2048  # FAISS GPU indices select at most 2048 neighbours (and probe at most 2048 lists)
 _BLOCK_ELEMENTS = 1 << 24  # distance block of the torch search: 64 MB of float32
 _DB_CHUNK = 1 << 16
-
-AUTO_IVF_MIN_SIZE = 100_000
-"""``kind="auto"`` uses an IVF index from this many examples on (with FAISS); below it a flat search is fast."""
-TUNE_K = 100
-"""Neighbours whose recall ``kind="auto"`` tunes ``nprobe`` for (FastIF's candidate counts are 100-1000)."""
-TUNE_QUERIES = 256
-"""Sampled indexed examples used as queries when measuring recall."""
-
-
-def faiss_available() -> bool:
-    """True when the ``faiss`` module can be imported (checked once)."""
-    return bool(_FAISS_AVAILABLE)
-
-
-def faiss_gpu_available() -> bool:
-    """True when FAISS is a GPU build that sees at least one GPU, and torch sees CUDA."""
-    if not faiss_available() or not torch.cuda.is_available():
-        return False
-    import faiss
-
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def default_nlist(n: int) -> int:
-    """Default number of IVF lists: ``2 * sqrt(n)``, between 1 and ``n``.
-
-    Fewer lists than FAISS's billion-scale guideline (4-16 sqrt(n)): at the 1e5-1e6 examples of a training set the
-    lists stay large enough that a few probes reach a recall of 0.99, and training stays a small part of a snapshot.
-
-    Example::
-
-        >>> default_nlist(10_000)
-        200
-    """
-    return max(1, min(n, int(round(2 * math.sqrt(n)))))
-
-
-IVF_TRAIN_POINTS_PER_LIST = 64
-"""IVF centroids are trained on a seeded sample of this many examples per list (FAISS needs at least 39)."""
 
 
 def _check_choice(name: str, value: Any, accepted: tuple[Any, ...]) -> None:
@@ -498,32 +465,9 @@ class KNNIndex:
             1.0
         """
         self._check_k(k)
-        check_number("target_recall", target_recall, low=0, high=1, low_open=True)
-        if self._kind != "ivf" or self._backend != "faiss":
-            self.tuning = {"k": k, "recall": 1.0, "exact": True}
-            return self.tuning
-        self._ensure_built()
-        generator = torch.Generator().manual_seed(seed)
-        rows = torch.randperm(self.ntotal, generator=generator)[: min(num_queries, self.ntotal)]
-        queries = self._features[rows]
-        if self._metric != "l2":
-            queries = torch.cat([queries, -queries])
-        exact = KNNIndex(self._features, self._ids, metric=self._metric, kind="flat", backend="torch", use_gpu=False)
-        _, truth = exact.search(queries, k)
-        while True:
-            _, found = self.search(queries, k)
-            recall = knn_recall(found, truth)
-            if recall >= target_recall or self._nprobe >= (self._nlist or 1):
-                break
-            self.nprobe = min(2 * self._nprobe, self._nlist or 1)
-        self.tuning = {
-            "k": k,
-            "nprobe": self._nprobe,
-            "nlist": self._nlist,
-            "recall": recall,
-            "queries": int(queries.shape[0]),
-            "target": target_recall,
-        }
+        if self._kind == "ivf" and self._backend == "faiss":
+            self._ensure_built()
+        self.tuning = tune_nprobe(self, k, target_recall=target_recall, num_queries=num_queries, seed=seed)
         return self.tuning
 
     def search_signed(self, queries: Tensor, k: int, sign: Sign = "positive") -> tuple[Tensor, Tensor]:

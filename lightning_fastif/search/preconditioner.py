@@ -56,8 +56,8 @@ class QueryPreconditioner:
     Example::
 
         >>> h = torch.tensor([[2.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
-        >>> QueryPreconditioner(h)(torch.tensor([[2.0, 4.0]]), damping=0.0).tolist()
-        [[1.0, 1.0]]
+        >>> [round(v, 4) for v in QueryPreconditioner(h)(torch.tensor([[2.0, 4.0]]), damping=0.0)[0].tolist()]
+        [1.0, 1.0]
     """
 
     def __init__(self, hessian: Tensor | str | os.PathLike, *, layer: str | None = None) -> None:
