@@ -7,6 +7,7 @@ index and users read, one directory::
     <dirpath>/features/<version>/<dataset>.safetensors        "features" [N, D] float32, "indices" [N] int64 (sorted)
     <dirpath>/features/<version>/<dataset>.faiss              a trained FAISS IVF index (index="ivf" only)
     <dirpath>/features/<version>/last_layer_hessian.safetensors   "last_layer_hessian" [P, P] (loss gradients)
+    <dirpath>/features/<version>/last_layer_kfac/             the last layer's K-FAC factors instead (KFACFactors.save)
     <dirpath>/checkpoints/<version>.safetensors               model weights (parameter name -> tensor)
 
 The manifest (``format_version`` 2)::
@@ -62,6 +63,9 @@ FEATURES_DIR = "features"
 CHECKPOINTS_DIR = "checkpoints"
 LAST_LAYER_HESSIAN = "last_layer_hessian"
 """Manifest key, file stem and tensor name of the Hessian stored with loss-gradient features."""
+LAST_LAYER_KFAC = "last_layer_kfac"
+"""Directory (``KFACFactors.save``) of the last layer's K-FAC factors stored with loss-gradient features, named by
+the ``last_layer_hessian`` entry's ``file`` when its ``curvature`` is ``"kfac"`` or ``"ekfac"``."""
 TENSOR_SUFFIX = ".safetensors"
 FAISS_SUFFIX = ".faiss"
 
@@ -72,6 +76,7 @@ __all__ = [
     "CHECKPOINTS_DIR",
     "FEATURES_DIR",
     "LAST_LAYER_HESSIAN",
+    "LAST_LAYER_KFAC",
     "SNAPSHOT_FORMAT",
     "SNAPSHOT_FORMAT_VERSION",
     "apply_checkpoint",
@@ -434,6 +439,9 @@ def feature_snapshot_file(
 
 def last_layer_hessian_file(dirpath: PathLike, entry: Mapping[str, Any]) -> Path | None:
     """The ``last_layer_hessian`` file a features entry lists, or ``None`` when it stored none.
+
+    A dense Hessian is a safetensors file; K-FAC factors (the entry's ``curvature`` is ``"kfac"``/``"ekfac"``) are
+    a directory written by ``KFACFactors.save``.
 
     Args:
         dirpath: snapshot directory.
