@@ -14,8 +14,12 @@ from torch.utils.data import TensorDataset
 from lightning_fastif.core.curvature import KFACFactors, ekfac_correct, fit_kfac
 from lightning_fastif.core.grads import FunctionalLoss
 from lightning_fastif.errors import ArgumentError
-from lightning_fastif.io.snapshot_store import LAST_LAYER_HESSIAN, LAST_LAYER_KFAC, last_layer_hessian_file
-from lightning_fastif.io.snapshot_store import snapshot_versions
+from lightning_fastif.io.snapshot_store import (
+    LAST_LAYER_HESSIAN,
+    LAST_LAYER_KFAC,
+    last_layer_hessian_file,
+    snapshot_versions,
+)
 from lightning_fastif.lightning.module import InfluenceModule
 from lightning_fastif.lightning.snapshots import FeatureSnapshot
 from lightning_fastif.search.preconditioner import KNN_DAMPING_FLOOR, QueryPreconditioner
@@ -145,7 +149,8 @@ def test_ekfac_query_curvature_and_a_sample(tmp_path):
     record = entry[LAST_LAYER_HESSIAN]
     assert (record["curvature"], record["num_train"], record["hessian_examples"]) == ("ekfac", 37, 10)
     factors = KFACFactors.load(last_layer_hessian_file(tmp_path / "snap", entry))
-    assert factors.corrected and factors.num_examples == 10
+    assert factors.corrected
+    assert factors.num_examples == 10
     sample = torch.randperm(37, generator=torch.Generator().manual_seed(0))[:10].sort().values
     subset = TensorDataset(*(t[sample] for t in make_dataset(37).tensors))
     a, s = _explicit_factors(model, subset)
