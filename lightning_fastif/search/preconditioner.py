@@ -7,7 +7,8 @@ restricted to that layer, instead of by the raw gradient similarity ``<g_test, g
 
 * **K-FAC factors** of the layer (``query_curvature="kfac"``, the default;
   :class:`~lightning_fastif.core.curvature.KFACFactors`): the layer's empirical Fisher as ``A ⊗ S``
-  (``A = E[a aᵀ]`` ``(D+1)²``, ``S = E[g gᵀ]`` ``C²``), applied in its eigenbasis as ``Q_S ((Q_Sᵀ G Q_A) / (s aᵀ + λ)) Q_Aᵀ`` (EK-FAC's eigenvalues when corrected):
+  (``A = E[a aᵀ]`` ``(D+1)²``, ``S = E[g gᵀ]`` ``C²``), applied in its
+  eigenbasis as ``Q_S ((Q_Sᵀ G Q_A) / (s aᵀ + λ)) Q_Aᵀ`` (EK-FAC's eigenvalues when corrected):
   ``O(C² + D²)`` memory, so a 1000-class head works; or
 * the **dense Hessian** (``query_curvature="hessian"``, ``[P, P]``, ``P = C·(D+1)``), solved by Cholesky (LU when
   indefinite): exact, for small layers.
