@@ -291,7 +291,7 @@ def _ordered(section: Mapping[str, Any], *, all_runs: bool) -> list[dict[str, An
 
 
 def snapshot_versions(dirpath: PathLike, kind: SnapshotKind, *, all_runs: bool = False) -> list[dict[str, Any]]:
-    """Manifest entries of one kind (``"features"``, ``"checkpoints"`` or ``"curvature"``), ordered by global step, then time.
+    """Manifest entries of one kind (``"features"``, ``"checkpoints"``, ``"curvature"``), by global step, then time.
 
     Args:
         dirpath: snapshot directory.

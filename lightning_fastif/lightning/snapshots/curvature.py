@@ -81,11 +81,13 @@ class CurvatureSnapshot(SnapshotCallback):
     ) -> None:
         super().__init__(dirpath, on_fit_end)
         if loss_fn is not None and not callable(loss_fn):
-            raise ArgumentError(f"loss_fn: expected None or a callable loss_fn(model, batch) -> Tensor[B], got {loss_fn!r}")
+            raise ArgumentError(
+                f"loss_fn: expected None or a callable loss_fn(model, batch) -> Tensor[B], got {loss_fn!r}"
+            )
         check_int("every_n_epochs", every_n_epochs, allow_none=True)
         if every_n_epochs is None and not on_fit_end:
             raise ArgumentError(
-                "on_fit_end: expected True when every_n_epochs is None (otherwise no factors are ever fitted), got False"
+                "on_fit_end: expected True when every_n_epochs is None (otherwise nothing is ever fitted), got False"
             )
         check_int("examples", examples, allow_none=True)
         check_bool("ekfac", ekfac)
@@ -222,8 +224,9 @@ def _reduce_factors(local: KFACFactors, reduce: Callable[[Tensor], Tensor]) -> K
             a_basis = a_basis.contiguous()
         # As fit_kfac: PSD factors, rounding-level negative eigenvalues clamped to 0.
         layers.append(
-            KFACLayer(layer.spec, A, S, a_values.clamp_min(0), a_basis, s_values.clamp_min(0), s_basis.contiguous(),
-                      positions)  # fmt: skip
+            KFACLayer(
+                layer.spec, A, S, a_values.clamp_min(0), a_basis, s_values.clamp_min(0), s_basis.contiguous(), positions
+            )  # fmt: skip
         )
     diagonal = {name: reduce(d * local.num_examples) / total for name, d in local.diagonal.items()}
     return KFACFactors(local.names, local.shapes, layers, diagonal, local.unsupported, total)
@@ -235,7 +238,9 @@ def _reduce_corrected(factors: KFACFactors, part: KFACFactors, reduce: Callable[
     for layer, mine in zip(factors.layers, part.layers):
         corrected = reduce(mine.corrected * part.num_examples) / factors.num_examples
         layers.append(KFACLayer(**{**layer.__dict__, "corrected": corrected.contiguous()}))
-    return KFACFactors(factors.names, factors.shapes, layers, factors.diagonal, factors.unsupported, factors.num_examples)
+    return KFACFactors(
+        factors.names, factors.shapes, layers, factors.diagonal, factors.unsupported, factors.num_examples
+    )
 
 
 def load_curvature(
@@ -278,3 +283,48 @@ def load_curvature(
         return None, {**info, "refused": "the factors were fitted on other weights (the weights fingerprint differs)"}
     factors = KFACFactors.load(curvature_dir(dirpath, entry["version"]))
     return factors, info
+
+
+class CurvatureReuse:
+    """Offer an estimator the snapshot's curvature factors before each solve, when they belong to the weights now.
+
+    Used by :class:`~lightning_fastif.lightning.module.InfluenceModule`: an estimator with
+    ``use_factors(factors) -> bool`` (K-FAC-based ones) gets the factors of the latest
+    :class:`CurvatureSnapshot` of ``snapshot`` instead of fitting its own, when the weights and parameter fingerprints
+    match (:func:`load_curvature`); otherwise it fits as usual, and the diagnostics say why the factors were refused.
+    The result of the fingerprint check is cached until a selected parameter is replaced or modified in place.
+
+    Args:
+        snapshot: the snapshot directory (``None``: nothing is ever offered).
+
+    Example::
+
+        >>> CurvatureReuse(None).offer(object(), torch.nn.Linear(2, 1), None)
+        {}
+    """
+
+    def __init__(self, snapshot: str | os.PathLike | None) -> None:
+        self.snapshot = snapshot
+        self._cache: tuple[Any, KFACFactors | None, dict[str, Any]] | None = None
+
+    def offer(self, estimator: Any, model: torch.nn.Module, params: ParamSpec) -> dict[str, Any]:
+        """Pass matching factors to ``estimator.use_factors``; return ``{"curvature": {...}}`` for the diagnostics
+        (``{}`` when there is no snapshot, no curvature version in it, or the estimator takes no factors)."""
+        use = getattr(estimator, "use_factors", None)
+        if self.snapshot is None or not callable(use):
+            return {}
+        key = (id(model), tuple((p.data_ptr(), p._version) for p in model.parameters()), repr(params))
+        if self._cache is None or self._cache[0] != key:
+            factors, info = load_curvature(self.snapshot, model, params)
+            self._cache = (key, factors, info)
+        _, factors, info = self._cache
+        if info["version"] is None:
+            return {}
+        if factors is None:
+            return {"curvature": {**info, "source": "fitted"}}
+        if not use(factors.to(next(model.parameters()).device)):
+            return {"curvature": {**info, "source": "not used", "note": "the estimator does not use K-FAC factors"}}
+        return {"curvature": info}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"snapshot": self.snapshot, "_cache": None}
