@@ -158,3 +158,45 @@ def test_ekfac_query_curvature_and_a_sample(tmp_path):
     torch.testing.assert_close(factors.layers[0].S, s, rtol=1e-5, atol=1e-6)
     with pytest.raises(ArgumentError, match=r"query_curvature: expected one of \['kfac', 'ekfac', 'hessian'\]"):
         FeatureSnapshot(features="loss_gradient", query_curvature="dense")
+
+
+@pytest.mark.slow
+def test_knn_recall_of_last_layer_influence_with_kfac_queries():
+    """Recall of each test point's exact top-10 helpful training points (influence over the classifier layer,
+    (H + 0.01 I)⁻¹) among its k = 10 inner-product neighbours (of 600 digits), 40 test points. Measured: raw gradient
+    queries 0.685, K-FAC 0.725, EK-FAC 0.740, the dense H_last 1.000 (it is the scores' own curvature here; K-FAC
+    approximates the empirical Fisher, not the Hessian)."""
+    from sklearn.datasets import load_digits
+
+    from lightning_fastif.core.hessian import HessianOperator
+    from tests.helpers.module_models import TinyMLP, fit
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0), torch.tensor(y)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train = TensorDataset(x[perm[:600]], y[perm[:600]])
+    test = TensorDataset(x[perm[600:640]], y[perm[600:640]])
+    model = fit(TinyMLP(dim=64, hidden=16, classes=10), train, steps=300, lr=0.02, l2=1e-2)
+    names = ["classifier.weight", "classifier.bias"]
+    function = FunctionalLoss(model, None, names)
+    g_train = function.per_example_gradients(train.tensors).double()
+    g_test = function.per_example_gradients(test.tensors).double()
+    h = HessianOperator(model, None, train, params=names).dense().double()
+    scores = g_test @ torch.linalg.solve(h + 0.01 * torch.eye(h.shape[0], dtype=h.dtype), g_train.T)
+    truth = scores.topk(10, 1).indices
+    kfac = fit_kfac(model, None, train, names)
+    queries = {
+        "raw": g_test,
+        "hessian": QueryPreconditioner(h)(g_test, 0.01),
+        "kfac": QueryPreconditioner(kfac)(g_test, 0.01),
+        "ekfac": QueryPreconditioner(ekfac_correct(kfac, model, None, train))(g_test, 0.01),
+    }
+    recall = {}
+    for name, q in queries.items():
+        found = (q.double() @ g_train.T).topk(10, 1).indices
+        recall[name] = sum(len(set(truth[t].tolist()) & set(found[t].tolist())) for t in range(40)) / 400
+    assert recall["hessian"] == 1.0
+    assert recall["raw"] == pytest.approx(0.685, abs=0.03)
+    assert recall["kfac"] == pytest.approx(0.725, abs=0.03)
+    assert recall["ekfac"] == pytest.approx(0.74, abs=0.03)
+    assert recall["ekfac"] >= recall["kfac"] > recall["raw"]
