@@ -7,6 +7,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from lightning_fastif.core.curvature import KFACFactors, ekfac_correct, fit_kfac
 from lightning_fastif.core.ekfac import EKFAC
@@ -179,3 +180,22 @@ def test_influence_module_reuses_the_snapshot_factors_and_refuses_stale_ones(tmp
     expected = InfluenceModule(model, ihvp=_estimator(0.1), **common).score_batch(test.tensors)
     torch.testing.assert_close(result.scores, expected.scores, rtol=1e-9, atol=1e-12)
     assert not torch.allclose(result.scores, fresh.scores, rtol=1e-3)
+
+
+def test_examples_every_n_epochs_and_the_progress_bar(tmp_path, capsys):
+    snapshot = CurvatureSnapshot(
+        dirpath=tmp_path / "snap", params="classifier.*", loss_fn=_ce, examples=10, ekfac=False, every_n_epochs=1
+    )
+    model = TinyClassifier()
+    _trainer(tmp_path, [snapshot], enable_progress_bar=True).fit(model, TinyDataModule())
+    entries = snapshot_versions(tmp_path / "snap", "curvature")
+    # after epochs 0 and 1; the end of fit is the step of epoch 1 and is not taken twice
+    assert [e["version"] for e in entries] == ["epoch=0-step=4", "epoch=1-step=8"]
+    assert [(e["num_examples"], e["corrected"]) for e in entries] == [(10, False), (10, False)]
+    assert "fastif curvature" in capsys.readouterr().err
+    model.eval()
+    first = TensorDataset(*(t[:10] for t in make_dataset(37).tensors))
+    _assert_same_factors(
+        KFACFactors.load(curvature_dir(tmp_path / "snap", entries[-1]["version"])),
+        fit_kfac(model, _ce, first, "classifier.*"),
+    )

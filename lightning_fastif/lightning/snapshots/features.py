@@ -2,7 +2,8 @@
 
 Each version is ``features/<version>/<dataset>.safetensors`` (written through
 :class:`~lightning_fastif.search.knn.KNNIndex`, which also saves a trained FAISS IVF index next to it) plus, for
-loss-gradient features, ``last_layer_hessian.safetensors``; :mod:`lightning_fastif.io.snapshot_store` names the files
+loss-gradient features, the last layer's K-FAC factors ``last_layer_kfac/`` (or the dense Hessian
+``last_layer_hessian.safetensors``); :mod:`lightning_fastif.io.snapshot_store` names the files
 and records the version.
 """
 
@@ -62,7 +63,7 @@ class FeatureSnapshot(SnapshotCallback):
     maximum inner-product search (``metric="ip"``): the training points with the largest ``|<g_test, g_train>|``
     are the likely most influential ones (see :mod:`lightning_fastif.search.features`; on the digits CNN this raised
     the recall of the true top-10 helpful points among 1% kNN candidates from 0.04 to 0.79, and to 0.95 with the
-    query preconditioned by the stored last-layer Hessian, below). The
+    query preconditioned by the dense last-layer Hessian, ``query_curvature="hessian"`` below). The
     :class:`~lightning_fastif.lightning.module.InfluenceModule` reads the kind from the manifest and embeds its test
     points the same way. Extraction runs in eval mode without gradients
     on the training set's dataset in index order (unshuffled, with the training loader's ``collate_fn``).
@@ -71,13 +72,16 @@ class FeatureSnapshot(SnapshotCallback):
     and rank 0 writes each dataset index exactly once (sorted) while the other ranks wait. The time each snapshot
     took is logged as ``fastif/snapshot/seconds``.
 
-    With ``features="loss_gradient"`` each version also stores the Hessian of the *mean training loss* with respect
-    to ``layer``'s parameters only, ``H_last`` (``[P, P]``, ``last_layer_hessian.safetensors``; computed by rank 0 from
-    the whole training set in eval mode, the other ranks wait), and records it in the manifest entry under
-    ``"last_layer_hessian"`` (``file``, ``layer``, ``num_params``, ``params``). The influence module preconditions its
-    queries with it, ``q = (H_last + λI)⁻¹ g_test``, which brings the inner product closer to the influence score
-    itself. A layer with more than ``max_hessian_params`` parameters (or ``include_train=False``) is skipped: the
-    entry then has ``file: null`` and a ``note`` saying why, and queries stay raw gradients.
+    With ``features="loss_gradient"`` each version also stores a curvature of the *mean training loss* with respect
+    to ``layer``'s parameters only, ``H_last`` (computed by rank 0 over a sample of the training set in eval mode,
+    the other ranks wait): by default the layer's K-FAC factors (``last_layer_kfac/``, ``O(C² + D²)`` numbers, one
+    pass of activations and output gradients), or with ``query_curvature="hessian"`` the dense ``[P, P]`` Hessian
+    (``last_layer_hessian.safetensors``). The manifest entry records it under ``"last_layer_hessian"`` (``file``,
+    ``curvature``, ``layer``, ``num_params``, ``params``). The influence module preconditions its queries with it,
+    ``q = (H_last + λI)⁻¹ g_test``, which brings the inner product closer to the influence score itself
+    (:mod:`lightning_fastif.search.preconditioner`; snapshots written before K-FAC, with a dense ``H_last``, still
+    load). A dense Hessian of a layer with more than ``max_hessian_params`` parameters (or ``include_train=False``) is
+    skipped: the entry then has ``file: null`` and a ``note`` saying why, and queries stay raw gradients.
 
     Args:
         dirpath: snapshot directory (default ``<trainer.default_root_dir>/fastif_snapshot``).
