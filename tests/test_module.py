@@ -468,7 +468,9 @@ def test_loss_gradient_snapshot_round_trip_finds_both_signs(tmp_path):
     model = _LitMLP()
     # No room for the last layer's Hessian: the queries are the raw test gradients.
     snap = FeatureSnapshot(
-        dirpath=tmp_path / "snap", features="loss_gradient", max_hessian_params=CLASSIFIER_PARAMS - 1,
+        dirpath=tmp_path / "snap",
+        features="loss_gradient",
+        max_hessian_params=CLASSIFIER_PARAMS - 1,
         query_curvature="hessian",
     )
     _trainer(tmp_path, max_epochs=5, callbacks=[snap]).fit(model, DataLoader(train, batch_size=10))
