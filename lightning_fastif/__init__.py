@@ -38,7 +38,7 @@ from lightning_fastif.io.snapshot_store import apply_checkpoint, load_checkpoint
 from lightning_fastif.lightning.arguments import ComputeArguments, CorrectionArguments, SearchArguments
 from lightning_fastif.lightning.correction import ErrorCorrection, compare_selections, correct_errors
 from lightning_fastif.lightning.module import CandidatePool, InfluenceModule
-from lightning_fastif.lightning.snapshots import CheckpointSnapshot, FeatureSnapshot
+from lightning_fastif.lightning.snapshots import CheckpointSnapshot, CurvatureSnapshot, FeatureSnapshot
 from lightning_fastif.metrics import knn_recall
 from lightning_fastif.search.features import extract_features, features_of_batch
 from lightning_fastif.search.knn import KNNIndex
@@ -55,6 +55,7 @@ __all__ = [
     "BatchInfluence",
     "CandidatePool",
     "CheckpointSnapshot",
+    "CurvatureSnapshot",
     "ComputeArguments",
     "CorrectionArguments",
     "ConjugateGradient",

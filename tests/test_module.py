@@ -468,7 +468,10 @@ def test_loss_gradient_snapshot_round_trip_finds_both_signs(tmp_path):
     model = _LitMLP()
     # No room for the last layer's Hessian: the queries are the raw test gradients.
     snap = FeatureSnapshot(
-        dirpath=tmp_path / "snap", features="loss_gradient", max_hessian_params=CLASSIFIER_PARAMS - 1
+        dirpath=tmp_path / "snap",
+        features="loss_gradient",
+        max_hessian_params=CLASSIFIER_PARAMS - 1,
+        query_curvature="hessian",
     )
     _trainer(tmp_path, max_epochs=5, callbacks=[snap]).fit(model, DataLoader(train, batch_size=10))
     model.eval()
@@ -541,7 +544,7 @@ def gradient_snapshot(tmp_path_factory):
     root = tmp_path_factory.mktemp("gradient_snapshot")
     train, test = blobs(n_train=60, n_test=7)
     model = _LitMLP()
-    snap = FeatureSnapshot(dirpath=root / "snap", features="loss_gradient")
+    snap = FeatureSnapshot(dirpath=root / "snap", features="loss_gradient", query_curvature="hessian")
     _trainer(root, max_epochs=5, callbacks=[snap]).fit(model, DataLoader(train, batch_size=10))
     return model.eval(), train, test, root / "snap"
 

@@ -453,7 +453,13 @@ def test_ddp_snapshot_equals_single_process_snapshot(tmp_path):
     def callbacks(name):
         return [
             FeatureSnapshot(dirpath=tmp_path / name, layer="classifier", hook="input", batch_size=8, datasets=extra),
-            FeatureSnapshot(dirpath=tmp_path / f"{name}_grad", features="loss_gradient", loss_fn=_ce, batch_size=8),
+            FeatureSnapshot(
+                dirpath=tmp_path / f"{name}_grad",
+                features="loss_gradient",
+                loss_fn=_ce,
+                batch_size=8,
+                query_curvature="hessian",
+            ),
             CheckpointSnapshot(dirpath=tmp_path / name),
         ]
 
@@ -519,7 +525,9 @@ def _ce(model, batch):
 
 
 def test_loss_gradient_snapshot_matches_extract_features(tmp_path):
-    snapshot = FeatureSnapshot(dirpath=tmp_path / "snap", features="loss_gradient", loss_fn=_ce)
+    snapshot = FeatureSnapshot(
+        dirpath=tmp_path / "snap", features="loss_gradient", loss_fn=_ce, query_curvature="hessian"
+    )
     model = TinyClassifier()
     _trainer(tmp_path, [snapshot], max_epochs=1).fit(model, TinyDataModule())
     [entry] = snapshot_versions(tmp_path / "snap", "features")
@@ -552,7 +560,9 @@ def test_loss_gradient_snapshot_matches_extract_features(tmp_path):
 
 
 def test_last_layer_hessian_over_a_sample_of_training_examples(tmp_path):
-    snapshot = FeatureSnapshot(dirpath=tmp_path / "snap", features="loss_gradient", loss_fn=_ce, hessian_examples=10)
+    snapshot = FeatureSnapshot(
+        dirpath=tmp_path / "snap", features="loss_gradient", loss_fn=_ce, hessian_examples=10, query_curvature="hessian"
+    )
     model = TinyClassifier()
     _trainer(tmp_path, [snapshot], max_epochs=1).fit(model, TinyDataModule())
     [entry] = snapshot_versions(tmp_path / "snap", "features")
@@ -586,7 +596,11 @@ def test_loss_gradient_snapshot_validation(tmp_path):
 
 def test_loss_gradient_snapshot_skips_a_hessian_over_max_hessian_params(tmp_path):
     snapshot = FeatureSnapshot(
-        dirpath=tmp_path / "snap", features="loss_gradient", loss_fn=_ce, max_hessian_params=CLASSIFIER_PARAMS - 1
+        dirpath=tmp_path / "snap",
+        features="loss_gradient",
+        loss_fn=_ce,
+        max_hessian_params=CLASSIFIER_PARAMS - 1,
+        query_curvature="hessian",
     )
     _trainer(tmp_path, [snapshot], max_epochs=1).fit(TinyClassifier(), TinyDataModule())
     [entry] = snapshot_versions(tmp_path / "snap", "features")

@@ -7,7 +7,9 @@ index and users read, one directory::
     <dirpath>/features/<version>/<dataset>.safetensors        "features" [N, D] float32, "indices" [N] int64 (sorted)
     <dirpath>/features/<version>/<dataset>.faiss              a trained FAISS IVF index (index="ivf" only)
     <dirpath>/features/<version>/last_layer_hessian.safetensors   "last_layer_hessian" [P, P] (loss gradients)
+    <dirpath>/features/<version>/last_layer_kfac/             the last layer's K-FAC factors instead (KFACFactors.save)
     <dirpath>/checkpoints/<version>.safetensors               model weights (parameter name -> tensor)
+    <dirpath>/curvature/<version>/                            K-FAC/EK-FAC factors (KFACFactors.save; CurvatureSnapshot)
 
 The manifest (``format_version`` 2)::
 
@@ -60,22 +62,29 @@ SNAPSHOT_FORMAT_VERSION = 2
 """2: file names in entries are plain names inside the version's directory, and runs are kept apart."""
 FEATURES_DIR = "features"
 CHECKPOINTS_DIR = "checkpoints"
+CURVATURE_DIR = "curvature"
 LAST_LAYER_HESSIAN = "last_layer_hessian"
 """Manifest key, file stem and tensor name of the Hessian stored with loss-gradient features."""
+LAST_LAYER_KFAC = "last_layer_kfac"
+"""Directory (``KFACFactors.save``) of the last layer's K-FAC factors stored with loss-gradient features, named by
+the ``last_layer_hessian`` entry's ``file`` when its ``curvature`` is ``"kfac"`` or ``"ekfac"``."""
 TENSOR_SUFFIX = ".safetensors"
 FAISS_SUFFIX = ".faiss"
 
-SnapshotKind = Literal["features", "checkpoints"]
-_KINDS = (FEATURES_DIR, CHECKPOINTS_DIR)
+SnapshotKind = Literal["features", "checkpoints", "curvature"]
+_KINDS = (FEATURES_DIR, CHECKPOINTS_DIR, CURVATURE_DIR)
 
 __all__ = [
     "CHECKPOINTS_DIR",
+    "CURVATURE_DIR",
     "FEATURES_DIR",
     "LAST_LAYER_HESSIAN",
+    "LAST_LAYER_KFAC",
     "SNAPSHOT_FORMAT",
     "SNAPSHOT_FORMAT_VERSION",
     "apply_checkpoint",
     "checkpoint_file",
+    "curvature_dir",
     "dataset_record",
     "empty_snapshot_manifest",
     "feature_dir",
@@ -138,6 +147,17 @@ def checkpoint_file(dirpath: PathLike, version: str) -> Path:
     return Path(dirpath) / CHECKPOINTS_DIR / f"{_plain('version', version)}{TENSOR_SUFFIX}"
 
 
+def curvature_dir(dirpath: PathLike, version: str) -> Path:
+    """Directory of one curvature version (``KFACFactors.save``): ``<dirpath>/curvature/<version>``.
+
+    Example::
+
+        >>> curvature_dir("snap", "epoch=2-step=12").as_posix()
+        'snap/curvature/epoch=2-step=12'
+    """
+    return Path(dirpath) / CURVATURE_DIR / _plain("version", version)
+
+
 def dataset_record(dirpath: PathLike, version: str, dataset: str, n: int, dim: int) -> dict[str, Any]:
     """The manifest record of one dataset's features, once its files are written (``FeatureSnapshot`` uses it).
 
@@ -161,6 +181,8 @@ def _member(dirpath: PathLike, kind: str, version: str, field: str, value: Any) 
     if kind == FEATURES_DIR:
         inside = Path(dirpath) / FEATURES_DIR / version
         legacy = f"{FEATURES_DIR}/{version}/"
+    elif kind == CURVATURE_DIR:
+        inside, legacy = Path(dirpath) / CURVATURE_DIR, f"{CURVATURE_DIR}/"
     else:
         inside = Path(dirpath) / CHECKPOINTS_DIR
         legacy = f"{CHECKPOINTS_DIR}/"
@@ -181,7 +203,7 @@ def _check_entry(dirpath: PathLike, kind: str, version: Any, entry: Any) -> None
             f"manifest {manifest_path(dirpath)}: field '{kind}.versions[{version!r}]' is a "
             f"{type(entry).__name__}, expected an object"
         )
-    if kind == CHECKPOINTS_DIR:
+    if kind in (CHECKPOINTS_DIR, CURVATURE_DIR):
         _member(dirpath, kind, version, "file", entry.get("file"))
         return
     datasets = entry.get("datasets", {})
@@ -220,6 +242,7 @@ def empty_snapshot_manifest() -> dict[str, Any]:
         "format_version": SNAPSHOT_FORMAT_VERSION,
         FEATURES_DIR: _empty_section(),
         CHECKPOINTS_DIR: _empty_section(),
+        CURVATURE_DIR: _empty_section(),
     }
 
 
@@ -268,11 +291,11 @@ def _ordered(section: Mapping[str, Any], *, all_runs: bool) -> list[dict[str, An
 
 
 def snapshot_versions(dirpath: PathLike, kind: SnapshotKind, *, all_runs: bool = False) -> list[dict[str, Any]]:
-    """Manifest entries of one kind (``"features"`` or ``"checkpoints"``), ordered by global step, then time.
+    """Manifest entries of one kind (``"features"``, ``"checkpoints"``, ``"curvature"``), by global step, then time.
 
     Args:
         dirpath: snapshot directory.
-        kind: ``"features"`` or ``"checkpoints"``.
+        kind: ``"features"``, ``"checkpoints"`` or ``"curvature"``.
         all_runs: also list the versions of earlier runs in this directory (default: the current run only).
 
     Returns:
@@ -299,7 +322,7 @@ def resolve_version(dirpath: PathLike, kind: SnapshotKind, version: str | int | 
 
     Args:
         dirpath: snapshot directory.
-        kind: ``"features"`` or ``"checkpoints"``.
+        kind: ``"features"``, ``"checkpoints"`` or ``"curvature"``.
         version: ``None`` or ``"latest"`` for the latest version of the current run, a position among the current
             run's versions ordered by global step (``0`` the first, ``-1`` the last), or a version name (of any run).
 
@@ -434,6 +457,9 @@ def feature_snapshot_file(
 
 def last_layer_hessian_file(dirpath: PathLike, entry: Mapping[str, Any]) -> Path | None:
     """The ``last_layer_hessian`` file a features entry lists, or ``None`` when it stored none.
+
+    A dense Hessian is a safetensors file; K-FAC factors (the entry's ``curvature`` is ``"kfac"``/``"ekfac"``) are
+    a directory written by ``KFACFactors.save``.
 
     Args:
         dirpath: snapshot directory.

@@ -324,7 +324,7 @@ def _gradient_source(
         return QuerySource(search, snapshot, "loss_gradient")
     assert snapshot is not None
     path = last_layer_hessian_file(snapshot, entry)  # the one reader of the layout; refuses paths outside it
-    if path is None or not path.is_file():
+    if path is None or not path.exists():
         raise SnapshotNotFoundError(
             f"snapshot: features version {search.feature_version!r} lists the last-layer Hessian {path}, which does "
             "not exist; was the snapshot directory copied only in part?"

@@ -64,6 +64,7 @@ from lightning_fastif.lightning.candidates import (
 from lightning_fastif.lightning.distributed import gather_uneven, rank, world_size
 from lightning_fastif.lightning.repeats import score_split, solve_split
 from lightning_fastif.lightning.scoring import Stages, check_loss, score_columns
+from lightning_fastif.lightning.snapshots.curvature import CurvatureReuse
 from lightning_fastif.lightning.weights import CheckpointSpec, CheckpointWeights
 from lightning_fastif.lightning.writer import InfluenceWriter, shard_key
 from lightning_fastif.search.knn import KNNIndex
@@ -204,6 +205,7 @@ class InfluenceModule(LightningModule):
             )
         self.candidates_pool = candidates_pool
         self.snapshot = check_path("snapshot", snapshot, allow_none=True)
+        self._curvature = CurvatureReuse(self.snapshot)
         self.num_candidates = check_num_candidates(num_candidates, candidates_pool, len(self.train_data), self.snapshot)
         if self.snapshot is not None and not os.path.isdir(self.snapshot):
             raise SnapshotNotFoundError(
@@ -511,6 +513,7 @@ class InfluenceModule(LightningModule):
                         g_test = g_test.mean(0, keepdim=True)
                 with stages("s_test"):
                     self.ihvp.progress = self._progress_enabled()  # iterations and residual on the Trainer's console
+                    reused = self._curvature.offer(self.ihvp, self.model, self.params)  # a CurvatureSnapshot's factors
                     if split:
                         s_test, diag = solve_split(self.ihvp, operator, g_test)
                     else:
@@ -530,7 +533,7 @@ class InfluenceModule(LightningModule):
                 with stages("scoring"):
                     scores = score_split(score, width, s_test) if split else score(0, width)
                 total = scores if total is None else total + scores
-                diagnostics.append({"checkpoint": version, **diag})
+                diagnostics.append({"checkpoint": version, **diag, **reused})
         assert total is not None
         if candidates is None:
             candidates = torch.arange(len(data)).expand(rows, len(data))

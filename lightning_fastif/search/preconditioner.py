@@ -1,9 +1,17 @@
 """The kNN query preconditioner ``q = (H_last + λI)⁻¹ g``: loss-gradient queries turned into influence directions.
 
 A ``FeatureSnapshot(features="loss_gradient")`` indexes the training points' loss gradients over one layer's
-parameters and may store ``H_last``, the Hessian of the mean training loss over those parameters. Searching the
-index by inner product with ``q = (H_last + λI)⁻¹ g_test`` ranks training points by ``<q, g_train>``, the influence
-score restricted to that layer, instead of by the raw gradient similarity ``<g_test, g_train>``.
+parameters and stores a curvature ``H_last`` of the mean training loss over those parameters. Searching the index by
+inner product with ``q = (H_last + λI)⁻¹ g_test`` ranks training points by ``<q, g_train>``, the influence score
+restricted to that layer, instead of by the raw gradient similarity ``<g_test, g_train>``. ``H_last`` is either
+
+* **K-FAC factors** of the layer (``query_curvature="kfac"``, the default;
+  :class:`~lightning_fastif.core.curvature.KFACFactors`): the layer's empirical Fisher as ``A ⊗ S``
+  (``A = E[a aᵀ]`` ``(D+1)²``, ``S = E[g gᵀ]`` ``C²``), applied in its
+  eigenbasis as ``Q_S ((Q_Sᵀ G Q_A) / (s aᵀ + λ)) Q_Aᵀ`` (EK-FAC's eigenvalues when corrected):
+  ``O(C² + D²)`` memory, so a 1000-class head works; or
+* the **dense Hessian** (``query_curvature="hessian"``, ``[P, P]``, ``P = C·(D+1)``), solved by Cholesky (LU when
+  indefinite): exact, for small layers.
 
 λ is raised to at least ``KNN_DAMPING_FLOOR · tr(H_last) / P`` (``1e-6`` of the mean eigenvalue): a last-layer Hessian
 is often singular (cross-entropy's always is: adding one vector to every class's weights leaves the loss unchanged),
@@ -20,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_fastif.core.curvature import KFACFactors
 from lightning_fastif.errors import ArgumentError, SnapshotError
 from lightning_fastif.io.atomic import load_tensors
 
@@ -34,14 +43,15 @@ HESSIAN_TENSOR = "last_layer_hessian"
 
 @dataclass(frozen=True)
 class Factorisation:
-    """``H_last + λI`` factorised in float64: ``kind="cholesky"`` (``factors = (L,)``) or ``"lu"`` (``(LU, pivots)``).
+    """``H_last + λI`` factorised in float64: ``kind="cholesky"`` (``factors = (L,)``), ``"lu"`` (``(LU, pivots)``), or
+    ``"kfac"`` (``factors = ()``: K-FAC factors are inverted in their eigenbasis, nothing to factorise).
 
     ``requested`` is the λ asked for, ``damping`` the λ used (at least the floor).
     """
 
     requested: float
     damping: float
-    kind: Literal["cholesky", "lu"]
+    kind: Literal["cholesky", "lu", "kfac"]
     factors: tuple[Tensor, ...]
 
 
@@ -49,8 +59,9 @@ class QueryPreconditioner:
     """``(H_last + λI)⁻¹ g`` for the rows ``g`` of a query matrix, with ``H_last`` read on first use.
 
     Args:
-        hessian: ``H_last`` as a ``[P, P]`` tensor, or the path of the safetensors file ``FeatureSnapshot`` wrote it to
-            (read on first use, so building a preconditioner costs nothing).
+        hessian: ``H_last`` as a dense ``[P, P]`` tensor or as :class:`KFACFactors` over the layer's parameters, or the
+            path ``FeatureSnapshot`` wrote it to: a safetensors file (dense) or a directory (``KFACFactors.save``),
+            read on first use, so building a preconditioner costs nothing.
         layer: the layer ``H_last`` is over, named in error messages.
 
     Example::
@@ -61,12 +72,30 @@ class QueryPreconditioner:
     """
 
     def __init__(self, hessian: Tensor | str | os.PathLike, *, layer: str | None = None) -> None:
-        if not isinstance(hessian, (Tensor, str, os.PathLike)):
-            raise ArgumentError(f"hessian: expected a [P, P] tensor or a file path, got {type(hessian).__name__}")
+        if not isinstance(hessian, (Tensor, KFACFactors, str, os.PathLike)):
+            raise ArgumentError(
+                f"hessian: expected a [P, P] tensor, KFACFactors or a path, got {type(hessian).__name__}"
+            )
         self._source = hessian
         self.layer = layer
         self.factorisation: Factorisation | None = None
         """The last factorisation (kept until λ changes; not pickled: cheaper to refactor than to send P² floats)."""
+        self._factors: KFACFactors | None = None
+
+    @property
+    def kind(self) -> Literal["hessian", "kfac"]:
+        """``"kfac"`` when ``H_last`` is K-FAC factors (a directory or :class:`KFACFactors`), else ``"hessian"``."""
+        source = self._source
+        if isinstance(source, KFACFactors) or (not isinstance(source, Tensor) and os.path.isdir(source)):
+            return "kfac"
+        return "hessian"
+
+    def _kfac(self) -> KFACFactors:
+        if self._factors is None:
+            source = self._source
+            factors = source if isinstance(source, KFACFactors) else KFACFactors.load(source)  # type: ignore[arg-type]
+            self._factors = factors.to("cpu")
+        return self._factors
 
     def _matrix(self) -> Tensor:
         if isinstance(self._source, Tensor):
@@ -88,6 +117,15 @@ class QueryPreconditioner:
                 ``knn_damping``.
         """
         if self.factorisation is not None and self.factorisation.requested == damping:
+            return self.factorisation
+        if self.kind == "kfac":
+            factors = self._kfac()
+            # tr(H_last) / P: the mean of the eigenvalues (K-FAC's s_j a_k, or EK-FAC's) and of the diagonal fallback.
+            total = sum(float(layer.eigenvalues().sum()) for layer in factors.layers)
+            total += sum(float(d.sum()) for d in factors.diagonal.values())
+            scale = total / max(factors.num_params, 1)
+            lam = max(damping, KNN_DAMPING_FLOOR * (scale if scale > 0 else 1.0))
+            self.factorisation = Factorisation(damping, lam, "kfac", ())
             return self.factorisation
         h = self._matrix()
         scale = float(h.diagonal().abs().mean())
@@ -116,12 +154,14 @@ class QueryPreconditioner:
         fact = self.factorise(damping)
         g = queries.detach().to("cpu", torch.float64)
         rows = g.unsqueeze(0) if g.dim() == 1 else g
-        size = fact.factors[0].shape[0]
+        size = self._kfac().num_params if fact.kind == "kfac" else fact.factors[0].shape[0]
         if rows.dim() != 2 or rows.shape[1] != size:
             raise ArgumentError(
                 f"queries: expected [Q, {size}] loss gradients of layer {self.layer!r}, got {list(queries.shape)}"
             )
-        if fact.kind == "cholesky":
+        if fact.kind == "kfac":
+            out = self._kfac().inverse_apply(rows, fact.damping)
+        elif fact.kind == "cholesky":
             out = torch.cholesky_solve(rows.T, fact.factors[0]).T
         else:
             out = torch.linalg.lu_solve(fact.factors[0], fact.factors[1], rows.T).T
@@ -130,4 +170,5 @@ class QueryPreconditioner:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["factorisation"] = None
+        state["_factors"] = None
         return state

@@ -2,7 +2,8 @@
 
 Each version is ``features/<version>/<dataset>.safetensors`` (written through
 :class:`~lightning_fastif.search.knn.KNNIndex`, which also saves a trained FAISS IVF index next to it) plus, for
-loss-gradient features, ``last_layer_hessian.safetensors``; :mod:`lightning_fastif.io.snapshot_store` names the files
+loss-gradient features, the last layer's K-FAC factors ``last_layer_kfac/`` (or the dense Hessian
+``last_layer_hessian.safetensors``); :mod:`lightning_fastif.io.snapshot_store` names the files
 and records the version.
 """
 
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
 from lightning_fastif.core.batches import IndexedData
+from lightning_fastif.core.curvature import ekfac_correct, fit_kfac
 from lightning_fastif.core.grads import evaluating
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.errors import ArgumentError, SnapshotError, check_bool, check_choice, check_int
@@ -29,6 +31,7 @@ from lightning_fastif.io.atomic import save_tensors
 from lightning_fastif.io.snapshot_store import (
     FEATURES_DIR,
     LAST_LAYER_HESSIAN,
+    LAST_LAYER_KFAC,
     dataset_record,
     feature_dir,
     feature_file,
@@ -47,6 +50,7 @@ from lightning_fastif.search.knn import KNNIndex
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _METRICS = ("l2", "cosine", "ip")
 _INDEXES = ("auto", "flat", "ivf")
+_QUERY_CURVATURES = ("kfac", "ekfac", "hessian")
 
 
 class FeatureSnapshot(SnapshotCallback):
@@ -59,7 +63,7 @@ class FeatureSnapshot(SnapshotCallback):
     maximum inner-product search (``metric="ip"``): the training points with the largest ``|<g_test, g_train>|``
     are the likely most influential ones (see :mod:`lightning_fastif.search.features`; on the digits CNN this raised
     the recall of the true top-10 helpful points among 1% kNN candidates from 0.04 to 0.79, and to 0.95 with the
-    query preconditioned by the stored last-layer Hessian, below). The
+    query preconditioned by the dense last-layer Hessian, ``query_curvature="hessian"`` below). The
     :class:`~lightning_fastif.lightning.module.InfluenceModule` reads the kind from the manifest and embeds its test
     points the same way. Extraction runs in eval mode without gradients
     on the training set's dataset in index order (unshuffled, with the training loader's ``collate_fn``).
@@ -68,13 +72,16 @@ class FeatureSnapshot(SnapshotCallback):
     and rank 0 writes each dataset index exactly once (sorted) while the other ranks wait. The time each snapshot
     took is logged as ``fastif/snapshot/seconds``.
 
-    With ``features="loss_gradient"`` each version also stores the Hessian of the *mean training loss* with respect
-    to ``layer``'s parameters only, ``H_last`` (``[P, P]``, ``last_layer_hessian.safetensors``; computed by rank 0 from
-    the whole training set in eval mode, the other ranks wait), and records it in the manifest entry under
-    ``"last_layer_hessian"`` (``file``, ``layer``, ``num_params``, ``params``). The influence module preconditions its
-    queries with it, ``q = (H_last + λI)⁻¹ g_test``, which brings the inner product closer to the influence score
-    itself. A layer with more than ``max_hessian_params`` parameters (or ``include_train=False``) is skipped: the
-    entry then has ``file: null`` and a ``note`` saying why, and queries stay raw gradients.
+    With ``features="loss_gradient"`` each version also stores a curvature of the *mean training loss* with respect
+    to ``layer``'s parameters only, ``H_last`` (computed by rank 0 over a sample of the training set in eval mode,
+    the other ranks wait): by default the layer's K-FAC factors (``last_layer_kfac/``, ``O(C² + D²)`` numbers, one
+    pass of activations and output gradients), or with ``query_curvature="hessian"`` the dense ``[P, P]`` Hessian
+    (``last_layer_hessian.safetensors``). The manifest entry records it under ``"last_layer_hessian"`` (``file``,
+    ``curvature``, ``layer``, ``num_params``, ``params``). The influence module preconditions its queries with it,
+    ``q = (H_last + λI)⁻¹ g_test``, which brings the inner product closer to the influence score itself
+    (:mod:`lightning_fastif.search.preconditioner`; snapshots written before K-FAC, with a dense ``H_last``, still
+    load). A dense Hessian of a layer with more than ``max_hessian_params`` parameters (or ``include_train=False``) is
+    skipped: the entry then has ``file: null`` and a ``note`` saying why, and queries stay raw gradients.
 
     Args:
         dirpath: snapshot directory (default ``<trainer.default_root_dir>/fastif_snapshot``).
@@ -100,12 +107,17 @@ class FeatureSnapshot(SnapshotCallback):
             manifest), ``"flat"`` (exact) or ``"ivf"`` (FAISS IVF, trained and saved with the snapshot).
         nlist: IVF lists (default ~2 sqrt(N)).
         nprobe: IVF lists searched per query.
-        max_hessian_params: with ``features="loss_gradient"``, store ``H_last`` only when ``layer`` has at most this
+        query_curvature: with ``features="loss_gradient"``, what ``H_last`` is: ``"kfac"`` (the default: the
+            layer's K-FAC factors, ``A`` ``(D+1)²`` and ``S`` ``C²`` with their eigendecompositions, one pass of
+            activations and output gradients; ``O(C² + D²)`` numbers, any layer size), ``"ekfac"`` (the same with
+            EK-FAC's corrected eigenvalues, a second pass over the sample) or ``"hessian"`` (the dense ``[P, P]``
+            Hessian, ``P`` HVPs per example; only up to ``max_hessian_params``). The manifest records which as
+            ``last_layer_hessian.curvature``; see :mod:`lightning_fastif.search.preconditioner`.
+        max_hessian_params: with ``query_curvature="hessian"``, store ``H_last`` only when ``layer`` has at most this
             many parameters (``P²`` numbers on disk, ``P`` Hessian-vector products over the training set).
-        hessian_examples: ``H_last`` is the mean over a seeded random sample of this many training examples (all
+        hessian_examples: ``H_last`` is taken over a seeded random sample of this many training examples (all
             of them when ``None`` or when the set is smaller). It only preconditions kNN queries, so a sample keeps
-            the snapshot's cost flat in N (its products cost ``P`` HVPs per example); the manifest records the
-            number used.
+            the snapshot's cost flat in N; the manifest records the number used.
 
     Versions are named ``epoch=<E>-step=<S>`` with Lightning's 0-based epoch (a snapshot at the end of fit names
     the last epoch that ran) and listed in the manifest (see :mod:`lightning_fastif.io.snapshot_store`, which also
@@ -150,6 +162,7 @@ class FeatureSnapshot(SnapshotCallback):
         loss_fn: Callable[[Any, Any], Tensor] | None = None,
         max_hessian_params: int = 5000,
         hessian_examples: int | None = 8192,
+        query_curvature: Literal["kfac", "ekfac", "hessian"] = "kfac",
     ) -> None:
         super().__init__(dirpath, on_fit_end)
         check_bool("include_train", include_train)
@@ -216,6 +229,7 @@ class FeatureSnapshot(SnapshotCallback):
         check_int("nprobe", nprobe)
         check_int("max_hessian_params", max_hessian_params)
         check_int("hessian_examples", hessian_examples, allow_none=True)
+        check_choice("query_curvature", query_curvature, _QUERY_CURVATURES)
 
         self.datasets = datasets
         self.include_train = include_train
@@ -231,6 +245,7 @@ class FeatureSnapshot(SnapshotCallback):
         self.loss_fn = loss_fn
         self.max_hessian_params = max_hessian_params
         self.hessian_examples = hessian_examples
+        self.query_curvature = query_curvature
         self._layer = layer  # resolved in setup: the default layer of loss gradients is the model's last one
 
     @property
@@ -394,16 +409,26 @@ class FeatureSnapshot(SnapshotCallback):
     def _write_hessian(
         self, pl_module: pl.LightningModule, dirpath: str, version: str, train: IndexedData | None
     ) -> dict[str, Any]:
-        """Write ``H_last`` (mean training loss, feature layer's parameters only); return its manifest entry."""
+        """Write ``H_last`` (mean training loss, feature layer's parameters only); return its manifest entry.
+
+        ``query_curvature="kfac"``/``"ekfac"``: the layer's K-FAC factors (``KFACFactors.save``, a directory);
+        ``"hessian"``: the dense Hessian (one safetensors file).
+        """
         assert self._layer is not None
         layer = resolve_layer(pl_module, self._layer)
         names = [f"{self._layer}.{n}" for n, _ in layer.named_parameters()]
         num_params = sum(p.numel() for p in layer.parameters())
-        entry: dict[str, Any] = {"file": None, "layer": self._layer, "num_params": num_params, "params": names}
+        entry: dict[str, Any] = {
+            "file": None,
+            "layer": self._layer,
+            "num_params": num_params,
+            "params": names,
+            "curvature": self.query_curvature,
+        }
         if train is None:
             entry["note"] = "skipped: include_train=False, there is no training set to take the Hessian over"
             return entry
-        if num_params > self.max_hessian_params:
+        if self.query_curvature == "hessian" and num_params > self.max_hessian_params:
             entry["note"] = (
                 f"skipped: layer {self._layer!r} has {num_params} parameters, more than max_hessian_params="
                 f"{self.max_hessian_params}; queries are raw loss gradients (raise max_hessian_params to store it)"
@@ -414,6 +439,15 @@ class FeatureSnapshot(SnapshotCallback):
             generator = torch.Generator().manual_seed(0)
             sample = torch.randperm(len(train), generator=generator)[: self.hessian_examples].sort().values
             data = DataLoader(Subset(train.dataset, sample.tolist()), collate_fn=train.collate_fn)
+        if self.query_curvature != "hessian":
+            with torch.inference_mode(False):
+                factors = fit_kfac(pl_module, self.loss_fn, data, names, batch_size=self.batch_size)
+                if self.query_curvature == "ekfac":
+                    factors = ekfac_correct(factors, pl_module, self.loss_fn, data, batch_size=self.batch_size)
+            path = factors.save(feature_dir(dirpath, version) / LAST_LAYER_KFAC)
+            entry.update(file=path.name, num_train=len(train), hessian_examples=factors.num_examples)
+            entry["factored_layers"] = [layer.spec.name for layer in factors.layers]
+            return entry
         with torch.inference_mode(False), evaluating(pl_module):
             operator = HessianOperator(pl_module, self.loss_fn, data, params=names, batch_size=self.batch_size)
             hessian = operator.dense(max_params=self.max_hessian_params).detach().cpu()
