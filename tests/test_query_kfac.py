@@ -113,8 +113,18 @@ def _fit(tmp_path, **snapshot_args):
     return model.eval(), entry
 
 
-def test_loss_gradient_snapshot_stores_the_last_layer_kfac_factors_by_default(tmp_path):
-    model, entry = _fit(tmp_path)
+def test_query_curvature_auto_is_dense_for_a_small_layer_and_ekfac_above_max_hessian_params(tmp_path):
+    _, entry = _fit(tmp_path / "small")
+    assert entry[LAST_LAYER_HESSIAN]["curvature"] == "hessian"
+    assert last_layer_hessian_file(tmp_path / "small" / "snap", entry).is_file()
+    _, entry = _fit(tmp_path / "large", max_hessian_params=CLASSES * (HIDDEN + 1) - 1)
+    record = entry[LAST_LAYER_HESSIAN]
+    assert (record["curvature"], record["file"]) == ("ekfac", LAST_LAYER_KFAC)
+    assert KFACFactors.load(last_layer_hessian_file(tmp_path / "large" / "snap", entry)).corrected
+
+
+def test_loss_gradient_snapshot_stores_the_last_layer_kfac_factors(tmp_path):
+    model, entry = _fit(tmp_path, query_curvature="kfac")
     record = entry[LAST_LAYER_HESSIAN]
     assert (record["curvature"], record["file"], record["layer"], record["num_params"]) == (
         "kfac",
@@ -156,7 +166,7 @@ def test_ekfac_query_curvature_and_a_sample(tmp_path):
     a, s = _explicit_factors(model, subset)
     torch.testing.assert_close(factors.layers[0].A, a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(factors.layers[0].S, s, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ArgumentError, match=r"query_curvature: expected one of \['kfac', 'ekfac', 'hessian'\]"):
+    with pytest.raises(ArgumentError, match=r"query_curvature: expected one of \['auto', 'kfac', 'ekfac', 'hessian'\]"):
         FeatureSnapshot(features="loss_gradient", query_curvature="dense")
 
 
