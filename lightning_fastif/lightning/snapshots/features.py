@@ -74,9 +74,9 @@ class FeatureSnapshot(SnapshotCallback):
 
     With ``features="loss_gradient"`` each version also stores a curvature of the *mean training loss* with respect
     to ``layer``'s parameters only, ``H_last`` (computed by rank 0 over a sample of the training set in eval mode,
-    the other ranks wait): by default the layer's K-FAC factors (``last_layer_kfac/``, ``O(C² + D²)`` numbers, one
-    pass of activations and output gradients), or with ``query_curvature="hessian"`` the dense ``[P, P]`` Hessian
-    (``last_layer_hessian.safetensors``). The manifest entry records it under ``"last_layer_hessian"`` (``file``,
+    the other ranks wait): the dense ``[P, P]`` Hessian (``last_layer_hessian.safetensors``) when the layer is small
+    enough, else its EK-FAC factors (``last_layer_kfac/``, ``O(C² + D²)`` numbers, passes of activations and output
+    gradients); ``query_curvature`` chooses. The manifest entry records it under ``"last_layer_hessian"`` (``file``,
     ``curvature``, ``layer``, ``num_params``, ``params``). The influence module preconditions its queries with it,
     ``q = (H_last + λI)⁻¹ g_test``, which brings the inner product closer to the influence score itself
     (:mod:`lightning_fastif.search.preconditioner`; snapshots written before K-FAC, with a dense ``H_last``, still
