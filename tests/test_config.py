@@ -62,7 +62,7 @@ def test_configs_are_package_data():
     folder = ROOT / "lightning_fastif" / "app" / "configs"
     files = {p.relative_to(folder).as_posix() for p in folder.rglob("*.yaml")}
     packaged = {p.relative_to(folder).as_posix() for g in globs for p in folder.glob(g)}
-    assert len(files) == 22
+    assert len(files) >= 23
     assert packaged == files
     assert (folder / "__init__.py").is_file()  # importable, so pkg:// finds it
     assert (resources.files(CONFIG_MODULE) / "fastif.yaml").is_file()
@@ -71,7 +71,7 @@ def test_configs_are_package_data():
 
 def test_group_options_are_the_yaml_files():
     assert group_options("influence/ihvp") == ["auto", "cg", "ekfac", "exact", "identity", "lissa"]
-    assert group_options("data") == ["digits", "drug_reviews", "rotten_tomatoes", "spurious_digits"]
+    assert group_options("data") == ["demo", "digits", "drug_reviews", "rotten_tomatoes", "spurious_digits"]
     assert group_options("model") == ["digits", "text"]
     assert set(group_options("experiment")) == {"correction", "smoke", "text"}
 
@@ -127,7 +127,7 @@ def test_influence_and_correction_nodes_build():
     """The partial nodes with their run-time arguments (the signatures with search/compute/steps groups)."""
     from lightning_fastif.app.models import DigitsClassifier
 
-    cfg = compose_app(["influence/ihvp=cg"])
+    cfg = compose_app(["influence/ihvp=cg", "data=digits"])  # plain digits: the generic splits, no challenge set
     with open_dict(cfg):  # shrink: no snapshot needed when every training point is a candidate
         cfg.influence.num_candidates = None
         cfg.influence.compute.batch_size = 16
@@ -279,13 +279,16 @@ def test_every_experiment_runs_at_its_smallest(tmp_path, experiment):
         ("report.self_influence=exact", r"report\.self_influence: expected one of \['identity', 'same', None\]"),
         ("mode=train", r"mode: expected one of \['job', 'verify'\], got 'train'"),
         ("splits.explain=2", r"splits\.explain: expected the name of a dataset of the datamodule, got 2"),
-        ("correction.anchors_from=dataset", r"splits\.anchors: expected the name of the datamodule's anchor"),
+        (
+            ("data=digits", "correction.anchors_from=dataset"),
+            r"splits\.anchors: expected the name of the datamodule's anchor",
+        ),
         ("+influence.knn_k=5", r"influence: expected only arguments of lightning_fastif\.InfluenceModule .*knn_k"),
         ("data._target_=no.such.Module", r"data\._target_: expected an importable class or function"),
     ],
 )
 def test_bad_value_fails_before_training_naming_the_key(override, match):
-    cfg = compose_app([override])
+    cfg = compose_app([override] if isinstance(override, str) else list(override))
     with pytest.raises(ArgumentError, match=match):
         validate_config(cfg)
 

@@ -885,3 +885,49 @@ def test_bench_correction_smoke_keeps_the_contract_and_the_guard():
         for selection in bench_correction.SELECTIONS:
             assert summary[task][selection]["runs"] == 1
             assert summary[task][selection]["kept_lowering_holdout"] == 0
+
+
+def test_compare_with_random_is_undone_and_reported_beside_the_correction(tmp_path):
+    """The comparison runs from the same weights as the correction and leaves no trace on them: the weights after a
+    fit with ``compare_with="random"`` equal those of the same fit without it, and both gains are in the history."""
+
+    def run(compare_with, root):
+        pl.seed_everything(1)
+        train, anchors, challenge = cue_problem()
+        model = CueNet()
+        correction = ErrorCorrection(
+            anchors=anchors,
+            eval_dataset=challenge,
+            keep="always",
+            steps=CorrectionArguments(num_steps=2, lr=0.05),
+            num_candidates=None,
+            ihvp=fast_lissa(),
+            compare_with=compare_with,
+            dirpath=str(root / "corr"),
+        )
+        fit(model, train, root, epochs=1, callbacks=[correction], logger=CSVLogger(root, name="logs"))
+        return model, correction.history
+
+    plain, plain_history = run(None, tmp_path / "plain")
+    compared, history = run("random", tmp_path / "compared")
+    for a, b in zip(plain.state_dict().values(), compared.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    [entry] = history
+    assert "comparison" not in plain_history[0]
+    assert entry["gain"] == pytest.approx(plain_history[0]["gain"])
+    other = entry["comparison"]
+    assert other["selection"] == "random"
+    assert other["metric_before"] == pytest.approx(entry["metric_before"])  # the same starting weights
+    assert other["gain"] == pytest.approx(other["metric_after"] - other["metric_before"])
+    helpful_points = {i for s in entry["steps"] for i in s["chosen_indices"]}
+    random_points = {i for s in other["steps"] for i in s["chosen_indices"]}
+    assert helpful_points != random_points
+    logged = (tmp_path / "compared" / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "fastif/correction/random_gain" in logged
+    assert "fastif/correction/gain" in logged
+
+
+def test_compare_with_names_the_argument():
+    train, anchors, challenge = cue_problem()
+    with pytest.raises(ArgumentError, match="compare_with: expected one of"):
+        ErrorCorrection(anchors=anchors, eval_dataset=challenge, compare_with="best")

@@ -126,7 +126,16 @@ def run(cfg: Any) -> dict[str, Any]:
     history = correction.history if correction is not None else []
     if history:
         summary["correction"] = [
-            {k: h.get(k) for k in ("moment", "accuracy_before", "accuracy_after", "seconds")} for h in history
+            {
+                **{k: h.get(k) for k in ("moment", "selection", "accuracy_before", "accuracy_after", "gain", "kept")},
+                **(
+                    {"compared": h["comparison"]["selection"], "compared_gain": h["comparison"]["gain"]}
+                    if h.get("comparison")
+                    else {}
+                ),
+                "seconds": h.get("seconds"),
+            }
+            for h in history
         ]
     self_scores = _self_influence(cfg, model, datasets["train"])
     flipped = getattr(datamodule, "flipped_indices", None)
@@ -175,6 +184,32 @@ def run(cfg: Any) -> dict[str, Any]:
     atomic_write_bytes(out / "summary.json", json.dumps(jsonable(summary), indent=2).encode())
     log.info("results written to %s", out)
     return summary
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
+def _correction_rows(entry: dict[str, Any]) -> list[list[Any]]:
+    """The report's rows for one correction moment: the correction, then its comparison when one ran."""
+    rows = []
+    for h in (entry, entry.get("comparison")):
+        if not h:
+            continue
+        held = f"{h['holdout_before']:.3f} → {h['holdout_after']:.3f}" if h.get("holdout_before") is not None else "n/a"
+        rows.append(
+            [
+                entry["moment"],
+                f"{h['selection']} ({sum(len(step['chosen_indices']) for step in h['steps'])})",
+                h.get("metric_before"),
+                h.get("metric_after"),
+                _signed(h.get("gain")),
+                held,
+                h.get("kept"),
+                h.get("lr"),
+            ]
+        )
+    return rows
 
 
 def _output_dir(cfg: Any) -> Path:
@@ -343,18 +378,20 @@ def _write_report(
         path = plots.plot_accuracy_history(correction_history, dirpath / "correction_accuracy.png")
         report.add_image(path, "Accuracy before and after each ErrorCorrection")
         report.add_table(
-            ["moment", "accuracy before", "accuracy after", "points used", "seconds"],
-            [
-                [
-                    h["moment"],
-                    h["accuracy_before"],
-                    h["accuracy_after"],
-                    sum(len(step["chosen_indices"]) for step in h["steps"]),
-                    round(h["seconds"], 1),
-                ]
-                for h in correction_history
-            ],
+            ["moment", "points", "metric before", "metric after", "gain", "held-out before → after", "kept", "lr"],
+            [row for h in correction_history for row in _correction_rows(h)],
         )
+        compared = [h for h in correction_history if h.get("comparison") and h.get("gain") is not None]
+        if compared:
+            last = compared[-1]
+            other = last["comparison"]
+            report.add_paragraph(
+                f"At {last['moment']}, the {last['selection']} training points changed the {last['metric']} on the "
+                f"evaluation split by {_signed(last['gain'])}; as many {other['selection']} points, with the same "
+                f"settings from the same weights, by {_signed(other['gain'])} (the comparison is undone; the fit "
+                "goes on with the correction's weights). A correction that lowered the held-out metric is rolled "
+                "back (kept = False) and its gain is then 0."
+            )
 
     report.add_heading(f"Why were these {split} examples misclassified?", level=2)
     graph = plots.plot_influence_graph(

@@ -15,6 +15,7 @@ hook gives the model's outputs; accuracy, or the mean loss without classes) in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -120,6 +121,10 @@ class ErrorCorrection(Callback):
         snapshot_dir: the FeatureSnapshot directory (default: the directory of a FeatureSnapshot in the Trainer,
             its ``dirpath`` or, when that is None, ``<default_root_dir>/fastif_snapshot`` as FeatureSnapshot uses).
         pool: a dataset of unseen examples to choose from (FastIF's data augmentation).
+        compare_with: ``None`` or a selection (``"random"``, ``"harmful"``, ...) run first at every moment, with the
+            same settings and from the same weights, then undone: its gain is reported beside the correction's
+            (``history[i]["comparison"]``, ``fastif/correction/<selection>_gain`` and ``fastif/correction/gain``), so
+            a user sees what influence adds over, say, as many random points. It doubles the correction's cost.
         dirpath: where ``correction.json`` is written (default: ``<default_root_dir>/fastif_correction``).
         **legacy: the flat step arguments of earlier versions (``num_anchors=...``, ``lr=...``); folded into
             ``steps`` with a DeprecationWarning.
@@ -154,6 +159,7 @@ class ErrorCorrection(Callback):
         params: ParamSpec = None,
         snapshot_dir: str | os.PathLike | None = None,
         pool: Dataset | None = None,
+        compare_with: str | None = None,
         dirpath: str | os.PathLike | None = None,
         **legacy: Any,
     ) -> None:
@@ -171,6 +177,8 @@ class ErrorCorrection(Callback):
                 "(anchors_from='misclassified'), got None"
             )
         check_choice("keep", keep, KEEP_MODES)
+        if compare_with is not None:
+            check_choice("compare_with", compare_with, SELECTIONS)
         named = (("anchors", anchors), ("eval_dataset", eval_dataset), ("holdout_dataset", holdout_dataset))
         for name, data in (*named, ("pool", pool)):
             if data is not None:
@@ -205,6 +213,7 @@ class ErrorCorrection(Callback):
         self.snapshot_dir = check_path("snapshot_dir", snapshot_dir, allow_none=True)
         self.dirpath = check_path("dirpath", dirpath, allow_none=True)
         self.pool = pool
+        self.compare_with = compare_with
         self._done: list[str] = []
         self._history: list[dict[str, Any]] = []
 
@@ -312,22 +321,35 @@ class ErrorCorrection(Callback):
         if self.pool is not None:
             pool = CandidatePool(self.pool, self._pool_index(pl_module) if self.num_candidates is not None else None)
         optimizer = trainer.optimizers[0] if self.steps.optimizer == "model" and trainer.optimizers else None
-        report = correct_errors(
-            pl_module,
-            influence,
-            anchors,
-            steps=self.steps,
-            optimizer=optimizer,
-            pool=pool,
-            eval_dataset=self._evaluated,
-            keep=self.keep,
-            holdout_dataset=self._holdout,
-            trainer=trainer,
-            seed=self.steps.seed + len(self._done),
-        )
+
+        def correct(steps: CorrectionArguments) -> CorrectionReport:
+            return correct_errors(
+                pl_module,
+                influence,
+                anchors,
+                steps=steps,
+                optimizer=optimizer,
+                pool=pool,
+                eval_dataset=self._evaluated,
+                keep=self.keep,
+                holdout_dataset=self._holdout,
+                trainer=trainer,
+                seed=self.steps.seed + len(self._done),
+            )
+
+        comparison = None
+        if self.compare_with is not None:
+            # The comparison runs first and is undone, so the weights the fit goes on with are the correction's.
+            weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            opt_state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+            comparison = correct(dataclasses.replace(self.steps, selection=self.compare_with))
+            pl_module.load_state_dict(weights)
+            if optimizer is not None and opt_state is not None:
+                optimizer.load_state_dict(opt_state)
+        report = correct(self.steps)
         report.epoch, report.global_step = trainer.current_epoch, trainer.global_step
         _sync_parameters(pl_module)
-        self._record(trainer, moment, report)
+        self._record(trainer, moment, report, comparison)
 
     def _pool_index(self, pl_module: LightningModule) -> Any:
         """A kNN index over the pool's features under the current weights (the pool is small and changes nothing)."""
@@ -351,11 +373,19 @@ class ErrorCorrection(Callback):
             "num_candidates is set (or set num_candidates=None to score every training point), got None"
         )
 
-    def _record(self, trainer: Trainer, moment: str, report: CorrectionReport | None) -> None:
+    def _record(
+        self, trainer: Trainer, moment: str, report: CorrectionReport | None, comparison: CorrectionReport | None = None
+    ) -> None:
         self._done.append(moment)
         if report is not None:
-            self._history.append({"moment": moment, **report.to_dict()})
+            entry = {"moment": moment, **report.to_dict()}
             metrics = {"fastif/correction/seconds": report.seconds, "fastif/correction/kept": float(report.kept)}
+            if comparison is not None:
+                entry["comparison"] = comparison.to_dict()
+                if report.gain is not None and comparison.gain is not None:
+                    metrics["fastif/correction/gain"] = report.gain
+                    metrics[f"fastif/correction/{comparison.selection}_gain"] = comparison.gain
+            self._history.append(entry)
             if report.lr is not None:
                 metrics["fastif/correction/lr"] = report.lr
             if report.metric_before is not None:

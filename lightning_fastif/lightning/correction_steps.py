@@ -133,8 +133,8 @@ class CorrectionReport:
         return _improvement(self.holdout_metric, self.holdout_before, self.holdout_after)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values (JSON-ready)."""
-        return asdict(self)
+        """Plain values (JSON-ready), with :attr:`gain` and :attr:`holdout_gain`."""
+        return {**asdict(self), "gain": self.gain, "holdout_gain": self.holdout_gain}
 
 
 def _improvement(metric: str | None, before: float | None, after: float | None) -> float | None:
