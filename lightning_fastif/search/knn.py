@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -39,8 +40,8 @@ import torch
 from torch import Tensor
 
 from lightning_fastif.errors import SnapshotError, check_choice, check_number
-from lightning_fastif.io.atomic import PathLike, atomic_write_bytes, load_tensors, read_tensor_metadata, save_tensors
-from lightning_fastif.io.snapshot_store import feature_snapshot_file
+from lightning_fastif.io.atomic import PathLike, TensorFileWriter, map_tensors, read_tensor_metadata
+from lightning_fastif.io.snapshot_store import FAISS_SUFFIX, feature_snapshot_file, record_index_cache
 from lightning_fastif.metrics import knn_recall as knn_recall  # moved to metrics; this path still imports it
 from lightning_fastif.search.ivf import (
     AUTO_IVF_MIN_SIZE,
@@ -50,7 +51,10 @@ from lightning_fastif.search.ivf import (
     default_nlist,
     faiss_available,
     faiss_gpu_available,
+    read_ivf_cache_index,
+    read_ivf_cache_info,
     tune_nprobe,
+    write_ivf_cache,
 )
 
 Metric = Literal["l2", "cosine", "ip"]
@@ -62,6 +66,30 @@ KNN_FORMAT = "lightning_fastif.knn"
 _GPU_MAX_K = 2048  # FAISS GPU indices select at most 2048 neighbours (and probe at most 2048 lists)
 _BLOCK_ELEMENTS = 1 << 24  # distance block of the torch search: 64 MB of float32
 _DB_CHUNK = 1 << 16
+
+
+def features_layout(n: int, dim: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The tensors of a features file, in file order: ``indices`` [N] int64, then ``features`` [N, D] float32."""
+    return {"indices": (torch.int64, (n,)), "features": (torch.float32, (n, dim))}
+
+
+def features_metadata(
+    metric: str, kind: str, nlist: int | None, nprobe: int, tuning: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """The header of a features file: the index settings and a fresh ``fingerprint`` (a random id of this write).
+
+    A cached IVF index names the fingerprint of the features it was built from, so one built from an earlier file
+    under the same name is never reused (:meth:`KNNIndex.load`).
+    """
+    return {
+        "format": KNN_FORMAT,
+        "metric": metric,
+        "kind": kind,
+        "nlist": str(nlist or ""),
+        "nprobe": str(nprobe),
+        "tuning": json.dumps(tuning),
+        "fingerprint": uuid.uuid4().hex,
+    }
 
 
 def _check_choice(name: str, value: Any, accepted: tuple[Any, ...]) -> None:
@@ -133,8 +161,9 @@ class KNNIndex:
         n, d = features.shape
         if n < 1 or d < 1:
             raise ValueError(f"features: expected at least one row and one column, got shape {(n, d)}")
-        if not bool(torch.isfinite(features).all()):
-            raise ValueError("features: contains NaN or infinite values")
+        for start in range(0, n, _DB_CHUNK):  # in chunks: no [N, D] mask next to a large (memory-mapped) set
+            if not bool(torch.isfinite(features[start : start + _DB_CHUNK]).all()):
+                raise ValueError("features: contains NaN or infinite values")
         if ids is None:
             ids = torch.arange(n)
         ids = torch.as_tensor(ids)
@@ -166,6 +195,7 @@ class KNNIndex:
             what = "a FAISS GPU build with a visible GPU" if backend == "faiss" else "CUDA"
             raise RuntimeError(f"use_gpu: True, but {what} is not available; use use_gpu='auto' or False")
 
+        # Float32 on CPU as given (a memory-mapped snapshot file stays mapped): the index holds no copy of its own.
         self._features = features.detach().to(device="cpu", dtype=torch.float32).contiguous()
         self._ids = ids
         self._metric: Metric = metric
@@ -178,8 +208,10 @@ class KNNIndex:
         self._cpu_index: Any = None
         self._gpu_resources: Any = None
         self._quantizer: Any = None
-        self._db: Tensor | None = None  # torch backend: searchable copy (normalised for cosine) on its device
+        self._db: Tensor | None = None  # exact torch search: the features themselves on CPU, a copy on a GPU
         self._db_sq_norms: Tensor | None = None
+        self._db_inv_norms: Tensor | None = None  # cosine on CPU: similarities are scaled instead of a normalised copy
+        self._cache: tuple[Path, str, Any] | None = None  # (file, features fingerprint, on_saved): see load()
         self.tuning: dict[str, Any] | None = None
         """How well an IVF search finds the exact neighbours (set by :meth:`tune`; ``None`` for exact indices)."""
 
@@ -286,15 +318,34 @@ class KNNIndex:
         else:
             faiss.ParameterSpace().set_index_parameter(index, "nprobe", self._nprobe)
 
+    def _exact_in_torch(self) -> bool:
+        """Exact searches run in torch (chunked matmul + top-k) over the features themselves, except on a FAISS GPU."""
+        return self._backend == "torch" or (self._kind == "flat" and not self._on_gpu)
+
+    def _row_norms(self) -> Tensor:
+        return torch.cat([c.norm(dim=1) for c in self._features.split(_DB_CHUNK)])
+
+    def _vector_chunks(self) -> Any:
+        """The vectors FAISS indexes, ``_DB_CHUNK`` rows at a time (normalised for cosine: one chunk at a time)."""
+        for chunk in self._features.split(_DB_CHUNK):
+            if self._metric == "cosine":
+                chunk = torch.nn.functional.normalize(chunk, dim=1)
+            yield np.ascontiguousarray(chunk.numpy())
+
     def _build(self) -> None:
-        if self._backend == "torch":
-            device = torch.device("cuda") if self._on_gpu else torch.device("cpu")
-            self._db = self._vectors().to(device)
-            self._db_sq_norms = (self._db * self._db).sum(1) if self._metric == "l2" else None
+        if self._exact_in_torch():
+            if self._on_gpu:
+                self._db = self._vectors().to("cuda")
+            else:
+                # No copy: a FAISS flat index would hold the features a second time, and searches no faster.
+                self._db = self._features
+                if self._metric == "cosine":
+                    self._db_inv_norms = 1.0 / self._row_norms().clamp_min(1e-12)
+            if self._metric == "l2":
+                self._db_sq_norms = torch.cat([(c * c).sum(1) for c in self._db.split(_DB_CHUNK)])
             return
         import faiss
 
-        x = np.ascontiguousarray(self._vectors().numpy())
         metric = self._faiss_metric()
         if self._kind == "flat":
             index = faiss.IndexFlat(self.dim, metric)
@@ -310,17 +361,36 @@ class KNNIndex:
             # A sample trains the centroids as well as the whole set, at a fraction of the k-means cost.
             size = min(self.ntotal, IVF_TRAIN_POINTS_PER_LIST * (self._nlist or 1))
             sample = torch.randperm(self.ntotal, generator=torch.Generator().manual_seed(0))[:size].sort().values
-            index.train(x if size == self.ntotal else np.ascontiguousarray(x[sample.numpy()]))
-        index.add(x)
+            train = self._features[sample]
+            if self._metric == "cosine":
+                train = torch.nn.functional.normalize(train, dim=1)
+            index.train(np.ascontiguousarray(train.numpy()))
+            del train
+        for chunk in self._vector_chunks():  # FAISS copies each chunk into its lists: no second [N, D] copy here
+            index.add(chunk)
         self._set_nprobe(index)
         self._index = index
         self._cpu_index = None if self._on_gpu else index
         if self._auto and self._kind == "ivf" and self.tuning is None:
-            self.tune(min(TUNE_K, self.ntotal), target_recall=self.target_recall)
+            self.tune(min(TUNE_K, self.ntotal - 1), target_recall=self.target_recall)
+        if self._cache is not None:
+            self._write_cache()
 
     def _ensure_built(self) -> None:
         if self._index is None and self._db is None:
             self._build()
+
+    def _write_cache(self) -> None:
+        """Save the IVF index just built next to its features (see :meth:`load`); a failure only warns."""
+        assert self._cache is not None
+        path, fingerprint, on_saved = self._cache
+        info = {"metric": self._metric, "nlist": self._nlist, "nprobe": self._nprobe, "tuning": self.tuning}
+        try:
+            write_ivf_cache(path, self._faiss_cpu_index(), {**info, "features_fingerprint": fingerprint})
+            if on_saved is not None:
+                on_saved({"file": path.name, "kind": self._kind, **info, "features_fingerprint": fingerprint})
+        except (OSError, SnapshotError) as err:
+            warnings.warn(f"KNNIndex: the IVF index could not be cached at {path} ({err})", UserWarning, stacklevel=3)
 
     def build(self) -> KNNIndex:
         """Build the index now (trains IVF) instead of at the first search or save; idempotent. Returns ``self``."""
@@ -382,7 +452,7 @@ class KNNIndex:
         self._ensure_built()
         if q.shape[0] == 0:
             return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
-        if self._backend == "torch":
+        if self._db is not None:
             return self._torch_search(q, k)
         return self._faiss_search(q, k)
 
@@ -408,7 +478,7 @@ class KNNIndex:
         return distances, ids
 
     def _torch_search(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        db, sq_norms = self._db, self._db_sq_norms
+        db, sq_norms, inv_norms = self._db, self._db_sq_norms, self._db_inv_norms
         if db is None:
             raise RuntimeError("KNNIndex: the torch index was not built")
         q = q.to(db.device)
@@ -420,6 +490,8 @@ class KNNIndex:
 
         def block_topk(qc: Tensor, start: int) -> tuple[Tensor, Tensor]:
             sim = qc @ db[start : start + db_chunk].T
+            if inv_norms is not None:
+                sim.mul_(inv_norms[start : start + db_chunk])
             if sq_norms is not None:
                 dist = ((qc * qc).sum(1, keepdim=True) - 2.0 * sim + sq_norms[start : start + db_chunk]).clamp_min_(0)
             else:
@@ -530,29 +602,26 @@ class KNNIndex:
     def save(self, dirpath: PathLike, name: str = "index") -> Path:
         """Save the index to ``<dirpath>/<name>.safetensors`` (+ ``<name>.faiss`` for a trained FAISS IVF).
 
-        The safetensors file holds the tensors ``features`` [N, D] and ``indices`` [N] and the index settings in
-        its header; a flat index is rebuilt from it on load, an IVF one is read back without retraining.
+        The safetensors file holds the tensors ``indices`` [N] and ``features`` [N, D] (written in chunks from the
+        features, no copy of the whole set) and the index settings in its header, with a fresh ``fingerprint``; a
+        flat index is rebuilt from it on load, an IVF one is read back from ``<name>.faiss`` (whose header names the
+        fingerprint of the features it was built from) without retraining.
 
         Returns:
             The path of the safetensors file.
         """
         if self._kind == "ivf" and self._backend == "faiss":
             self._ensure_built()  # trains and, for kind="auto", tunes nprobe: the settings saved are the ones used
-        meta = {
-            "format": KNN_FORMAT,
-            "metric": self._metric,
-            "kind": self._kind,
-            "nlist": str(self._nlist or ""),
-            "nprobe": str(self._nprobe),
-            "tuning": json.dumps(self.tuning),
-        }
-        tensors = {"features": self._features, "indices": self._ids}
-        path = save_tensors(Path(dirpath) / f"{name}.safetensors", tensors, meta)
-        faiss_file = Path(dirpath) / f"{name}.faiss"
+        info = {"metric": self._metric, "nlist": self._nlist, "nprobe": self._nprobe, "tuning": self.tuning}
+        meta = features_metadata(self._metric, self._kind, self._nlist, self._nprobe, self.tuning)
+        path = Path(dirpath) / f"{name}.safetensors"
+        with TensorFileWriter(path, features_layout(self.ntotal, self.dim), meta) as writer:
+            writer.write("indices", self._ids)
+            for start in range(0, self.ntotal, _DB_CHUNK):
+                writer.write("features", self._features[start : start + _DB_CHUNK], row=start)
+        faiss_file = path.with_suffix(FAISS_SUFFIX)
         if self._kind == "ivf" and self._backend == "faiss":
-            import faiss
-
-            atomic_write_bytes(faiss_file, faiss.serialize_index(self._faiss_cpu_index()).tobytes())
+            write_ivf_cache(faiss_file, self._faiss_cpu_index(), {**info, "features_fingerprint": meta["fingerprint"]})
         elif faiss_file.exists():
             faiss_file.unlink()  # left by an earlier IVF save under this name; it would not match these features
         return path
@@ -561,11 +630,7 @@ class KNNIndex:
         """Use a serialised IVF index instead of training a new one; it must match these features."""
         import faiss
 
-        try:
-            raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
-            cpu_index = faiss.deserialize_index(raw)
-        except (RuntimeError, OSError) as err:
-            raise SnapshotError(f"FAISS index file is corrupted: {path} ({err})") from err
+        cpu_index = read_ivf_cache_index(path)
         nlist = getattr(faiss.extract_index_ivf(cpu_index), "nlist", None) if self._kind == "ivf" else None
         if cpu_index.ntotal != self.ntotal or cpu_index.d != self.dim or cpu_index.metric_type != self._faiss_metric():
             raise SnapshotError(
@@ -594,17 +659,20 @@ class KNNIndex:
         use_gpu: bool | Literal["auto"] = "auto",
         backend: Backend = "auto",
     ) -> KNNIndex:
-        """Load an index saved with :meth:`save` (or a feature file of a snapshot).
+        """Load an index saved with :meth:`save` (or a feature file of a snapshot); the features are memory-mapped.
 
-        ``metric``/``kind``/``nlist``/``nprobe`` override the saved settings; a saved FAISS IVF index is reused
-        when the settings match, otherwise the index is rebuilt from the features.
+        ``metric``/``kind``/``nlist``/``nprobe`` override the saved settings. A FAISS IVF index cached in
+        ``<name>.faiss`` is reused when the settings match and its header names the fingerprint of these features;
+        otherwise (none yet, or a stale one: the features were rewritten since) the index is built at the first
+        search, tuned (``kind="auto"``), and written to ``<name>.faiss`` for the next load.
 
         Raises:
             SnapshotNotFoundError: if the file is missing.
-            SnapshotError: if it is corrupted or lacks the ``features``/``indices`` tensors.
+            SnapshotError: if it is corrupted, lacks the ``features``/``indices`` tensors, or ``<name>.faiss`` is
+                not a FAISS index file.
         """
         path = Path(dirpath) / f"{name}.safetensors"
-        tensors = load_tensors(path)
+        tensors = map_tensors(path)  # no copy: pages are read as searches touch them
         meta = read_tensor_metadata(path)
         if "features" not in tensors:
             raise SnapshotError(f"index file {path} lacks the 'features' tensor (holds {sorted(tensors)})")
@@ -623,11 +691,31 @@ class KNNIndex:
             backend=backend,
             **settings,  # type: ignore[arg-type]
         )
-        faiss_file = Path(dirpath) / f"{name}.faiss"
-        same = settings == {"metric": meta.get("metric"), "kind": meta.get("kind"), "nlist": saved_nlist}
-        if index.kind == "ivf" and index.backend == "faiss" and same and faiss_file.exists():
-            index.tuning = json.loads(meta.get("tuning") or "null")  # the saved index was tuned already
-            index._adopt_faiss_file(faiss_file)
+        if index.kind != "ivf" or index.backend != "faiss":
+            return index
+        faiss_file = path.with_suffix(FAISS_SUFFIX)
+        fingerprint = meta.get("fingerprint")
+        info = read_ivf_cache_info(faiss_file) if faiss_file.exists() else None
+        if info is not None:
+            cached = {"metric": info.get("metric"), "kind": "ivf", "nlist": info.get("nlist")}
+            usable = info.get("features_fingerprint") == fingerprint and (nlist is None or cached == settings)
+            if usable and cached["metric"] == settings["metric"]:
+                index.tuning = info.get("tuning")
+                if nprobe is None:
+                    index._nprobe = int(info.get("nprobe") or index._nprobe)
+                index._adopt_faiss_file(faiss_file)
+                return index
+        elif faiss_file.exists() and fingerprint is None:
+            # A snapshot from before the cache: its bare FAISS file was written with these very features.
+            same = settings == {"metric": meta.get("metric"), "kind": meta.get("kind"), "nlist": saved_nlist}
+            if same:
+                index.tuning = json.loads(meta.get("tuning") or "null")  # the saved index was tuned already
+                index._adopt_faiss_file(faiss_file)
+                return index
+        elif faiss_file.exists():
+            raise SnapshotError(f"FAISS index file is corrupted: {faiss_file} (no cache header)")
+        if fingerprint is not None:
+            index._cache = (faiss_file, fingerprint, None)
         return index
 
     @classmethod
@@ -657,5 +745,15 @@ class KNNIndex:
             >>> index = KNNIndex.from_snapshot("runs/fastif_snapshot")  # doctest: +SKIP
             >>> distances, train_ids = index.search(test_features, k=1000)  # doctest: +SKIP
         """
-        file, _ = feature_snapshot_file(dirpath, dataset, version)
-        return cls.load(file.parent, file.name.removesuffix(".safetensors"), **kwargs)
+        file, entry = feature_snapshot_file(dirpath, dataset, version)
+        index = cls.load(file.parent, file.name.removesuffix(".safetensors"), **kwargs)
+        if index._cache is not None:
+            # The IVF index built at the first search is recorded in the manifest, with its features' fingerprint.
+            cache_file, fingerprint, _ = index._cache
+            version_name = str(entry["version"])
+
+            def on_saved(info: dict[str, Any]) -> None:
+                record_index_cache(dirpath, version_name, dataset, info)
+
+            index._cache = (cache_file, fingerprint, on_saved)
+        return index
