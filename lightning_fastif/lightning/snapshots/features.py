@@ -19,18 +19,19 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lightning_fastif.core.batches import IndexedData
 from lightning_fastif.core.grads import evaluating
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.errors import ArgumentError, SnapshotError, check_bool, check_choice, check_int
-from lightning_fastif.io.atomic import save_tensors
+from lightning_fastif.io.atomic import TensorFileWriter, save_tensors
 from lightning_fastif.io.snapshot_store import (
+    FAISS_SUFFIX,
     FEATURES_DIR,
     LAST_LAYER_HESSIAN,
     dataset_record,
-    feature_dir,
     feature_file,
 )
 from lightning_fastif.lightning.distributed import gather_uneven
@@ -42,11 +43,14 @@ from lightning_fastif.search.features import (
     last_layer_name,
     resolve_layer,
 )
-from lightning_fastif.search.knn import KNNIndex
+from lightning_fastif.search.ivf import AUTO_IVF_MIN_SIZE, default_nlist, faiss_available
+from lightning_fastif.search.knn import features_layout, features_metadata
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _METRICS = ("l2", "cosine", "ip")
 _INDEXES = ("auto", "flat", "ivf")
+_ROUND_BATCHES = 64
+"""Batches each rank embeds per round before rank 0 writes them: memory holds one round's rows, not the set."""
 
 
 class FeatureSnapshot(SnapshotCallback):
@@ -307,42 +311,126 @@ class FeatureSnapshot(SnapshotCallback):
             sources[name] = IndexedData(data)
         return sources
 
-    def _shard(self, n: int, world: int, rank: int) -> Tensor:
-        """Every ``world``-th batch of ``batch_size``, from batch ``rank``: each index on exactly one rank.
+    def _stream(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        dirpath: str,
+        version: str,
+        name: str,
+        data: IndexedData,
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """Embed one dataset and write its features file as the rows come; return (manifest record, write error).
 
-        Whole batches, as one process would form them, so the features match a single-process snapshot.
+        Rounds of ``_ROUND_BATCHES`` batches per rank: under DDP every rank embeds every ``world_size``-th batch of
+        ``batch_size`` of the round (whole batches, as one process would form them, so the features match a
+        single-process snapshot), the round's parts are gathered, and rank 0 writes each row at its dataset index.
+        Memory holds one round, never the whole set. An embedding error on any rank is raised on every rank; a
+        write error (rank 0) stops the writing, leaves no file, and is returned to be reported by ``_finish``.
         """
-        idx = torch.arange(n)
-        return idx[(idx // self.batch_size) % world == rank]
-
-    def _embed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str, data: IndexedData) -> Any:
         world, rank = trainer.world_size, trainer.global_rank
-        local = self._shard(len(data), world, rank)
+        n = len(data)
+        per_round = self.batch_size * _ROUND_BATCHES * world
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
-        error: Exception | None = None
-        feats = torch.zeros(0, 0)
+        bar = tqdm(total=n, desc=f"fastif snapshot: {name}", leave=False) if show else None
+        meta = features_metadata(self.metric, self.index, self.nlist, self.nprobe)
+        path = feature_file(dirpath, version, name)
+        writer: TensorFileWriter | None = None
+        write_error: str | None = None
+        dim = 0
         try:
-            feats = extract_features(
-                pl_module,
-                data,
-                layer=self._layer,
-                hook=self.hook,
-                batch_size=self.batch_size,
-                device=pl_module.device,
-                indices=local,
-                kind=self.features,  # type: ignore[arg-type]
-                loss_fn=self.loss_fn,
-                progress=f"fastif snapshot: {name}" if show else False,
-            )
-        except Exception as err:  # re-raised below, after every rank knows, so none waits in the gather
-            error = err
-        if trainer.strategy.reduce_boolean_decision(error is not None, all=False):
-            if error is not None:
-                raise error
-            raise SnapshotError(f"FeatureSnapshot: embedding {name!r} failed on another rank")
-        if world > 1:
-            feats, local = gather_uneven(feats), gather_uneven(local)
-        return feats, local
+            for begin in range(0, n, per_round):
+                rows = torch.arange(begin, min(n, begin + per_round))
+                local = rows[((rows - begin) // self.batch_size) % world == rank]
+                feats, error = torch.zeros(0, 0), None
+                try:
+                    feats = self._extract(pl_module, data, local)
+                except Exception as err:  # re-raised below, after every rank knows, so none waits in the gather
+                    error = err
+                if trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+                    if error is not None:
+                        raise error
+                    raise SnapshotError(f"FeatureSnapshot: embedding {name!r} failed on another rank")
+                if world > 1:
+                    feats, local = gather_uneven(feats), gather_uneven(local)
+                if trainer.is_global_zero and write_error is None:
+                    try:
+                        if writer is None:
+                            dim = int(feats.shape[1])
+                            writer = TensorFileWriter(path, features_layout(n, dim), meta).__enter__()
+                        self._write_rows(writer, name, feats, local)
+                    except Exception as err:  # the others keep embedding: they wait for rank 0 in the gathers
+                        write_error = f"{type(err).__name__}: {err}"
+                        if writer is not None:
+                            writer.__exit__(type(err), err, None)  # removes the temporary file
+                            writer = None
+                if bar is not None:
+                    bar.update(rows.numel())
+            if writer is not None:
+                finished, writer = writer, None
+                try:
+                    finished.__exit__(None, None, None)  # every row written: flushed to disk and renamed into place
+                except ValueError as err:
+                    write_error = (
+                        f"SnapshotError: dataset {name!r}: gathered indices are not each of 0..{n - 1} ({err})"
+                    )
+        except BaseException as err:
+            if writer is not None:
+                writer.__exit__(type(err), err, None)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        if not trainer.is_global_zero or write_error is not None:
+            return None, write_error
+        return self._dataset_record(dirpath, version, name, n, dim, meta["fingerprint"]), None
+
+    def _extract(self, pl_module: pl.LightningModule, data: IndexedData, indices: Tensor) -> Tensor:
+        return extract_features(
+            pl_module,
+            data,
+            layer=self._layer,
+            hook=self.hook,
+            batch_size=self.batch_size,
+            device=pl_module.device,
+            indices=indices,
+            kind=self.features,  # type: ignore[arg-type]
+            loss_fn=self.loss_fn,
+        )
+
+    @staticmethod
+    def _write_rows(writer: TensorFileWriter, name: str, features: Tensor, indices: Tensor) -> None:
+        """Write gathered rows at their dataset indices: one write per run of consecutive indices, no reordering."""
+        if indices.numel() == 0:
+            return
+        if not bool(torch.isfinite(features).all()):
+            raise SnapshotError(f"features of dataset {name!r} contain NaN or infinite values")
+        indices = indices.cpu()
+        breaks = (torch.nonzero(indices[1:] != indices[:-1] + 1).flatten() + 1).tolist()
+        for lo, hi in zip([0, *breaks], [*breaks, indices.numel()], strict=True):
+            row = int(indices[lo])
+            try:
+                writer.write("features", features[lo:hi], row=row)
+                writer.write("indices", indices[lo:hi], row=row)
+            except ValueError as err:
+                raise SnapshotError(
+                    f"dataset {name!r}: gathered indices are not each of 0..N-1 exactly once ({err})"
+                ) from err
+
+    def _dataset_record(
+        self, dirpath: str, version: str, name: str, n: int, dim: int, fingerprint: str
+    ) -> dict[str, Any]:
+        """The manifest record of a features file just written; its kNN index is built at the first search."""
+        stale = feature_file(dirpath, version, name).with_suffix(FAISS_SUFFIX)
+        if stale.exists():
+            stale.unlink()  # an index cached from an earlier file under this name (it would be refused anyway)
+        ivf = faiss_available() and (self.index == "ivf" or (self.index == "auto" and n >= AUTO_IVF_MIN_SIZE))
+        record = dataset_record(dirpath, version, name, n, dim)
+        record["fingerprint"] = fingerprint
+        nlist = min(self.nlist or default_nlist(n), n) if ivf else None
+        nprobe = min(self.nprobe, nlist) if nlist is not None else self.nprobe
+        record["index"] = {"kind": "ivf" if ivf else "flat", "nlist": nlist, "nprobe": nprobe, "tuning": None}
+        return record
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_epoch: bool) -> None:
         if self._should_skip(trainer):
@@ -352,12 +440,16 @@ class FeatureSnapshot(SnapshotCallback):
         version = self._version(trainer, at_fit_end=not in_epoch)
         dirpath = self._directory()
         sources = self._sources(trainer)
-        embedded = {name: self._embed(trainer, pl_module, name, data) for name, data in sources.items()}
+        files: dict[str, Any] = {}
         error: str | None = None
+        for name, data in sources.items():
+            record, failed = self._stream(trainer, pl_module, str(dirpath), version, name, data)
+            error = error or failed
+            if record is not None:
+                files[name] = record
         seconds = 0.0
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and error is None:
             try:
-                files = {name: self._write(dirpath, version, name, f, i) for name, (f, i) in embedded.items()}
                 entry = self._entry(trainer, epoch, files)
                 if self.features == "loss_gradient":
                     # Rank 0 alone, no collective inside: the Hessian is a deterministic function of the weights
@@ -370,26 +462,6 @@ class FeatureSnapshot(SnapshotCallback):
                 error = f"{type(err).__name__}: {err}"
         self._finish(trainer, version, error)
         self._log_seconds(trainer, pl_module, seconds or time.perf_counter() - start, in_epoch)
-
-    def _write(self, dirpath: str, version: str, name: str, features: Tensor, indices: Tensor) -> dict[str, Any]:
-        """Write one dataset's features (one file, rows sorted by dataset index); return its manifest record."""
-        indices, features = indices.cpu(), features.cpu()
-        if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
-            # Gathered rank by rank under DDP: the one reordering copy. One process embeds in index order already,
-            # and the features then go to the file without any copy of the whole set.
-            order = indices.argsort()
-            indices, features = indices[order], features[order]
-        n = indices.numel()
-        if not torch.equal(indices, torch.arange(n)):
-            raise SnapshotError(f"dataset {name!r}: gathered indices are not each of 0..{n - 1} exactly once")
-        index = KNNIndex(
-            features, indices, metric=self.metric, kind=self.index, nlist=self.nlist, nprobe=self.nprobe, use_gpu=False
-        )
-        # The index file is the features file: the tensors "features" and "indices" plus the index settings.
-        index.save(feature_dir(dirpath, version), name)
-        record = dataset_record(dirpath, version, name, n, int(features.shape[1]))
-        record["index"] = {"kind": index.kind, "nlist": index.nlist, "nprobe": index.nprobe, "tuning": index.tuning}
-        return record
 
     def _write_hessian(
         self, pl_module: pl.LightningModule, dirpath: str, version: str, train: IndexedData | None
