@@ -1,9 +1,8 @@
 """``FeatureSnapshot``: embed the training set (and extra datasets) during a fit, for kNN candidates.
 
-Each version is ``features/<version>/<dataset>.safetensors`` (written through
-:class:`~lightning_fastif.search.knn.KNNIndex`, which also saves a trained FAISS IVF index next to it) plus, for
-loss-gradient features, ``last_layer_hessian.safetensors``; :mod:`lightning_fastif.io.snapshot_store` names the files
-and records the version.
+Each version is ``features/<version>/<dataset>.safetensors`` (streamed to disk as it is embedded; the kNN index over
+it is built at its first search and cached next to it as ``<dataset>.faiss``) plus, for loss-gradient features,
+``last_layer_hessian.safetensors``; :mod:`lightning_fastif.io.snapshot_store` names the files and records the version.
 """
 
 from __future__ import annotations
@@ -67,10 +66,23 @@ class FeatureSnapshot(SnapshotCallback):
     :class:`~lightning_fastif.lightning.module.InfluenceModule` reads the kind from the manifest and embeds its test
     points the same way. Extraction runs in eval mode without gradients
     on the training set's dataset in index order (unshuffled, with the training loader's ``collate_fn``).
-    Under DDP every rank embeds every ``world_size``-th batch (the dataset is split here, not by the training
-    sampler, which pads with repeated examples), the parts are gathered on every rank (``N x D`` float32 each),
-    and rank 0 writes each dataset index exactly once (sorted) while the other ranks wait. The time each snapshot
-    took is logged as ``fastif/snapshot/seconds``.
+
+    **Streaming.** Features go to disk as they are embedded, in rounds of 64 batches per rank: each round's rows are
+    written at their dataset index into a temporary file, which is flushed and renamed into place once every row is
+    there (a failure leaves no file and no manifest entry). Memory holds one round, never the whole set (no
+    concatenation, no reordering copy), and readers memory-map the file. Under DDP every rank embeds every
+    ``world_size``-th batch of a round (the dataset is split here, not by the training sampler, which pads with
+    repeated examples), the round's parts are gathered, and rank 0 writes each dataset index exactly once. A progress
+    bar shows the rows embedded when the trainer's progress bar is enabled. The time each snapshot took is logged as
+    ``fastif/snapshot/seconds``.
+
+    **The kNN index is not built during fit.** Its kind is decided from ``index`` and N and recorded in the
+    manifest (``datasets[name]["index"]``); an IVF index is trained, tuned (``index="auto"``) and written next to
+    the features at its first search (:meth:`~lightning_fastif.search.knn.KNNIndex.from_snapshot`,
+    which the influence module uses), with the fingerprint of the features file it was built from, and recorded
+    in the manifest (``index_file``, the tuned ``nprobe`` and recall); a cache whose fingerprint differs from the
+    features file's is never reused. At N = 200k (1290-d loss gradients of an MLP) this kept 47 s of IVF training
+    and tuning out of a 10 s fit; the first search pays them once.
 
     With ``features="loss_gradient"`` each version also stores the Hessian of the *mean training loss* with respect
     to ``layer``'s parameters only, ``H_last`` (``[P, P]``, ``last_layer_hessian.safetensors``; computed by rank 0 from
@@ -100,8 +112,9 @@ class FeatureSnapshot(SnapshotCallback):
             ``None``: ``"l2"`` for activations, ``"ip"`` for loss gradients (``"l2"`` is refused for loss
             gradients: it would prefer the examples with the *smallest* gradients).
         index: ``"auto"`` (flat below ``AUTO_IVF_MIN_SIZE`` examples or without FAISS, else a FAISS IVF index whose
-            ``nprobe`` is tuned to a recall of 0.99 of the exact neighbours; the measured recall goes into the
-            manifest), ``"flat"`` (exact) or ``"ivf"`` (FAISS IVF, trained and saved with the snapshot).
+            ``nprobe`` is tuned to a recall of 0.99 of the exact neighbours of held-out-like queries; the measured
+            recall goes into the manifest when the index is built, at its first search), ``"flat"`` (exact) or
+            ``"ivf"`` (FAISS IVF, built at the first search and cached next to the features).
         nlist: IVF lists (default ~2 sqrt(N)).
         nprobe: IVF lists searched per query.
         max_hessian_params: with ``features="loss_gradient"``, store ``H_last`` only when ``layer`` has at most this
