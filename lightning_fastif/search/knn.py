@@ -16,9 +16,13 @@ with a gradient embedding the most helpful *and* the most harmful training point
 ``kind="flat"`` is exact; ``kind="ivf"`` (FAISS only) is an inverted file index, approximate, for large N
 (``nlist`` clusters, ``nprobe`` of them searched per query). ``kind="auto"`` (the default) is flat below
 ``AUTO_IVF_MIN_SIZE`` examples (or without FAISS) and IVF above it, with ``nprobe`` raised until the recall of the
-exact ``k`` nearest neighbours of sampled indexed examples reaches ``target_recall`` (:meth:`KNNIndex.tune`); the
-measured recall is kept in :attr:`KNNIndex.tuning` and saved with the index, so a snapshot says how approximate
-its search is.
+exact ``k`` nearest neighbours of sampled indexed examples, each searched as if held out (its own row dropped),
+reaches ``target_recall`` (:meth:`KNNIndex.tune`); the measured recall is kept in :attr:`KNNIndex.tuning` and saved
+with the index, so a snapshot says how approximate its search is.
+
+**One copy of the features.** The index keeps the features tensor it is given (a snapshot's is memory-mapped from
+the file, :mod:`lightning_fastif.search.index_files`): on CPU the exact search runs in torch over it, chunked (a
+FAISS flat index would copy it and search no faster), and an IVF index adds it to FAISS's lists chunk by chunk.
 
 FAISS is detected once, lazily (``import lightning_fastif`` does not import it). With FAISS a GPU index is used
 when CUDA and a FAISS GPU build are present (``faiss.get_num_gpus() > 0``). Without FAISS the exact search runs
