@@ -319,3 +319,36 @@ def test_loaded_features_are_memory_mapped_and_flat_search_uses_them(tmp_path):
     normalized = torch.nn.functional.normalize(features, dim=1)
     expected = (torch.nn.functional.normalize(queries, dim=1) @ normalized.T).topk(3, dim=1).indices
     assert torch.equal(ids, expected)
+
+
+@pytest.mark.faiss
+def test_ivf_build_shows_a_progress_bar_over_the_vectors_added(monkeypatch):
+    pytest.importorskip("faiss")
+    import tqdm.auto
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, desc, leave):
+            self.total, self.desc, self.done, self.closed = total, desc, 0, False
+            bars.append(self)
+
+        def update(self, count):
+            self.done += count
+
+        def set_postfix_str(self, text):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    features, queries = _data(n=300, d=8)
+    KNNIndex(features, kind="ivf", nlist=10, use_gpu=False).build()
+    assert bars == []  # no bar unless asked for
+    index = KNNIndex(features, kind="ivf", nlist=10, use_gpu=False).build(progress="fastif: kNN index")
+    assert [(b.desc, b.total, b.done, b.closed) for b in bars] == [("fastif: kNN index", 300, 300, True)]
+    index.build(progress=True)  # built already: no second bar
+    assert len(bars) == 1
+    expected = KNNIndex(features, kind="ivf", nlist=10, use_gpu=False).search(queries, k=3)[1]
+    assert torch.equal(index.search(queries, k=3)[1], expected)

@@ -92,7 +92,8 @@ def tune_nprobe(
         "exact": True}`` for an exact index).
     """
     check_number("target_recall", target_recall, low=0, high=1, low_open=True)
-    if index.kind != "ivf" or index.backend != "faiss":
+    if index.kind != "ivf" or index.backend != "faiss" or index.ntotal < 2:
+        # Exact, or a single example, which its one list always returns.
         return {"k": k, "recall": 1.0, "exact": True}
     k = min(k, index.ntotal - 1)
     generator = torch.Generator().manual_seed(seed)

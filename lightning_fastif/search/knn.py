@@ -82,6 +82,15 @@ def _rowwise_isin(values: Tensor, found: Tensor) -> Tensor:
     return ordered.gather(1, pos) == values
 
 
+def _progress_bar(progress: bool | str, total: int, default: str) -> Any:
+    """A tqdm bar when ``progress`` is truthy (a string is its description), else ``None``."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=progress if isinstance(progress, str) else default, leave=False)
+
+
 class KNNIndex(IndexFiles):
     """Exact or IVF nearest-neighbour search over features, returning dataset indices.
 
@@ -308,7 +317,7 @@ class KNNIndex(IndexFiles):
                 chunk = torch.nn.functional.normalize(chunk, dim=1)
             yield np.ascontiguousarray(chunk.numpy())
 
-    def _build(self) -> None:
+    def _build(self, progress: bool | str = False) -> None:
         if self._exact_in_torch():
             if self._on_gpu:
                 self._db = self._vectors().to("cuda")
@@ -333,32 +342,63 @@ class KNNIndex(IndexFiles):
             index.cp.min_points_per_centroid = 1
         if self._on_gpu:
             index = self._to_gpu(index)
-        if self._kind == "ivf":
-            # A sample trains the centroids as well as the whole set, at a fraction of the k-means cost.
-            size = min(self.ntotal, IVF_TRAIN_POINTS_PER_LIST * (self._nlist or 1))
-            sample = torch.randperm(self.ntotal, generator=torch.Generator().manual_seed(0))[:size].sort().values
-            train = self._features[sample]
-            if self._metric == "cosine":
-                train = torch.nn.functional.normalize(train, dim=1)
-            index.train(np.ascontiguousarray(train.numpy()))
-            del train
-        for chunk in self._vector_chunks():  # FAISS copies each chunk into its lists: no second [N, D] copy here
-            index.add(chunk)
-        self._set_nprobe(index)
-        self._index = index
-        self._cpu_index = None if self._on_gpu else index
-        if self._auto and self._kind == "ivf" and self.tuning is None:
-            self.tune(min(TUNE_K, self.ntotal - 1), target_recall=self.target_recall)
-        if self._cache is not None:
-            self._write_cache()
+        bar = _progress_bar(progress, self.ntotal, f"kNN index ({self._kind})")
+        try:
+            if self._kind == "ivf":
+                # A sample trains the centroids as well as the whole set, at a fraction of the k-means cost.
+                size = min(self.ntotal, IVF_TRAIN_POINTS_PER_LIST * (self._nlist or 1))
+                sample = torch.randperm(self.ntotal, generator=torch.Generator().manual_seed(0))[:size].sort().values
+                train = self._features[sample]
+                if self._metric == "cosine":
+                    train = torch.nn.functional.normalize(train, dim=1)
+                if bar is not None:
+                    bar.set_postfix_str(f"training {self._nlist} lists")
+                index.train(np.ascontiguousarray(train.numpy()))
+                del train
+            if bar is not None:
+                bar.set_postfix_str("adding")
+            for chunk in self._vector_chunks():  # FAISS copies each chunk into its lists: no second [N, D] copy here
+                index.add(chunk)
+                if bar is not None:
+                    bar.update(chunk.shape[0])
+            self._set_nprobe(index)
+            self._index = index
+            self._cpu_index = None if self._on_gpu else index
+            if self._auto and self._kind == "ivf" and self.tuning is None:
+                if bar is not None:
+                    bar.set_postfix_str("tuning nprobe")
+                self.tune(max(1, min(TUNE_K, self.ntotal - 1)), target_recall=self.target_recall)
+            if self._cache is not None:
+                if bar is not None:
+                    bar.set_postfix_str("caching")
+                self._write_cache()
+        finally:
+            if bar is not None:
+                bar.close()
 
-    def _ensure_built(self) -> None:
+    def _ensure_built(self, progress: bool | str = False) -> None:
         if self._index is None and self._db is None:
-            self._build()
+            self._build(progress)
 
-    def build(self) -> KNNIndex:
-        """Build the index now (trains IVF) instead of at the first search or save; idempotent. Returns ``self``."""
-        self._ensure_built()
+    def build(self, progress: bool | str = False) -> KNNIndex:
+        """Build the index now instead of at the first search or save; idempotent.
+
+        A FAISS IVF index is trained, filled chunk by chunk, tuned (``kind="auto"``) and, when loaded from a
+        snapshot, cached next to its features; an exact one only prepares norms over the features.
+
+        Args:
+            progress: show a tqdm bar over the vectors added (IVF with FAISS; a string is its description).
+
+        Returns:
+            ``self``.
+
+        Example::
+
+            >>> index = KNNIndex(torch.randn(20, 3), kind="flat", backend="torch").build()
+            >>> index.search(index.features[:1], k=1)[1].tolist()
+            [[0]]
+        """
+        self._ensure_built(progress)
         return self
 
     def _faiss_cpu_index(self) -> Any:
