@@ -269,20 +269,26 @@ def worker_fit(n: int, workdir: Path, *, snapshot: bool, save: str | None) -> di
     return out
 
 
+IVF_COMPARISON_MIN_SIZE = 100_000
+"""From this N the stages also time an IVF index against the exact search (``index="auto"``'s threshold)."""
+
+
 def worker_snapshot_stages(n: int, workdir: Path) -> dict[str, Any]:
     """The snapshot's stages one by one, on the fitted model, as ``FeatureSnapshot`` runs them: seconds each.
 
     Inside fit: embed (per-example loss gradients of ``net.4``) and the streamed write of each round of rows into
     the features file, and ``H_last`` over the snapshot's sample of 8,192 examples. At the first search (not in
-    fit): the index over the memory-mapped features (IVF above 100k examples: k-means training and adding the
-    vectors, the ``nprobe`` tuning to recall 0.99 without self-matches, the cache write; flat below). Also the search
-    time of 100 queries (k=100, both signs), flat against IVF, which the ``index="auto"`` threshold is chosen from.
+    fit): the exact search over the memory-mapped features and, from ``IVF_COMPARISON_MIN_SIZE`` examples, an IVF
+    index over them whatever ``index="auto"`` picks (k-means training and adding the vectors, the ``nprobe`` tuning to
+    recall 0.99 without self-matches, the cache write). The search time of 100 queries (k=100, both signs), exact
+    against IVF, is what ``index="auto"``'s threshold (``AUTO_IVF_MIN_SIZE``) is chosen from.
     """
     from lightning_fastif.core.grads import evaluating
     from lightning_fastif.core.hessian import HessianOperator
     from lightning_fastif.io.atomic import TensorFileWriter
     from lightning_fastif.search.features import extract_features
-    from lightning_fastif.search.knn import AUTO_IVF_MIN_SIZE, TUNE_K, KNNIndex, features_layout, features_metadata
+    from lightning_fastif.search.ivf import faiss_available
+    from lightning_fastif.search.knn import TUNE_K, KNNIndex, features_layout, features_metadata
 
     train = make_data(n, TRAIN_SEED)
     model = _load_model(_model_path(workdir, "snapshot", n))
@@ -311,7 +317,7 @@ def worker_snapshot_stages(n: int, workdir: Path) -> dict[str, Any]:
         operator = HessianOperator(model, None, Subset(train, sample.tolist()), params=["net.4.*"], batch_size=256)
         operator.dense(max_params=5000)
     seconds["H_last (8192 examples)"] = time.perf_counter() - start
-    ivf = n >= AUTO_IVF_MIN_SIZE
+    ivf = n >= IVF_COMPARISON_MIN_SIZE and faiss_available()  # measured even where index='auto' picks flat
     flat = KNNIndex.load(directory, "train", kind="flat", use_gpu=False)
     g = torch.Generator().manual_seed(1)
     queries = flat.features[torch.randperm(n, generator=g)[:100]] + 0.1 * torch.randn(100, flat.dim, generator=g)

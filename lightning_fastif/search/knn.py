@@ -68,10 +68,6 @@ _BLOCK_ELEMENTS = 1 << 24  # distance block of the torch search: 64 MB of float3
 _DB_CHUNK = 1 << 16
 
 
-def _check_choice(name: str, value: Any, accepted: tuple[Any, ...]) -> None:
-    check_choice(name, value, accepted)
-
-
 def _rowwise_isin(values: Tensor, found: Tensor) -> Tensor:
     """``[Q, M]`` mask: whether ``values[q, m]`` is among ``found[q]`` (``[Q, K]``), in O(Q·(M+K)·log K) memory-light
     steps (a sorted search per row, never a ``[Q, M, K]`` comparison)."""
@@ -135,11 +131,11 @@ class KNNIndex(IndexFiles):
         backend: Backend = "auto",
         target_recall: float = 0.99,
     ) -> None:
-        _check_choice("metric", metric, ("l2", "cosine", "ip"))
-        _check_choice("kind", kind, ("flat", "ivf", "auto"))
+        check_choice("metric", metric, ("l2", "cosine", "ip"))
+        check_choice("kind", kind, ("flat", "ivf", "auto"))
         self.target_recall = float(check_number("target_recall", target_recall, low=0, high=1, low_open=True))
-        _check_choice("backend", backend, ("auto", "faiss", "torch"))
-        _check_choice("use_gpu", use_gpu, ("auto", True, False))
+        check_choice("backend", backend, ("auto", "faiss", "torch"))
+        check_choice("use_gpu", use_gpu, ("auto", True, False))
         if not isinstance(features, Tensor) or features.dim() != 2 or not features.is_floating_point():
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
             raise ValueError(f"features: expected a float tensor [N, D], got {shape}")
@@ -573,7 +569,7 @@ class KNNIndex(IndexFiles):
             >>> index.search_signed(torch.tensor([[1.0, 0.0]]), k=1, sign="both")[1].tolist()
             [[0, 1]]
         """
-        _check_choice("sign", sign, ("positive", "negative", "both"))
+        check_choice("sign", sign, ("positive", "negative", "both"))
         if sign != "positive" and self._metric == "l2":
             raise ValueError(
                 f"sign: {sign!r} needs a similarity index (metric 'ip' or 'cosine'), this one is 'l2'; use "

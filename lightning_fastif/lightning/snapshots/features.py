@@ -81,8 +81,9 @@ class FeatureSnapshot(SnapshotCallback):
     the features at its first search (:meth:`~lightning_fastif.search.knn.KNNIndex.from_snapshot`,
     which the influence module uses), with the fingerprint of the features file it was built from, and recorded
     in the manifest (``index_file``, the tuned ``nprobe`` and recall); a cache whose fingerprint differs from the
-    features file's is never reused. At N = 200k (1290-d loss gradients of an MLP) this kept 47 s of IVF training
-    and tuning out of a 10 s fit; the first search pays them once.
+    features file's is never reused. At N = 200k (1290-d loss gradients of an MLP) an IVF index took 90 s to train
+    and tune, outside a 10 s fit; ``index="auto"`` searches exactly there (flat below ``AUTO_IVF_MIN_SIZE`` = 1M
+    examples), which was faster per query than the tuned IVF index.
 
     With ``features="loss_gradient"`` each version also stores the Hessian of the *mean training loss* with respect
     to ``layer``'s parameters only, ``H_last`` (``[P, P]``, ``last_layer_hessian.safetensors``; computed by rank 0 from
@@ -111,7 +112,7 @@ class FeatureSnapshot(SnapshotCallback):
         metric: ``"l2"``, ``"cosine"`` or ``"ip"`` (inner product): the metric recorded for the kNN index;
             ``None``: ``"l2"`` for activations, ``"ip"`` for loss gradients (``"l2"`` is refused for loss
             gradients: it would prefer the examples with the *smallest* gradients).
-        index: ``"auto"`` (flat below ``AUTO_IVF_MIN_SIZE`` examples or without FAISS, else a FAISS IVF index whose
+        index: ``"auto"`` (flat below ``AUTO_IVF_MIN_SIZE`` = 1M examples or without FAISS, else a FAISS IVF index whose
             ``nprobe`` is tuned to a recall of 0.99 of the exact neighbours of held-out-like queries; the measured
             recall goes into the manifest when the index is built, at its first search), ``"flat"`` (exact) or
             ``"ivf"`` (FAISS IVF, built at the first search and cached next to the features).
