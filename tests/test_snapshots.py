@@ -23,6 +23,7 @@ from lightning_fastif.io.snapshot_store import (
     last_layer_hessian_file,
     load_checkpoint,
     read_feature_snapshot,
+    read_snapshot_manifest,
     resolve_version,
     snapshot_versions,
 )
@@ -81,14 +82,18 @@ def test_feature_snapshot_every_epoch_writes_files_and_manifest(tmp_path):
     assert (entry["epoch"], entry["global_step"], entry["n"], entry["dim"]) == (1, 8, 37, 5)
     assert (entry["metric"], entry["index"], entry["layer"], entry["hook"]) == ("l2", "auto", "classifier", "input")
     assert entry["seconds"] >= 0
+    fingerprint = read_tensor_metadata(root / "features" / "epoch=1-step=8" / "challenge.safetensors")["fingerprint"]
     assert entry["datasets"]["challenge"] == {
         "file": "challenge.safetensors",  # a plain name inside features/<version>/
         "index_file": None,
         "n": 13,
         "dim": 5,
+        "fingerprint": fingerprint,  # the id of this write of the file, also in its header
         # 13 examples: "auto" resolves to an exact flat index, whose recall is 1 by construction.
         "index": {"kind": "flat", "nlist": None, "nprobe": 8, "tuning": None},
     }
+    assert len(fingerprint) == 32
+    assert fingerprint != entry["datasets"]["train"]["fingerprint"]
     for version in versions:
         for name in ("train", "challenge"):
             assert (root / "features" / version / f"{name}.safetensors").is_file()
@@ -120,10 +125,25 @@ def test_fit_end_snapshot_features_method_ivf_and_logger(tmp_path):
     # The end of a one-epoch fit is epoch 0, Lightning's current_epoch during that epoch (not 1, one past it).
     assert (entry["version"], entry["epoch"], entry["global_step"]) == ("epoch=0-step=3", 0, 3)
     assert (entry["layer"], entry["hook"], entry["metric"]) == (None, None, "cosine")
+    cache = tmp_path / "snap" / "features" / "epoch=0-step=3" / "train.faiss"
+    # The IVF index is not built during fit: at the first search, then cached next to the features.
+    assert not cache.exists()
+    assert entry["datasets"]["train"]["index_file"] is None
     index = KNNIndex.from_snapshot(tmp_path / "snap")
     assert (index.metric, index.kind, index.ntotal) == ("cosine", "ivf", 37)
-    assert (tmp_path / "snap" / "features" / "epoch=0-step=3" / "train.faiss").exists() == faiss_available()
-    assert entry["datasets"]["train"]["index_file"] == ("train.faiss" if faiss_available() else None)
+    first = index.search(torch.randn(2, 5), k=3)
+    assert cache.exists() == faiss_available()
+    [entry] = snapshot_versions(tmp_path / "snap", "features")
+    record = entry["datasets"]["train"]
+    assert record["index_file"] == ("train.faiss" if faiss_available() else None)
+    if faiss_available():
+        assert record["index"]["features_fingerprint"] == record["fingerprint"]
+        assert record["index"]["nlist"] == 4
+        again = KNNIndex.from_snapshot(tmp_path / "snap")
+        assert again._index is not None  # the cached index was adopted, not rebuilt
+        queries = torch.randn(2, 5)
+        assert torch.equal(again.search(queries, k=3)[1], index.search(queries, k=3)[1])
+    assert first[1].shape == (2, 3)
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
         rows = [row for row in csv.DictReader(f) if row.get("fastif/snapshot/seconds")]
     assert len(rows) == 1
@@ -251,50 +271,82 @@ def test_a_resumed_fit_continues_its_run_after_another_run(tmp_path):
     assert resolve_version(snap, "features")["version"] == "epoch=2-step=12"
 
 
-def test_features_are_written_once_per_version_without_copies(tmp_path, monkeypatch):
+def test_features_are_streamed_to_disk_in_rounds(tmp_path, monkeypatch):
+    from lightning_fastif.io.atomic import TensorFileWriter
     from lightning_fastif.lightning.snapshots import features as features_module
 
-    saved = []
-    real_index = features_module.KNNIndex
-
-    class RecordingIndex(real_index):
-        def __init__(self, feats, ids, **kwargs):
-            saved.append((feats, ids))
-            super().__init__(feats, ids, **kwargs)
-
-    monkeypatch.setattr(features_module, "KNNIndex", RecordingIndex)
-    extracted = []
+    # One batch of 4 per round: 37 examples are embedded and written in 10 pieces, never held all at once.
+    monkeypatch.setattr(features_module, "_ROUND_BATCHES", 1)
+    sizes = []
     real_extract = features_module.extract_features
 
     def recording_extract(*args, **kwargs):
-        extracted.append(real_extract(*args, **kwargs))
-        return extracted[-1]
+        sizes.append(len(kwargs["indices"]))
+        return real_extract(*args, **kwargs)
 
     monkeypatch.setattr(features_module, "extract_features", recording_extract)
-    snapshot = FeatureSnapshot(
-        dirpath=tmp_path / "s", layer="body", every_n_epochs=1, datasets={"val": make_dataset(13, seed=1)}
-    )
-    _trainer(tmp_path, [snapshot], max_epochs=2).fit(TinyClassifier(), TinyDataModule())
-    # Two versions (the end of fit is the step of the last epoch's snapshot) x two datasets: four files, each once.
-    assert len(saved) == len(extracted) == 4
-    # One process embeds in index order: the tensor written is the one extracted, not a copy of it.
-    assert all(f.data_ptr() == e.data_ptr() for (f, _), e in zip(saved, extracted, strict=True))
+    snapshot = FeatureSnapshot(dirpath=tmp_path / "s", layer="body", batch_size=4)
+    model = TinyClassifier()
+    data = TinyDataModule()
+    _trainer(tmp_path, [snapshot], max_epochs=1).fit(model, data)
+    assert sizes == [4] * 9 + [1]
+    # The streamed file equals the features embedded in memory in one go.
+    features, indices, _ = read_feature_snapshot(tmp_path / "s")
+    assert indices.tolist() == list(range(37))
+    assert torch.equal(features, real_extract(model, data.train_set, layer="body", batch_size=4))
+    assert _no_tmp_files(tmp_path / "s")
 
-    # Rows gathered out of order (as under DDP) are sorted by dataset index before they are written.
-    feats, ids = torch.arange(12.0).view(6, 2), torch.tensor([3, 4, 5, 0, 1, 2])
-    record = snapshot._write(str(tmp_path / "w"), "v", "train", feats, ids)
-    assert record == {
-        "file": "train.safetensors",
-        "index_file": None,
-        "n": 6,
-        "dim": 2,
-        "index": {"kind": "flat", "nlist": None, "nprobe": 8, "tuning": None},
-    }
-    stored = load_tensors(feature_file(tmp_path / "w", "v", "train"))
+    # Rows gathered rank by rank (as under DDP) go to their dataset index, run by run, without reordering.
+    path = tmp_path / "w" / "train.safetensors"
+    with TensorFileWriter(path, {"indices": (torch.int64, (6,)), "features": (torch.float32, (6, 2))}) as writer:
+        snapshot._write_rows(writer, "train", torch.arange(12.0).view(6, 2), torch.tensor([3, 4, 5, 0, 1, 2]))
+    stored = load_tensors(path)
     assert stored["indices"].tolist() == [0, 1, 2, 3, 4, 5]
     assert stored["features"][:, 0].tolist() == [6.0, 8.0, 10.0, 0.0, 2.0, 4.0]
-    with pytest.raises(SnapshotError, match="not each of 0..2 exactly once"):
-        snapshot._write(str(tmp_path / "w"), "v", "train", torch.zeros(3, 2), torch.tensor([0, 1, 1]))
+    with (
+        pytest.raises(SnapshotError, match="not each of 0..N-1 exactly once"),
+        TensorFileWriter(
+            tmp_path / "w" / "d.safetensors", {"indices": (torch.int64, (3,)), "features": (torch.float32, (3, 2))}
+        ) as writer,
+    ):
+        snapshot._write_rows(writer, "train", torch.zeros(3, 2), torch.tensor([0, 1, 1]))
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["train.safetensors"]
+
+
+def test_interrupted_feature_writes_leave_nothing(tmp_path, monkeypatch):
+    from lightning_fastif.io.atomic import TensorFileWriter
+    from lightning_fastif.lightning.snapshots import features as features_module
+
+    monkeypatch.setattr(features_module, "_ROUND_BATCHES", 1)
+    calls = []
+    real_extract = features_module.extract_features
+
+    def failing_extract(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the third round: two rounds already on disk, in the temporary file
+            raise RuntimeError("embedding broke")
+        return real_extract(*args, **kwargs)
+
+    monkeypatch.setattr(features_module, "extract_features", failing_extract)
+    snapshot = FeatureSnapshot(dirpath=tmp_path / "s", layer="body", batch_size=4)
+    with pytest.raises(RuntimeError, match="embedding broke"):
+        _trainer(tmp_path, [snapshot], max_epochs=1).fit(TinyClassifier(), TinyDataModule())
+    assert not list((tmp_path / "s").rglob("*.safetensors"))
+    assert _no_tmp_files(tmp_path / "s")
+
+    # A failing write (a full disk): reported as a SnapshotError, no file, no version in the manifest.
+    monkeypatch.setattr(features_module, "extract_features", real_extract)
+
+    def full_disk(self, name, rows, row=0):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(TensorFileWriter, "write", full_disk)
+    snapshot = FeatureSnapshot(dirpath=tmp_path / "t", layer="body", batch_size=4)
+    with pytest.raises(SnapshotError, match="No space left on device"):
+        _trainer(tmp_path, [snapshot], max_epochs=1).fit(TinyClassifier(), TinyDataModule())
+    assert not list((tmp_path / "t").rglob("*.safetensors"))
+    assert _no_tmp_files(tmp_path / "t")
+    assert read_snapshot_manifest(tmp_path / "t", missing_ok=True)["features"]["versions"] == {}
 
 
 def test_constructor_validation():

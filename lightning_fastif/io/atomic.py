@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -288,3 +289,187 @@ def manifest_member(dirpath: PathLike, field: str, value: Any, *, inside: PathLi
             f"{value!r} (a path elsewhere, a subdirectory or an absolute path is refused)"
         )
     return Path(inside if inside is not None else dirpath) / value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Streamed safetensors files and memory-mapped reading
+# ---------------------------------------------------------------------------------------------------------------------
+
+_SAFETENSORS_DTYPES: dict[torch.dtype, tuple[str, str]] = {
+    torch.float64: ("F64", "<f8"),
+    torch.float32: ("F32", "<f4"),
+    torch.float16: ("F16", "<f2"),
+    torch.int64: ("I64", "<i8"),
+    torch.int32: ("I32", "<i4"),
+    torch.int16: ("I16", "<i2"),
+    torch.int8: ("I8", "i1"),
+    torch.uint8: ("U8", "u1"),
+    torch.bool: ("BOOL", "?"),
+}
+_NUMPY_OF_SAFETENSORS = dict(_SAFETENSORS_DTYPES.values())
+
+
+class TensorFileWriter:
+    """Write a safetensors file piece by piece, atomically: the whole set never has to be in memory at once.
+
+    The shapes and dtypes are declared up front, so the header (and every tensor's place in the file) is known
+    before any data; :meth:`write` then puts rows of one tensor at their position as they come (in any order, each
+    row once). The file is a temporary one next to ``path`` until the ``with`` block ends with every row of every
+    tensor written: it is then flushed to disk and renamed onto ``path``. An exception inside the block (or rows left
+    unwritten) removes the temporary file and leaves ``path`` as it was. The result reads with ``safetensors`` like
+    any other file, and :func:`map_tensors` maps it without copying.
+
+    Args:
+        path: destination file (its directory is created when missing).
+        tensors: name -> ``(dtype, shape)``, in the order they lie in the file; dtypes of fixed width with a numpy
+            equivalent (float16/32/64, int8-64, uint8, bool).
+        metadata: optional str -> str pairs stored in the header.
+
+    Raises:
+        TypeError: a dtype without a safetensors/numpy equivalent, or metadata that is not str -> str.
+        ValueError: (at the end of the block, or from :meth:`write`) rows written twice, outside the declared
+            shape, of the wrong dtype or trailing shape, or rows left unwritten.
+
+    Example::
+
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "t.safetensors"
+        >>> with TensorFileWriter(p, {"x": (torch.float32, (4, 2))}) as writer:
+        ...     writer.write("x", torch.ones(2, 2), row=2)
+        ...     writer.write("x", torch.zeros(2, 2), row=0)
+        >>> load_tensors(p)["x"][:, 0].tolist()
+        [0.0, 0.0, 1.0, 1.0]
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        tensors: Mapping[str, tuple[torch.dtype, tuple[int, ...] | list[int]]],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        meta = dict(metadata or {})
+        if any(not isinstance(k, str) or not isinstance(v, str) for k, v in meta.items()):
+            raise TypeError(f"metadata: keys and values must be str (safetensors header), got {meta!r}")
+        self.path = Path(path)
+        self._layout: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        header: dict[str, Any] = {"__metadata__": meta} if meta else {}
+        offset = 0
+        for name, (dtype, shape) in tensors.items():
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise TypeError(f"tensors[{name!r}]: dtype {dtype} has no fixed-width safetensors/numpy equivalent")
+            shape = tuple(int(s) for s in shape)
+            row_bytes = math.prod(shape[1:]) * torch.empty(0, dtype=dtype).element_size()
+            size = (shape[0] if shape else 1) * row_bytes
+            header[name] = {
+                "dtype": _SAFETENSORS_DTYPES[dtype][0],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            self._layout[name] = (dtype, shape, offset, row_bytes)
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # as safetensors pads it: the data starts 8-byte aligned
+        self._header = len(raw).to_bytes(8, "little") + raw
+        self._data_bytes = offset
+        self._written = {
+            name: torch.zeros(shape[0] if shape else 1, dtype=torch.bool)
+            for name, (_, shape, _, _) in self._layout.items()
+        }
+        self._file: Any = None
+        self._context: Any = None
+
+    def __enter__(self) -> TensorFileWriter:
+        self._context = atomic_path(self.path)
+        tmp = self._context.__enter__()
+        self._file = open(tmp, "wb")  # noqa: SIM115 - closed in __exit__, before the rename
+        self._file.write(self._header)
+        self._file.truncate(len(self._header) + self._data_bytes)  # sparse until written
+        return self
+
+    def write(self, name: str, rows: Tensor, row: int = 0) -> None:
+        """Write ``rows`` (``[r, *shape[1:]]``) of tensor ``name`` from row ``row`` on.
+
+        Raises:
+            ValueError: unknown name, wrong dtype/trailing shape, rows outside the tensor or already written.
+        """
+        if self._file is None:
+            raise ValueError("TensorFileWriter.write: use it inside its with block")
+        if name not in self._layout:
+            raise ValueError(f"name: expected one of {sorted(self._layout)}, got {name!r}")
+        dtype, shape, start, row_bytes = self._layout[name]
+        rows = rows.detach().cpu()
+        if rows.dtype != dtype or tuple(rows.shape[1:]) != shape[1:]:
+            raise ValueError(
+                f"rows: expected {dtype} rows of shape {shape[1:]} for {name!r}, got {rows.dtype} {tuple(rows.shape)}"
+            )
+        count = int(rows.shape[0])
+        written = self._written[name]
+        if row < 0 or row + count > written.numel():
+            raise ValueError(f"row: rows {row}..{row + count - 1} are outside {name!r}'s {written.numel()} rows")
+        if bool(written[row : row + count].any()):
+            raise ValueError(f"row: some of the rows {row}..{row + count - 1} of {name!r} were written already")
+        self._file.seek(len(self._header) + start + row * row_bytes)
+        # A view of the tensor's own memory: nothing is copied on the way to the file.
+        self._file.write(memoryview(rows.contiguous().numpy()).cast("B"))
+        written[row : row + count] = True
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        context, self._context = self._context, None
+        file, self._file = self._file, None
+        file.close()
+        if exc_type is None:
+            missing = {name: int((~w).sum()) for name, w in self._written.items() if not bool(w.all())}
+            if missing:
+                err = ValueError(f"TensorFileWriter: rows left unwritten in {self.path.name}: {missing}")
+                context.__exit__(ValueError, err, None)
+                raise err
+        context.__exit__(exc_type, exc, tb)
+
+
+def map_tensors(path: PathLike) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, memory-mapped: reading costs no copy, pages load as they are touched.
+
+    Each tensor is a copy-on-write map of its bytes in the file (``numpy.memmap(mode="c")``): writing to it changes
+    this process's pages, never the file. Dtypes without a numpy equivalent (bfloat16) are read with
+    :func:`load_tensors` instead.
+
+    Raises:
+        SnapshotNotFoundError: if the file does not exist.
+        SnapshotError: if it is not a readable safetensors file.
+
+    Example::
+
+        >>> import tempfile
+        >>> p = save_tensors(Path(tempfile.mkdtemp()) / "t.safetensors", {"a": torch.arange(3.0)})
+        >>> map_tensors(p)["a"].tolist()
+        [0.0, 1.0, 2.0]
+    """
+    import numpy as np
+
+    path = Path(path)
+    _require_file(path, "tensor file")
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        size = path.stat().st_size
+        out: dict[str, Tensor] = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _NUMPY_OF_SAFETENSORS:
+                return load_tensors(path)
+            begin, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+            if 8 + length + end > size:
+                raise ValueError(f"tensor {name!r} ends past the end of the file")
+            if begin == end:
+                out[name] = torch.from_numpy(np.zeros(shape, dtype=_NUMPY_OF_SAFETENSORS[info["dtype"]]))
+                continue
+            array = np.memmap(
+                path, dtype=_NUMPY_OF_SAFETENSORS[info["dtype"]], mode="c", offset=8 + length + begin, shape=shape
+            )
+            out[name] = torch.from_numpy(array)
+        return out
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SnapshotError(f"tensor file is corrupted or not a safetensors file: {path} ({err})") from err

@@ -5,7 +5,8 @@ index and users read, one directory::
 
     <dirpath>/manifest.json                                   runs and versions of each kind (below)
     <dirpath>/features/<version>/<dataset>.safetensors        "features" [N, D] float32, "indices" [N] int64 (sorted)
-    <dirpath>/features/<version>/<dataset>.faiss              a trained FAISS IVF index (index="ivf" only)
+    <dirpath>/features/<version>/<dataset>.faiss              a FAISS IVF index built from those features, cached
+                                                              at its first search (see ``record_index_cache``)
     <dirpath>/features/<version>/last_layer_hessian.safetensors   "last_layer_hessian" [P, P] (loss gradients)
     <dirpath>/features/<version>/last_layer_kfac/             the last layer's K-FAC factors instead (KFACFactors.save)
     <dirpath>/checkpoints/<version>.safetensors               model weights (parameter name -> tensor)
@@ -53,6 +54,7 @@ from lightning_fastif.io.atomic import (
     load_tensors,
     manifest_member,
     manifest_path,
+    map_tensors,
     read_manifest,
     write_manifest,
 )
@@ -94,6 +96,7 @@ __all__ = [
     "load_checkpoint",
     "read_feature_snapshot",
     "read_snapshot_manifest",
+    "record_index_cache",
     "record_version",
     "resolve_version",
     "snapshot_versions",
@@ -163,7 +166,8 @@ def dataset_record(dirpath: PathLike, version: str, dataset: str, n: int, dim: i
 
     Returns:
         ``{"file", "index_file", "n", "dim"}``: plain file names inside ``features/<version>/``; ``index_file`` is
-        ``None`` unless a FAISS index was saved next to the features.
+        ``None`` unless a FAISS index was saved next to the features (an index built later, at the first search,
+        is added by :func:`record_index_cache`).
     """
     path = feature_file(dirpath, version, dataset)
     faiss_file = path.with_suffix(FAISS_SUFFIX)
@@ -425,6 +429,34 @@ def record_version(dirpath: PathLike, kind: SnapshotKind, version: str, entry: M
     write_manifest(dirpath, manifest)
 
 
+def record_index_cache(dirpath: PathLike, version: str, dataset: str, index: Mapping[str, Any]) -> bool:
+    """Record a kNN index built after the snapshot (at its first search) in the dataset's manifest record.
+
+    Sets the record's ``index_file`` (the cache's plain file name) and updates its ``index`` settings with
+    ``index`` (``kind``, ``nlist``, ``nprobe``, ``tuning``, ``features_fingerprint``: the fingerprint of the
+    features file the cache was built from, the same as the record's ``fingerprint``, so a reader can tell a
+    stale cache). Nothing is written when the version or dataset is gone, or the record's ``fingerprint``
+    differs from ``index["features_fingerprint"]`` (the features were rewritten meanwhile).
+
+    Returns:
+        True when the manifest was updated.
+
+    Raises:
+        SnapshotError: if the manifest is corrupted or ``index["file"]`` is not a plain name.
+    """
+    manifest = read_snapshot_manifest(dirpath, missing_ok=True)
+    record = manifest[FEATURES_DIR]["versions"].get(version, {}).get("datasets", {}).get(dataset)
+    if not isinstance(record, dict) or record.get("fingerprint") != index.get("features_fingerprint"):
+        return False
+    settings = dict(index)
+    file = settings.pop("file", None)
+    _member(dirpath, FEATURES_DIR, version, f"datasets[{dataset!r}].index_file", file)
+    record["index_file"] = file
+    record["index"] = {**dict(record.get("index") or {}), **settings}
+    write_manifest(dirpath, manifest)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------------------------
@@ -485,7 +517,9 @@ def read_feature_snapshot(
         version: see :func:`resolve_version` (default: the latest of the current run).
 
     Returns:
-        ``(features [N, D] float32, indices [N] int64, manifest entry)``; rows are sorted by dataset index.
+        ``(features [N, D] float32, indices [N] int64, manifest entry)``; rows are sorted by dataset index. The
+        tensors are copy-on-write memory maps of the file (pages load as they are read; writing to them never
+        changes the file).
 
     Raises:
         SnapshotNotFoundError: if the directory, manifest, version, dataset or file is missing.
@@ -496,7 +530,7 @@ def read_feature_snapshot(
         >>> features, indices, entry = read_feature_snapshot("runs/fastif_snapshot")  # doctest: +SKIP
     """
     path, entry = feature_snapshot_file(dirpath, dataset, version)
-    tensors = load_tensors(path)
+    tensors = map_tensors(path)  # memory-mapped: reading a large set costs no copy
     missing = {"features", "indices"} - set(tensors)
     if missing:
         raise SnapshotError(f"feature file {path} lacks tensors {sorted(missing)} (holds {sorted(tensors)})")

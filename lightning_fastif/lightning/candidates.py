@@ -205,13 +205,20 @@ class QuerySource:
             return self.precondition(g_test, damping)
         return features_of_batch(model, batch, layer=layer, hook=self.search.feature_hook)
 
-    def nearest(self, index: KNNIndex, queries: Tensor, k: int) -> Tensor:
+    def nearest(self, index: KNNIndex, queries: Tensor, k: int, *, progress: bool = False) -> Tensor:
         """``[Q, k]`` (or ``[Q, 2k]`` for ``knn_sign="both"``) candidate ids of each query, nearest first.
+
+        Args:
+            index: the index searched (built here at its first search).
+            queries: ``[Q, D]`` query features.
+            k: neighbours per direction.
+            progress: show a bar while the index is built (an IVF index is trained and tuned at its first search).
 
         Raises:
             RuntimeError: an approximate (IVF) index found fewer than ``k`` neighbours.
         """
         queries = queries.detach().float().cpu()
+        index.build(progress="fastif: kNN index" if progress else False)
         if self.kind == "loss_gradient" and index.metric != "l2":
             _, ids = index.search_signed(queries, k, _SEARCH_SIGN[self.search.knn_sign or "both"])
         else:

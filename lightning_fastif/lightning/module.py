@@ -452,7 +452,7 @@ class InfluenceModule(LightningModule):
         index = pool.index if pool is not None else self.knn_index
         assert index is not None
         with stages("knn"):
-            ids = self.queries.nearest(index, queries, k)
+            ids = self.queries.nearest(index, queries, k, progress=self._progress_enabled())
         return ids.expand(rows, ids.shape[1]).contiguous() if ids.shape[0] != rows else ids
 
     def _compute(

@@ -16,9 +16,13 @@ with a gradient embedding the most helpful *and* the most harmful training point
 ``kind="flat"`` is exact; ``kind="ivf"`` (FAISS only) is an inverted file index, approximate, for large N
 (``nlist`` clusters, ``nprobe`` of them searched per query). ``kind="auto"`` (the default) is flat below
 ``AUTO_IVF_MIN_SIZE`` examples (or without FAISS) and IVF above it, with ``nprobe`` raised until the recall of the
-exact ``k`` nearest neighbours of sampled indexed examples reaches ``target_recall`` (:meth:`KNNIndex.tune`); the
-measured recall is kept in :attr:`KNNIndex.tuning` and saved with the index, so a snapshot says how approximate
-its search is.
+exact ``k`` nearest neighbours of sampled indexed examples, each searched as if held out (its own row dropped),
+reaches ``target_recall`` (:meth:`KNNIndex.tune`); the measured recall is kept in :attr:`KNNIndex.tuning` and saved
+with the index, so a snapshot says how approximate its search is.
+
+**One copy of the features.** The index keeps the features tensor it is given (a snapshot's is memory-mapped from
+the file, :mod:`lightning_fastif.search.index_files`): on CPU the exact search runs in torch over it, chunked (a
+FAISS flat index would copy it and search no faster), and an IVF index adds it to FAISS's lists chunk by chunk.
 
 FAISS is detected once, lazily (``import lightning_fastif`` does not import it). With FAISS a GPU index is used
 when CUDA and a FAISS GPU build are present (``faiss.get_num_gpus() > 0``). Without FAISS the exact search runs
@@ -28,7 +32,6 @@ without a FAISS GPU build). This module imports no Lightning.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -38,10 +41,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_fastif.errors import SnapshotError, check_choice, check_number
-from lightning_fastif.io.atomic import PathLike, atomic_write_bytes, load_tensors, read_tensor_metadata, save_tensors
-from lightning_fastif.io.snapshot_store import feature_snapshot_file
+from lightning_fastif.errors import check_choice, check_number
 from lightning_fastif.metrics import knn_recall as knn_recall  # moved to metrics; this path still imports it
+from lightning_fastif.search.index_files import KNN_FORMAT as KNN_FORMAT
+from lightning_fastif.search.index_files import IndexFiles
+from lightning_fastif.search.index_files import features_layout as features_layout
+from lightning_fastif.search.index_files import features_metadata as features_metadata
 from lightning_fastif.search.ivf import (
     AUTO_IVF_MIN_SIZE,
     IVF_TRAIN_POINTS_PER_LIST,
@@ -58,14 +63,9 @@ Sign = Literal["positive", "negative", "both"]
 IndexKind = Literal["flat", "ivf", "auto"]
 Backend = Literal["auto", "faiss", "torch"]
 
-KNN_FORMAT = "lightning_fastif.knn"
 _GPU_MAX_K = 2048  # FAISS GPU indices select at most 2048 neighbours (and probe at most 2048 lists)
 _BLOCK_ELEMENTS = 1 << 24  # distance block of the torch search: 64 MB of float32
 _DB_CHUNK = 1 << 16
-
-
-def _check_choice(name: str, value: Any, accepted: tuple[Any, ...]) -> None:
-    check_choice(name, value, accepted)
 
 
 def _rowwise_isin(values: Tensor, found: Tensor) -> Tensor:
@@ -78,7 +78,16 @@ def _rowwise_isin(values: Tensor, found: Tensor) -> Tensor:
     return ordered.gather(1, pos) == values
 
 
-class KNNIndex:
+def _progress_bar(progress: bool | str, total: int, default: str) -> Any:
+    """A tqdm bar when ``progress`` is truthy (a string is its description), else ``None``."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=progress if isinstance(progress, str) else default, leave=False)
+
+
+class KNNIndex(IndexFiles):
     """Exact or IVF nearest-neighbour search over features, returning dataset indices.
 
     Args:
@@ -122,19 +131,20 @@ class KNNIndex:
         backend: Backend = "auto",
         target_recall: float = 0.99,
     ) -> None:
-        _check_choice("metric", metric, ("l2", "cosine", "ip"))
-        _check_choice("kind", kind, ("flat", "ivf", "auto"))
+        check_choice("metric", metric, ("l2", "cosine", "ip"))
+        check_choice("kind", kind, ("flat", "ivf", "auto"))
         self.target_recall = float(check_number("target_recall", target_recall, low=0, high=1, low_open=True))
-        _check_choice("backend", backend, ("auto", "faiss", "torch"))
-        _check_choice("use_gpu", use_gpu, ("auto", True, False))
+        check_choice("backend", backend, ("auto", "faiss", "torch"))
+        check_choice("use_gpu", use_gpu, ("auto", True, False))
         if not isinstance(features, Tensor) or features.dim() != 2 or not features.is_floating_point():
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
             raise ValueError(f"features: expected a float tensor [N, D], got {shape}")
         n, d = features.shape
         if n < 1 or d < 1:
             raise ValueError(f"features: expected at least one row and one column, got shape {(n, d)}")
-        if not bool(torch.isfinite(features).all()):
-            raise ValueError("features: contains NaN or infinite values")
+        for start in range(0, n, _DB_CHUNK):  # in chunks: no [N, D] mask next to a large (memory-mapped) set
+            if not bool(torch.isfinite(features[start : start + _DB_CHUNK]).all()):
+                raise ValueError("features: contains NaN or infinite values")
         if ids is None:
             ids = torch.arange(n)
         ids = torch.as_tensor(ids)
@@ -166,6 +176,7 @@ class KNNIndex:
             what = "a FAISS GPU build with a visible GPU" if backend == "faiss" else "CUDA"
             raise RuntimeError(f"use_gpu: True, but {what} is not available; use use_gpu='auto' or False")
 
+        # Float32 on CPU as given (a memory-mapped snapshot file stays mapped): the index holds no copy of its own.
         self._features = features.detach().to(device="cpu", dtype=torch.float32).contiguous()
         self._ids = ids
         self._metric: Metric = metric
@@ -178,8 +189,10 @@ class KNNIndex:
         self._cpu_index: Any = None
         self._gpu_resources: Any = None
         self._quantizer: Any = None
-        self._db: Tensor | None = None  # torch backend: searchable copy (normalised for cosine) on its device
+        self._db: Tensor | None = None  # exact torch search: the features themselves on CPU, a copy on a GPU
         self._db_sq_norms: Tensor | None = None
+        self._db_inv_norms: Tensor | None = None  # cosine on CPU: similarities are scaled instead of a normalised copy
+        self._cache: tuple[Path, str, Any] | None = None  # (file, features fingerprint, on_saved): see load()
         self.tuning: dict[str, Any] | None = None
         """How well an IVF search finds the exact neighbours (set by :meth:`tune`; ``None`` for exact indices)."""
 
@@ -286,15 +299,34 @@ class KNNIndex:
         else:
             faiss.ParameterSpace().set_index_parameter(index, "nprobe", self._nprobe)
 
-    def _build(self) -> None:
-        if self._backend == "torch":
-            device = torch.device("cuda") if self._on_gpu else torch.device("cpu")
-            self._db = self._vectors().to(device)
-            self._db_sq_norms = (self._db * self._db).sum(1) if self._metric == "l2" else None
+    def _exact_in_torch(self) -> bool:
+        """Exact searches run in torch (chunked matmul + top-k) over the features themselves, except on a FAISS GPU."""
+        return self._backend == "torch" or (self._kind == "flat" and not self._on_gpu)
+
+    def _row_norms(self) -> Tensor:
+        return torch.cat([c.norm(dim=1) for c in self._features.split(_DB_CHUNK)])
+
+    def _vector_chunks(self) -> Any:
+        """The vectors FAISS indexes, ``_DB_CHUNK`` rows at a time (normalised for cosine: one chunk at a time)."""
+        for chunk in self._features.split(_DB_CHUNK):
+            if self._metric == "cosine":
+                chunk = torch.nn.functional.normalize(chunk, dim=1)
+            yield np.ascontiguousarray(chunk.numpy())
+
+    def _build(self, progress: bool | str = False) -> None:
+        if self._exact_in_torch():
+            if self._on_gpu:
+                self._db = self._vectors().to("cuda")
+            else:
+                # No copy: a FAISS flat index would hold the features a second time, and searches no faster.
+                self._db = self._features
+                if self._metric == "cosine":
+                    self._db_inv_norms = 1.0 / self._row_norms().clamp_min(1e-12)
+            if self._metric == "l2":
+                self._db_sq_norms = torch.cat([(c * c).sum(1) for c in self._db.split(_DB_CHUNK)])
             return
         import faiss
 
-        x = np.ascontiguousarray(self._vectors().numpy())
         metric = self._faiss_metric()
         if self._kind == "flat":
             index = faiss.IndexFlat(self.dim, metric)
@@ -306,25 +338,63 @@ class KNNIndex:
             index.cp.min_points_per_centroid = 1
         if self._on_gpu:
             index = self._to_gpu(index)
-        if self._kind == "ivf":
-            # A sample trains the centroids as well as the whole set, at a fraction of the k-means cost.
-            size = min(self.ntotal, IVF_TRAIN_POINTS_PER_LIST * (self._nlist or 1))
-            sample = torch.randperm(self.ntotal, generator=torch.Generator().manual_seed(0))[:size].sort().values
-            index.train(x if size == self.ntotal else np.ascontiguousarray(x[sample.numpy()]))
-        index.add(x)
-        self._set_nprobe(index)
-        self._index = index
-        self._cpu_index = None if self._on_gpu else index
-        if self._auto and self._kind == "ivf" and self.tuning is None:
-            self.tune(min(TUNE_K, self.ntotal), target_recall=self.target_recall)
+        bar = _progress_bar(progress, self.ntotal, f"kNN index ({self._kind})")
+        try:
+            if self._kind == "ivf":
+                # A sample trains the centroids as well as the whole set, at a fraction of the k-means cost.
+                size = min(self.ntotal, IVF_TRAIN_POINTS_PER_LIST * (self._nlist or 1))
+                sample = torch.randperm(self.ntotal, generator=torch.Generator().manual_seed(0))[:size].sort().values
+                train = self._features[sample]
+                if self._metric == "cosine":
+                    train = torch.nn.functional.normalize(train, dim=1)
+                if bar is not None:
+                    bar.set_postfix_str(f"training {self._nlist} lists")
+                index.train(np.ascontiguousarray(train.numpy()))
+                del train
+            if bar is not None:
+                bar.set_postfix_str("adding")
+            for chunk in self._vector_chunks():  # FAISS copies each chunk into its lists: no second [N, D] copy here
+                index.add(chunk)
+                if bar is not None:
+                    bar.update(chunk.shape[0])
+            self._set_nprobe(index)
+            self._index = index
+            self._cpu_index = None if self._on_gpu else index
+            if self._auto and self._kind == "ivf" and self.tuning is None:
+                if bar is not None:
+                    bar.set_postfix_str("tuning nprobe")
+                self.tune(max(1, min(TUNE_K, self.ntotal - 1)), target_recall=self.target_recall)
+            if self._cache is not None:
+                if bar is not None:
+                    bar.set_postfix_str("caching")
+                self._write_cache()
+        finally:
+            if bar is not None:
+                bar.close()
 
-    def _ensure_built(self) -> None:
+    def _ensure_built(self, progress: bool | str = False) -> None:
         if self._index is None and self._db is None:
-            self._build()
+            self._build(progress)
 
-    def build(self) -> KNNIndex:
-        """Build the index now (trains IVF) instead of at the first search or save; idempotent. Returns ``self``."""
-        self._ensure_built()
+    def build(self, progress: bool | str = False) -> KNNIndex:
+        """Build the index now instead of at the first search or save; idempotent.
+
+        A FAISS IVF index is trained, filled chunk by chunk, tuned (``kind="auto"``) and, when loaded from a
+        snapshot, cached next to its features; an exact one only prepares norms over the features.
+
+        Args:
+            progress: show a tqdm bar over the vectors added (IVF with FAISS; a string is its description).
+
+        Returns:
+            ``self``.
+
+        Example::
+
+            >>> index = KNNIndex(torch.randn(20, 3), kind="flat", backend="torch").build()
+            >>> index.search(index.features[:1], k=1)[1].tolist()
+            [[0]]
+        """
+        self._ensure_built(progress)
         return self
 
     def _faiss_cpu_index(self) -> Any:
@@ -382,7 +452,7 @@ class KNNIndex:
         self._ensure_built()
         if q.shape[0] == 0:
             return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
-        if self._backend == "torch":
+        if self._db is not None:
             return self._torch_search(q, k)
         return self._faiss_search(q, k)
 
@@ -408,7 +478,7 @@ class KNNIndex:
         return distances, ids
 
     def _torch_search(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        db, sq_norms = self._db, self._db_sq_norms
+        db, sq_norms, inv_norms = self._db, self._db_sq_norms, self._db_inv_norms
         if db is None:
             raise RuntimeError("KNNIndex: the torch index was not built")
         q = q.to(db.device)
@@ -420,6 +490,8 @@ class KNNIndex:
 
         def block_topk(qc: Tensor, start: int) -> tuple[Tensor, Tensor]:
             sim = qc @ db[start : start + db_chunk].T
+            if inv_norms is not None:
+                sim.mul_(inv_norms[start : start + db_chunk])
             if sq_norms is not None:
                 dist = ((qc * qc).sum(1, keepdim=True) - 2.0 * sim + sq_norms[start : start + db_chunk]).clamp_min_(0)
             else:
@@ -497,7 +569,7 @@ class KNNIndex:
             >>> index.search_signed(torch.tensor([[1.0, 0.0]]), k=1, sign="both")[1].tolist()
             [[0, 1]]
         """
-        _check_choice("sign", sign, ("positive", "negative", "both"))
+        check_choice("sign", sign, ("positive", "negative", "both"))
         if sign != "positive" and self._metric == "l2":
             raise ValueError(
                 f"sign: {sign!r} needs a similarity index (metric 'ip' or 'cosine'), this one is 'l2'; use "
@@ -527,135 +599,3 @@ class KNNIndex:
         return torch.cat([first_d, second_d], 1), torch.cat([first_ids, second_ids], 1)
 
     # ---------------------------------------------------------------------------------------------- persistence
-    def save(self, dirpath: PathLike, name: str = "index") -> Path:
-        """Save the index to ``<dirpath>/<name>.safetensors`` (+ ``<name>.faiss`` for a trained FAISS IVF).
-
-        The safetensors file holds the tensors ``features`` [N, D] and ``indices`` [N] and the index settings in
-        its header; a flat index is rebuilt from it on load, an IVF one is read back without retraining.
-
-        Returns:
-            The path of the safetensors file.
-        """
-        if self._kind == "ivf" and self._backend == "faiss":
-            self._ensure_built()  # trains and, for kind="auto", tunes nprobe: the settings saved are the ones used
-        meta = {
-            "format": KNN_FORMAT,
-            "metric": self._metric,
-            "kind": self._kind,
-            "nlist": str(self._nlist or ""),
-            "nprobe": str(self._nprobe),
-            "tuning": json.dumps(self.tuning),
-        }
-        tensors = {"features": self._features, "indices": self._ids}
-        path = save_tensors(Path(dirpath) / f"{name}.safetensors", tensors, meta)
-        faiss_file = Path(dirpath) / f"{name}.faiss"
-        if self._kind == "ivf" and self._backend == "faiss":
-            import faiss
-
-            atomic_write_bytes(faiss_file, faiss.serialize_index(self._faiss_cpu_index()).tobytes())
-        elif faiss_file.exists():
-            faiss_file.unlink()  # left by an earlier IVF save under this name; it would not match these features
-        return path
-
-    def _adopt_faiss_file(self, path: Path) -> None:
-        """Use a serialised IVF index instead of training a new one; it must match these features."""
-        import faiss
-
-        try:
-            raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
-            cpu_index = faiss.deserialize_index(raw)
-        except (RuntimeError, OSError) as err:
-            raise SnapshotError(f"FAISS index file is corrupted: {path} ({err})") from err
-        nlist = getattr(faiss.extract_index_ivf(cpu_index), "nlist", None) if self._kind == "ivf" else None
-        if cpu_index.ntotal != self.ntotal or cpu_index.d != self.dim or cpu_index.metric_type != self._faiss_metric():
-            raise SnapshotError(
-                f"FAISS index file {path} does not match its features: ntotal {cpu_index.ntotal} vs {self.ntotal}, "
-                f"dim {cpu_index.d} vs {self.dim}"
-            )
-        if nlist is not None:
-            self._nlist = int(nlist)
-            self._nprobe = min(self._nprobe, self._nlist)
-        self._cpu_index = cpu_index
-        self._index = self._to_gpu(cpu_index) if self._on_gpu else cpu_index
-        self._set_nprobe(self._index)
-        if not self._on_gpu:
-            self._cpu_index = self._index
-
-    @classmethod
-    def load(
-        cls,
-        dirpath: PathLike,
-        name: str = "index",
-        *,
-        metric: Metric | None = None,
-        kind: IndexKind | None = None,
-        nlist: int | None = None,
-        nprobe: int | None = None,
-        use_gpu: bool | Literal["auto"] = "auto",
-        backend: Backend = "auto",
-    ) -> KNNIndex:
-        """Load an index saved with :meth:`save` (or a feature file of a snapshot).
-
-        ``metric``/``kind``/``nlist``/``nprobe`` override the saved settings; a saved FAISS IVF index is reused
-        when the settings match, otherwise the index is rebuilt from the features.
-
-        Raises:
-            SnapshotNotFoundError: if the file is missing.
-            SnapshotError: if it is corrupted or lacks the ``features``/``indices`` tensors.
-        """
-        path = Path(dirpath) / f"{name}.safetensors"
-        tensors = load_tensors(path)
-        meta = read_tensor_metadata(path)
-        if "features" not in tensors:
-            raise SnapshotError(f"index file {path} lacks the 'features' tensor (holds {sorted(tensors)})")
-        saved_nlist = int(meta["nlist"]) if meta.get("nlist") else None
-        saved_nprobe = int(meta["nprobe"]) if meta.get("nprobe") else 8
-        settings = {
-            "metric": metric or meta.get("metric", "l2"),
-            "kind": kind or meta.get("kind", "flat"),
-            "nlist": nlist or saved_nlist,
-        }
-        index = cls(
-            tensors["features"].float(),
-            tensors.get("indices"),
-            nprobe=nprobe or saved_nprobe,
-            use_gpu=use_gpu,
-            backend=backend,
-            **settings,  # type: ignore[arg-type]
-        )
-        faiss_file = Path(dirpath) / f"{name}.faiss"
-        same = settings == {"metric": meta.get("metric"), "kind": meta.get("kind"), "nlist": saved_nlist}
-        if index.kind == "ivf" and index.backend == "faiss" and same and faiss_file.exists():
-            index.tuning = json.loads(meta.get("tuning") or "null")  # the saved index was tuned already
-            index._adopt_faiss_file(faiss_file)
-        return index
-
-    @classmethod
-    def from_snapshot(
-        cls,
-        dirpath: PathLike,
-        dataset: str = "train",
-        version: str | int | None = None,
-        **kwargs: Any,
-    ) -> KNNIndex:
-        """Load the index of one dataset from a ``FeatureSnapshot`` directory.
-
-        Args:
-            dirpath: the snapshot directory (``FeatureSnapshot.snapshot_dir``).
-            dataset: ``"train"`` or a name from ``FeatureSnapshot(datasets=...)``.
-            version: ``None``/``"latest"``, a version name, or a position (``-1`` the last).
-            **kwargs: overrides passed to :meth:`load` (``metric``, ``kind``, ``nlist``, ``nprobe``, ``use_gpu``,
-                ``backend``).
-
-        Raises:
-            SnapshotNotFoundError: if the directory, manifest, version, dataset or file is missing.
-            SnapshotError: if the manifest or a file is corrupted, or the manifest names a file outside the
-                version's directory.
-
-        Example::
-
-            >>> index = KNNIndex.from_snapshot("runs/fastif_snapshot")  # doctest: +SKIP
-            >>> distances, train_ids = index.search(test_features, k=1000)  # doctest: +SKIP
-        """
-        file, _ = feature_snapshot_file(dirpath, dataset, version)
-        return cls.load(file.parent, file.name.removesuffix(".safetensors"), **kwargs)
