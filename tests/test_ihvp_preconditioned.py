@@ -92,3 +92,20 @@ def test_inverse_sqrt_apply_squares_to_inverse_apply(system):
     factors = factors_for_operator(HessianOperator(model, mse, data))
     twice = factors.inverse_sqrt_apply(factors.inverse_sqrt_apply(v, 0.1), 0.1)
     torch.testing.assert_close(twice, factors.inverse_apply(v, 0.1))
+
+
+def test_progress_bars_show_the_residual_and_change_nothing(system, capsys):
+    model, data, v = system
+    op = HessianOperator(model, mse, data)
+    results = {}
+    for progress in (False, True):
+        cg = ConjugateGradient(1e-3, max_iter=1000, tol=1e-9, residual_examples=0, preconditioner="kfac")
+        lissa = LiSSA(0.01, recursion_depth=64, batch_size=64, residual_examples=0, preconditioner="kfac")
+        cg.progress = lissa.progress = progress
+        results[progress] = (cg.solve(op, v), lissa.solve(op, v))
+    err = capsys.readouterr().err
+    assert "fastif: preconditioned CG" in err
+    assert "residual=" in err
+    assert "fastif: LiSSA" in err
+    for quiet, shown in zip(results[False], results[True], strict=True):
+        torch.testing.assert_close(shown, quiet, rtol=0, atol=0)
