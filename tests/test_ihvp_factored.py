@@ -112,6 +112,12 @@ def test_auto_inverse_keeps_lissa_without_a_factored_layer():
     estimator, why = auto.choose(op)
     assert estimator.name == "lissa"
     assert why == "P=9 > max_params=4: LiSSA (no selected layer K-FAC factors: Linear, Conv2d, Embedding)"
+    # Beyond cg_max_train examples a CG iteration (a pass over all N) costs more than LiSSA's minibatch steps.
+    few = AutoInverse(0.5, max_params=3, cg_max_train=10)
+    lin = HessianOperator(nn.Linear(3, 1).double(), mse, data)
+    assert few.choose(lin)[1] == (
+        "P=4 > max_params=3: LiSSA (N=64 > cg_max_train=10: a CG iteration is a pass over all N examples)"
+    )
     v = per_example(model, mse, TensorDataset(x[:2], data.tensors[1][:2]))
     got = auto.solve(op, v)
     assert auto.diagnostics["converged"] is True
