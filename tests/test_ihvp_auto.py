@@ -249,15 +249,28 @@ def test_auto_inverse_chooses_and_says_why(mlp, logreg):
     d = auto.diagnostics
     assert (d["estimator"], d["chose"], d["converged"]) == ("auto", "exact", True)
     assert d["why"].startswith("P=44 <= max_params=5000 and the factorisation (46.5KB) fits in half the available")
-    small = AutoInverse(MLP_DAMPING, max_params=10)
+    small = AutoInverse(MLP_DAMPING, max_params=10, preconditioner=None)
     x = small.solve(op, v)
-    assert (small.diagnostics["chose"], small.diagnostics["why"]) == ("lissa", "P=44 > max_params=10: LiSSA")
+    assert (small.diagnostics["chose"], small.diagnostics["why"]) == (
+        "lissa",
+        "P=44 > max_params=10: LiSSA (preconditioner=None)",
+    )
     assert small.diagnostics["converged"] is True
     assert pearson(x, exact) >= 0.99
+    # Beyond max_params with Linear layers selected: EK-FAC-preconditioned CG, to the float64 tolerance.
+    fast = AutoInverse(MLP_DAMPING, max_params=10)
+    x = fast.solve(op, v)
+    assert (fast.diagnostics["chose"], fast.diagnostics["why"]) == (
+        "cg",
+        "P=44 > max_params=10: ekfac-preconditioned CG (2 factored layers cover 44 of 44 parameters)",
+    )
+    assert fast.diagnostics["converged"] is True
+    assert float(((x - exact).norm(dim=-1) / exact.norm(dim=-1)).max()) < 1e-4
     budgeted = AutoInverse(MLP_DAMPING)
     tight = HessianOperator(op.function.model, cross_entropy_loss, op.data, max_memory=60_000)
-    assert budgeted.choose(tight)[0].name == "lissa"
-    assert "> half of max_memory=60KB (30KB): LiSSA" in budgeted.choose(tight)[1]
+    assert budgeted.choose(tight)[0].name == "cg"
+    assert "> half of max_memory=60KB (30KB): ekfac-preconditioned CG" in budgeted.choose(tight)[1]
+    assert AutoInverse(0.0, max_params=10).choose(op)[1].endswith("LiSSA (damping=0: the ekfac inverse needs λ > 0)")
 
 
 def test_settings_as_used_are_reported(logreg):

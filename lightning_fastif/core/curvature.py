@@ -3,7 +3,12 @@
 **The curvature is the empirical Fisher** of the mean training loss, ``G = (1/N) Σ_i g_i g_iᵀ``, with ``g_i`` the
 gradient of example ``i``'s loss as ``loss_fn`` gives it (the labels of the data). The true Fisher samples labels
 from the model's predictive distribution; ``loss_fn`` is an opaque function of a batch, so that distribution is
-not known here, and ``sample_labels=True`` is refused. Where the labels follow the model's own predictive
+not known here: ``sample_labels=True`` is refused, and ``sample_labels=sampler`` takes a function that returns the
+batch with labels drawn from the model (:func:`sample_classifier_labels` for ``(inputs, labels)`` batches of a
+classifier trained with cross-entropy). Its factors are those of the true Fisher, the Gauss-Newton matrix of a
+softmax cross-entropy, which is closer to the Hessian than the empirical Fisher off the fit: on a small tanh
+classifier (``tests/test_curvature.py``) EK-FAC self-influence correlates 0.964 instead of 0.943 with exact
+self-influence at λ = 0.05. Where the labels follow the model's own predictive
 distribution (a well-specified model near its fit) ``G`` approximates the Gauss-Newton part of the Hessian;
 elsewhere it can differ from it considerably (Kunstner et al. 2019), and no factoring makes up for that: on a small
 classifier with teacher-drawn labels at λ = 0.1 the exact ``G`` gives influence correlating 0.95 with exact
@@ -52,9 +57,16 @@ from lightning_fastif.core.curvature_layers import (
 )
 from lightning_fastif.core.grads import FunctionalLoss, LossFn, evaluating
 from lightning_fastif.core.params import ParamSpec
-from lightning_fastif.errors import ArgumentError, check_bool, check_int, check_number
+from lightning_fastif.errors import ArgumentError, check_int, check_number
 
-__all__ = ["KFACFactors", "KFACLayer", "ekfac_correct", "ekfac_self_influence", "fit_kfac"]
+__all__ = ["KFACFactors", "KFACLayer", "ekfac_correct", "ekfac_self_influence", "fit_kfac", "sample_classifier_labels"]
+
+LabelSampler = Callable[[nn.Module, Any, torch.Generator], Any]
+"""``sampler(model, batch, generator) -> batch``: the batch with its labels drawn from the model's predictive
+distribution (``generator`` seeds the draws), for factors of the true Fisher."""
+
+LABEL_SEED = 0
+"""Seeds the labels a sampler draws, so a fit is reproducible."""
 
 Progress = Callable[[int, int], Any]
 """``progress(done, total)``: called after each batch with the examples processed so far and the total."""
@@ -72,6 +84,45 @@ def _check_dtype(dtype: Any) -> torch.dtype:
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ArgumentError(f"dtype: expected a floating torch.dtype (torch.float64, torch.float32), got {dtype!r}")
     return dtype
+
+
+def _check_sampler(sample_labels: Any) -> LabelSampler | None:
+    if sample_labels is False:
+        return None
+    if callable(sample_labels):
+        return sample_labels
+    if sample_labels is True:
+        raise ArgumentError(
+            "sample_labels: expected False (the empirical Fisher, with the data's labels) or a sampler(model, batch, "
+            "generator) -> batch such as sample_classifier_labels (loss_fn is an opaque function of a batch, so "
+            "labels cannot be sampled without one), got True"
+        )
+    raise ArgumentError(
+        f"sample_labels: expected False or a callable sampler(model, batch, generator), got {sample_labels!r}"
+    )
+
+
+def sample_classifier_labels(model: nn.Module, batch: Any, generator: torch.Generator) -> Any:
+    """A :data:`LabelSampler` for classifiers: ``batch = (inputs, labels, ...)``, ``model(inputs)`` the logits of a
+    softmax cross-entropy; returns the batch with one label per example drawn from ``softmax(logits)``.
+
+    Example::
+
+        >>> net = nn.Linear(2, 3)
+        >>> x, y = torch.randn(4, 2), torch.zeros(4, dtype=torch.long)
+        >>> sample_classifier_labels(net, (x, y), torch.Generator().manual_seed(0))[1].shape
+        torch.Size([4])
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise ArgumentError(
+            f"batch: expected (inputs, labels, ...) for sample_classifier_labels, got {type(batch).__name__}"
+        )
+    inputs, labels = batch[0], batch[1]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        probs = torch.softmax(model(inputs.to(device)).double(), dim=-1).cpu()
+    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(probs.shape[:-1])
+    return (inputs, drawn.to(labels.device, labels.dtype), *batch[2:])
 
 
 def _check_factors(factors: Any) -> KFACFactors:
@@ -126,7 +177,7 @@ def fit_kfac(
     params: ParamSpec = None,
     *,
     batch_size: int = 64,
-    sample_labels: bool = False,
+    sample_labels: bool | LabelSampler = False,
     progress: Progress | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> KFACFactors:
@@ -142,7 +193,9 @@ def fit_kfac(
         train_data: a map-style ``Dataset`` or a ``DataLoader`` over one.
         params: which parameters (:func:`~lightning_fastif.core.params.select_parameters`; default all trainable).
         batch_size: examples per forward/backward pass (a memory bound; the factors do not depend on it).
-        sample_labels: must be ``False``: the empirical Fisher (labels of the data) is the curvature used.
+        sample_labels: ``False``: the empirical Fisher (labels of the data); a :data:`LabelSampler` (e.g.
+            :func:`sample_classifier_labels`): the true Fisher, with labels drawn from the model (seed
+            :data:`LABEL_SEED`); pass the same to :func:`ekfac_correct`.
         progress: ``progress(done, total)`` after each batch.
         dtype: the dtype of the factors (float64 by default).
 
@@ -163,11 +216,8 @@ def fit_kfac(
         [(5, 5), (4, 4)]
     """
     batch_size = _check_common(batch_size, progress)
-    if check_bool("sample_labels", sample_labels):
-        raise ArgumentError(
-            "sample_labels: expected False (the empirical Fisher, with the data's labels: loss_fn is an opaque "
-            "function of a batch, so labels cannot be sampled from the model), got True"
-        )
+    sampler = _check_sampler(sample_labels)
+    generator = torch.Generator().manual_seed(LABEL_SEED)
     dtype = _check_dtype(dtype)
     function = FunctionalLoss(model, loss_fn, params)
     data = IndexedData(train_data)
@@ -180,6 +230,8 @@ def fit_kfac(
     done = 0
     with evaluating(model):
         for idx, batch in data.chunks(batch_size):
+            if sampler is not None:
+                batch = sampler(model, batch, generator)
             if stream is None:
                 captured, grads, problems = LayerCapture(function, layers, modules).run(batch)
                 layers = _screen(layers, captured, grads, problems, unsupported)
@@ -311,6 +363,7 @@ def ekfac_correct(
     train_data: Any,
     *,
     batch_size: int = 64,
+    sample_labels: bool | LabelSampler = False,
     progress: Progress | None = None,
 ) -> KFACFactors:
     """EK-FAC: replace K-FAC's eigenvalues by ``Λ = (1/N) Σ_i (Q_Sᵀ G_i Q_A)²``, in a second pass over the data.
@@ -321,6 +374,7 @@ def ekfac_correct(
         factors: from :func:`fit_kfac` on the same model, parameters and data.
         model, loss_fn, train_data: as given to :func:`fit_kfac`.
         batch_size: examples per pass.
+        sample_labels: as for :func:`fit_kfac` (the true Fisher's eigenvalues with a sampler).
         progress: ``progress(done, total)`` after each batch.
 
     Returns:
@@ -340,6 +394,8 @@ def ekfac_correct(
     """
     factors = _check_factors(factors)
     batch_size = _check_common(batch_size, progress)
+    sampler = _check_sampler(sample_labels)
+    generator = torch.Generator().manual_seed(LABEL_SEED)
     stream = _bind(model, loss_fn, factors)
     data = IndexedData(train_data)
     sums = {
@@ -348,6 +404,8 @@ def ekfac_correct(
     done = 0
     with evaluating(model):
         for idx, batch in data.chunks(batch_size):
+            if sampler is not None:
+                batch = sampler(model, batch, generator)
             captured = stream.run(batch)
             for layer in factors.layers:
                 lb = captured.get(layer.spec.name)
@@ -376,6 +434,7 @@ def ekfac_self_influence(
     factors: KFACFactors | None = None,
     *,
     batch_size: int = 64,
+    sample_labels: bool | LabelSampler = False,
     progress: Progress | None = None,
 ) -> Tensor:
     """``g_iᵀ (G + λI)⁻¹ g_i`` for every training example, with ``G`` the EK-FAC curvature, in one pass.
@@ -389,6 +448,8 @@ def ekfac_self_influence(
         factors: fitted factors (EK-FAC eigenvalues when corrected, else K-FAC's); ``None`` fits K-FAC and
             corrects it first (two more passes).
         batch_size: examples per pass.
+        sample_labels: with ``factors=None``, fit the true Fisher's factors (see :func:`fit_kfac`); the scores
+            always use the data's labels.
         progress: ``progress(done, total)`` after each batch of the scoring pass.
 
     Returns:
@@ -409,8 +470,8 @@ def ekfac_self_influence(
     lam = check_number("damping", damping, low=0, low_open=True)
     batch_size = _check_common(batch_size, progress)
     if factors is None:
-        factors = fit_kfac(model, loss_fn, train_data, params, batch_size=batch_size)
-        factors = ekfac_correct(factors, model, loss_fn, train_data, batch_size=batch_size)
+        factors = fit_kfac(model, loss_fn, train_data, params, batch_size=batch_size, sample_labels=sample_labels)
+        factors = ekfac_correct(factors, model, loss_fn, train_data, batch_size=batch_size, sample_labels=sample_labels)
     stream = _bind(model, loss_fn, _check_factors(factors), params)
     data = IndexedData(train_data)
     dtype = compute_dtype(stream.function.dtype)

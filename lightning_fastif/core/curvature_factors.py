@@ -143,6 +143,16 @@ class KFACFactors:
         lam = check_number("damping", damping, low=0, low_open=True)
         return self._blockwise(vectors, lambda r, ev: r / (ev.to(r) + lam))
 
+    def inverse_sqrt_apply(self, vectors: Tensor, damping: float) -> Tensor:
+        """``(G + λI)^{-1/2} v`` for each row of ``vectors``: the symmetric square root of :meth:`inverse_apply`
+        (applying it twice is :meth:`inverse_apply`), for preconditioning a symmetric iteration on both sides.
+
+        Raises:
+            ArgumentError: ``damping`` is not a finite number > 0, or ``vectors`` do not have ``P`` columns.
+        """
+        lam = check_number("damping", damping, low=0, low_open=True)
+        return self._blockwise(vectors, lambda r, ev: r * (ev.to(r) + lam).rsqrt())
+
     def _blockwise(self, vectors: Tensor, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
         if not isinstance(vectors, Tensor) or vectors.dim() not in (1, 2) or vectors.shape[-1] != self.num_params:
             shape = tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__

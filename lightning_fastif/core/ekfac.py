@@ -13,58 +13,46 @@ far fewer Hessian-vector products than plain CG. This module imports no Lightnin
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_fastif.core.curvature import KFACFactors, ekfac_correct, fit_kfac
-from lightning_fastif.core.curvature_layers import escaped_names
+from lightning_fastif.core.curvature import KFACFactors, fit_kfac  # noqa: F401 - the doctests use fit_kfac
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp import InverseHVP
+from lightning_fastif.core.ihvp.base import iteration_bar
+from lightning_fastif.core.ihvp.factored import FactorSource, complete_factors, factors_for_operator
 from lightning_fastif.errors import ArgumentError, check_bool, check_int, check_number
+
+__all__ = ["EKFAC", "KFACPreconditioner", "factors_for_operator", "preconditioned_cg"]
 
 Preconditioner = Callable[[Tensor], Tensor]
 """``M(r [V, P]) -> [V, P]``: applies a symmetric positive-definite approximation of ``(H + λI)⁻¹``."""
-
-
-def factors_for_operator(
-    operator: HessianOperator, *, correct: bool = True, batch_size: int | None = None
-) -> KFACFactors:
-    """Fit the factors of ``operator``'s model, loss, parameters and training data (EK-FAC when ``correct``).
-
-    ``batch_size`` defaults to the operator's chunk size.
-    """
-    function = operator.function
-    size = operator.batch_size if batch_size is None else batch_size
-    params = escaped_names(function.names)
-    factors = fit_kfac(function.model, function.loss_fn, operator.data, params, batch_size=size)
-    if correct:
-        factors = ekfac_correct(factors, function.model, function.loss_fn, operator.data, batch_size=size)
-    return factors
 
 
 class EKFAC(InverseHVP):
     """``(G + λI)⁻¹ v`` with ``G`` the EK-FAC (or K-FAC) curvature: inverse HVPs at the cost of a few matmuls.
 
     Without ``factors`` they are fitted on first use from the operator's model, loss and training data, and kept
-    for the next solves as long as the selected parameters are the same tensors, unmodified (their ``data_ptr``,
-    in-place version counter and sum) and the training set is the same object. Parameters no layer covers use the
-    diagonal empirical Fisher (see :mod:`lightning_fastif.core.curvature`).
+    for the next solves of the same system (weights by storage, version counter and checksum; parameters; data;
+    loss: :class:`~lightning_fastif.core.ihvp.SystemCache`). Factors handed over by :meth:`use_factors` serve the
+    next system instead of a fit. Parameters no layer covers use the diagonal empirical Fisher (see
+    :mod:`lightning_fastif.core.curvature`).
 
     Args:
         damping: λ > 0.
-        factors: precomputed :class:`~lightning_fastif.core.curvature.KFACFactors` (e.g. ``KFACFactors.load``);
-            they must cover the operator's parameter selection.
+        factors: precomputed :class:`~lightning_fastif.core.curvature.KFACFactors` (e.g. ``KFACFactors.load``)
+            used for every system; they must cover the operator's parameter selection.
         correct: fit EK-FAC eigenvalues (a second data pass); ``False`` keeps K-FAC's.
         batch_size: examples per fitting pass (default: the operator's chunk size).
         residual_examples: training examples of the residual check (``0`` turns it off).
 
     After :meth:`solve`, ``diagnostics`` holds ``estimator``, ``damping``, ``layers`` (factored layers),
     ``unsupported`` (parameter names on the diagonal fallback), ``fit_seconds`` (0 when the factors were given
-    or cached), ``cached``, ``seconds`` and ``residual``.
+    or cached), ``cached``, ``factors_from`` (``"constructor"``, ``"given"``, ``"cached"`` or ``"fitted"``),
+    ``seconds`` and ``residual``.
 
     Example::
 
@@ -90,35 +78,25 @@ class EKFAC(InverseHVP):
         self.batch_size = check_int("batch_size", batch_size, allow_none=True)
         super().__init__(damping, residual_examples=residual_examples)
         self.factors = factors
-        self._cache: tuple[tuple[Any, ...], KFACFactors] | None = None
+        self._source = FactorSource(self.correct, self.batch_size)
 
     def settings(self) -> dict[str, Any]:
         return {"damping": self.damping, "correct": self.correct, "batch_size": self.batch_size}
 
+    def use_factors(self, factors: KFACFactors) -> bool:
+        self._source.give(factors)
+        return True
+
     def factors_for(self, operator: HessianOperator) -> KFACFactors:
-        """The factors used for ``operator``: the given ones, the cached ones, or freshly fitted ones."""
-        function = operator.function
-        shapes = [tuple(p.shape) for p in function.primals.values()]
+        """The factors used for ``operator``: the constructor's, given, cached or freshly fitted ones."""
         self.diagnostics.update(fit_seconds=0.0, cached=False)
         if self.factors is not None:
-            self.factors.check_selection(function.names, shapes)
-            return self.factors
-        key = self._key(operator)
-        if self._cache is not None and self._cache[0] == key:
-            self.diagnostics["cached"] = True
-            return self._cache[1]
-        start = time.perf_counter()
-        factors = factors_for_operator(operator, correct=self.correct, batch_size=self.batch_size)
-        self.diagnostics["fit_seconds"] = time.perf_counter() - start
-        self._cache = (key, factors)
+            self.diagnostics["factors_from"] = "constructor"
+            return complete_factors(self.factors, operator, correct=False)
+        factors, source, seconds = self._source.factors(operator, self._entry(operator))
+        self.diagnostics.update(fit_seconds=seconds if source == "fitted" else 0.0, cached=source == "cached")
+        self.diagnostics["factors_from"] = source
         return factors
-
-    def _key(self, operator: HessianOperator) -> tuple[Any, ...]:
-        function = operator.function
-        primals = list(function.primals.values())
-        sums = torch.stack([p.sum(dtype=torch.float64) for p in primals]).tolist()  # one device sync
-        weights = tuple((p.data_ptr(), p._version, tuple(p.shape), total) for p, total in zip(primals, sums))
-        return (id(function.model), tuple(function.names), weights, id(operator.data.dataset), len(operator.data))
 
     def _solve(self, operator: HessianOperator, v: Tensor) -> Tensor:
         factors = self.factors_for(operator)
@@ -167,6 +145,9 @@ def preconditioned_cg(
     preconditioner: Preconditioner | None = None,
     tol: float = 1e-6,
     max_iter: int = 100,
+    *,
+    progress: bool = False,
+    info: dict[str, Any] | None = None,
 ) -> tuple[Tensor, int]:
     """Solve ``(H + λI) x = v`` for every row of ``vectors`` ``[V, P]`` by preconditioned conjugate gradients.
 
@@ -182,6 +163,8 @@ def preconditioned_cg(
             (:class:`KFACPreconditioner`), or ``None``.
         tol: relative residual to reach.
         max_iter: iteration cap.
+        progress: show a tqdm bar with the iteration and the current largest relative residual.
+        info: when given, receives ``"residual"``: the largest final ``‖r‖ / ‖v‖`` of the recurrence.
 
     Returns:
         ``(x, iterations)``.
@@ -218,22 +201,36 @@ def preconditioned_cg(
     p = z.clone()
     rz = (r * z).sum(-1)
     iterations = 0
-    while bool((r.norm(dim=-1) / v_norm > tol).any()) and iterations < max_iter:
+    relative = r.norm(dim=-1) / v_norm
+    bar = iteration_bar(progress, max_iter, "fastif: preconditioned CG")
+    # One HVP over the training data per iteration for all V columns: the test points of a batch share each pass.
+    while bool((relative > tol).any()) and iterations < max_iter:
         iterations += 1
-        active = r.norm(dim=-1) / v_norm > tol
-        ap = operator.matvec(p) + lam * p
+        active = relative > tol
+        ap = operator.matvec(p).add_(p, alpha=lam)
         pap = (p * ap).sum(-1)
         if bool((pap[active] <= 0).any()):
+            if bar is not None:
+                bar.close()
             raise ArgumentError(
                 f"damping: expected a damping that makes H + λI positive definite, got {damping!r} (a search "
                 f"direction has curvature {float(pap[active].min()):.3g}: the Hessian is indefinite here)"
             )
-        alpha = torch.where(active, rz / pap.clamp_min(tiny), torch.zeros_like(rz))
-        x += alpha[:, None] * p
-        r -= alpha[:, None] * ap
+        alpha = torch.where(active, rz / pap.clamp_min(tiny), torch.zeros_like(rz))[:, None]
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, ap, value=-1.0)
+        del ap
         z = r.clone() if preconditioner is None else preconditioner(r)
         rz_new = (r * z).sum(-1)
         beta = torch.where(active, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
-        p = z + beta[:, None] * p
+        p = z + beta[:, None] * p  # z may be the preconditioner's own buffer: no in-place update
         rz = rz_new
+        relative = r.norm(dim=-1) / v_norm
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(residual=f"{float(relative.max()):.3g}")
+    if bar is not None:
+        bar.close()
+    if info is not None:
+        info["residual"] = float(relative.max())
     return (x[0] if squeeze else x), iterations

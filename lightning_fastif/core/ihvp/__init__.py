@@ -12,14 +12,22 @@ estimator                  cost                                            use i
 :class:`Identity`          nothing (``x = v``)                             TracIn-style gradient dot products
 :class:`ExactInverse`      ``P`` full-data HVPs + a ``P×P`` factorisation  ground truth, ``P`` up to a few thousand
                            once per weights
-:class:`ConjugateGradient` one full-data HVP per iteration                 exact answers for mid-size ``P``
-:class:`LiSSA`             ``depth × repeats`` minibatch HVPs              FastIF's tunable estimator, any size
-:class:`AutoInverse`       the exact solve where it fits, else LiSSA       the default
+:class:`ConjugateGradient` one full-data HVP per iteration                 exact answers for mid-size ``P``;
+                                                                           ``preconditioner="ekfac"``: far fewer
+                                                                           iterations
+:class:`LiSSA`             ``depth × repeats`` minibatch HVPs              FastIF's tunable estimator, any size;
+                                                                           ``preconditioner="ekfac"``: the series
+                                                                           on the EK-FAC-preconditioned system
+:class:`AutoInverse`       the exact solve where it fits, else             the default
+                           EK-FAC-preconditioned CG (a factored layer
+                           selected), else LiSSA
 =========================  ==============================================  =======================================
 
 Modules: :mod:`~lightning_fastif.core.ihvp.base` (the interface, certification, the per-system cache),
 :mod:`~lightning_fastif.core.ihvp.direct` (Identity, ExactInverse, ConjugateGradient),
-:mod:`~lightning_fastif.core.ihvp.lissa` and :mod:`~lightning_fastif.core.ihvp.auto`.
+:mod:`~lightning_fastif.core.ihvp.lissa`, :mod:`~lightning_fastif.core.ihvp.auto` and
+:mod:`~lightning_fastif.core.ihvp.factored` (K-FAC / EK-FAC factors fitted once per system, or handed over by
+:meth:`InverseHVP.use_factors`: the caller is responsible for them matching the weights).
 """
 
 from lightning_fastif.core.ihvp.auto import AutoInverse

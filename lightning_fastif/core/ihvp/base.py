@@ -18,7 +18,7 @@ import warnings
 import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -26,6 +26,9 @@ from torch import Tensor
 from lightning_fastif.core.grads import check_finite
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.errors import ArgumentError, ConvergenceError, check_bool, check_choice, check_int, check_number
+
+if TYPE_CHECKING:
+    from lightning_fastif.core.curvature_factors import KFACFactors
 
 RESIDUAL_SEED = 12345
 """Seeds the residual sample, so every check of a run uses the same training examples."""
@@ -278,6 +281,31 @@ class InverseHVP(ABC):
     def remedy(self) -> str:
         """The setting to change when a solve misses ``tol`` (named in the warning)."""
         return "raise damping"
+
+    def use_factors(self, factors: KFACFactors) -> bool:
+        """Offer K-FAC / EK-FAC factors fitted elsewhere (e.g. stored with a snapshot) for the next system solved.
+
+        An estimator that uses factors (:class:`~lightning_fastif.core.ekfac.EKFAC`, a preconditioned
+        :class:`~lightning_fastif.core.ihvp.ConjugateGradient` or :class:`~lightning_fastif.core.ihvp.LiSSA`,
+        :class:`~lightning_fastif.core.ihvp.AutoInverse`) keeps them and uses them for the next system it solves
+        instead of fitting its own; they are then cached for that system (weights, parameters, data, loss) like
+        fitted ones. **The caller is responsible for the factors matching the weights of that system**: only the
+        parameter names and shapes are checked (at the solve), not the values the factors were fitted at. Factors
+        without the EK-FAC correction are corrected at the solve when the estimator asks for EK-FAC.
+
+        Args:
+            factors: :class:`~lightning_fastif.core.curvature.KFACFactors` over the estimator's parameter selection.
+
+        Returns:
+            ``True`` when the estimator will use them, ``False`` when it uses no factors (this default).
+
+        Example::
+
+            >>> from lightning_fastif.core.ihvp import Identity
+            >>> Identity().use_factors(None)
+            False
+        """
+        return False
 
     def reserved_bytes(self, num_params: int, max_memory: int | None = None) -> int:
         """Bytes this estimator keeps for a whole run beyond the per-chunk work of a memory plan (``0``: none).

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_fastif.core.curvature import KFACFactors
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp.base import (
     InverseHVP,
@@ -18,6 +19,7 @@ from lightning_fastif.core.ihvp.base import (
     lowest_eigenvalue,
     suggest_damping,
 )
+from lightning_fastif.core.ihvp.factored import FactorSource
 from lightning_fastif.core.memory import format_bytes
 from lightning_fastif.errors import ArgumentError, MemoryBudgetError, check_choice, check_int
 
@@ -222,6 +224,7 @@ class ConjugateGradient(InverseHVP):
                     f"needs it), got {self.damping!r}"
                 )
         self.preconditioner = preconditioner
+        self._source = FactorSource(correct=preconditioner != "kfac")
 
     def settings(self) -> dict[str, Any]:
         out: dict[str, Any] = {"damping": self.damping, "max_iter": self.max_iter, "tol": self.tol}
@@ -270,21 +273,34 @@ class ConjugateGradient(InverseHVP):
         self.diagnostics["recurrence_residual"] = float((rs.sqrt() / v_norm).max())
         return x
 
+    def use_factors(self, factors: KFACFactors) -> bool:
+        """With a preconditioner, use ``factors`` for the next system instead of fitting (see
+        :meth:`InverseHVP.use_factors`); plain CG uses no factors and returns ``False``."""
+        if self.preconditioner is None:
+            return False
+        self._source.give(factors)
+        return True
+
     def _preconditioned_solve(self, operator: HessianOperator, v: Tensor, tol: float) -> Tensor:
         # Imported here: core.ekfac builds on this package (its EKFAC is an InverseHVP).
         from lightning_fastif.core.ekfac import KFACPreconditioner, preconditioned_cg
 
         entry = self._entry(operator)
-        fitted = "preconditioner" not in entry
-        if fitted:
-            start = time.perf_counter()
-            entry["preconditioner"] = KFACPreconditioner.fit(
-                operator, self.damping, correct=self.preconditioner == "ekfac"
-            )
-            entry["fit_seconds"] = time.perf_counter() - start
-        self.diagnostics["preconditioner_fit_seconds"] = entry["fit_seconds"] if fitted else 0.0
-        x, iterations = preconditioned_cg(operator, v, self.damping, entry["preconditioner"], tol, self.max_iter)
+        factors, source, seconds = self._source.factors(operator, entry)
+        self.diagnostics.update(preconditioner_fit_seconds=seconds, factors_from=source)
+        info: dict[str, Any] = {}
+        x, iterations = preconditioned_cg(
+            operator,
+            v,
+            self.damping,
+            KFACPreconditioner(factors, self.damping),
+            tol,
+            self.max_iter,
+            progress=self.progress,
+            info=info,
+        )
         self.diagnostics["iterations"] = iterations
+        self.diagnostics["recurrence_residual"] = info["residual"]
         return x
 
     def _not_positive_definite(self, operator: HessianOperator, p: Tensor, pap: Tensor, active: Tensor) -> None:
