@@ -136,6 +136,7 @@ def _estimator(damping: float, reusing: bool = False) -> EKFAC:
 def _count_fits(monkeypatch) -> list[int]:
     import lightning_fastif.core.curvature as curvature
     import lightning_fastif.core.ekfac as ekfac
+    import lightning_fastif.core.ihvp.factored as factored
 
     calls = [0]
     original = curvature.fit_kfac
@@ -144,7 +145,7 @@ def _count_fits(monkeypatch) -> list[int]:
         calls[0] += 1
         return original(*args, **kwargs)
 
-    for module in (curvature, ekfac):
+    for module in (curvature, ekfac, factored):
         if hasattr(module, "fit_kfac"):
             monkeypatch.setattr(module, "fit_kfac", counted)
     return calls
