@@ -1,4 +1,4 @@
-"""FastIF's error correction with its DEFAULT settings on two planted-cue tasks: helpful vs random vs harmful, 5 seeds.
+"""FastIF's error correction with its DEFAULT settings on three planted-cue tasks: helpful vs random vs harmful, 5 seeds.
 
 The defaults are what a user gets without tuning: ``lr="auto"`` (a line search at the first step) and
 ``keep="improved"`` (a correction that lowers the metric on a held-out half of the anchors is rolled back). Per
@@ -10,6 +10,11 @@ guard ever see.
   that agrees with the label on 95% of training images and is reversed on the challenge split).
 * ``tabular``: 20 informative Gaussian features (a noisy linear rule gives the label) and one column equal to the
   label (+-1) on 95% of training rows and reversed on the challenge rows; an MLP learns the column.
+* ``text``: ``examples/text_experiments.py``'s spurious-cue task (Rotten Tomatoes, the word "tuesday" planted in
+  95% of the fresh training snippets and reversed on the challenge split), all-MiniLM-L6-v2 with its top layer and
+  a linear head fine-tuned on the cached frozen prefix, influence over the same parameters (fixed-scale LiSSA, as
+  in the text experiment). MiniLM is costly on CPU, so the model is trained once (seed 0) and the seeds vary the
+  correction only (anchor draws, the held-out half, the random points); the other two tasks train one model per seed.
 
 The table gives the mean ± std over seeds of the challenge gain of the weights kept (0 for a rolled-back
 correction), the gain the correction alone made (before the guard), the mean change of in-distribution test
@@ -18,12 +23,14 @@ that lowered the held-out metric (must be 0) and kept corrections that lowered t
 ``random_at_helpful_lr`` takes random points at the rate the helpful run chose (``lr="auto"`` gives random points,
 whose gradient barely moves the anchors' loss, a small rate of their own).
 
-    python -m benchmarks.bench_correction [--smoke] [--threads 1]
+    python -m benchmarks.bench_correction [--smoke] [--threads 1] [--tasks digits,tabular,text]
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import statistics
 import tempfile
 import time
@@ -35,9 +42,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.common import jsonable, markdown_table, module_main, set_threads
-from lightning_fastif import LiSSA
+from benchmarks.common import jsonable, markdown_table, set_threads, write_atomic
+from lightning_fastif import ComputeArguments, LiSSA
 from lightning_fastif.app.models import _Classifier
+from lightning_fastif.errors import check_choice
 from lightning_fastif.lightning.arguments import CorrectionArguments
 from lightning_fastif.lightning.correction import accuracy
 from lightning_fastif.lightning.module import InfluenceModule
@@ -156,6 +164,87 @@ def run_tabular(
     return per_seed
 
 
+# -- the text task (MiniLM) ----------------------------------------------------------------------------------------
+TEXT_TRAIN: dict[str, Any] = {
+    "encoder": "minilm",
+    "cue_word": "tuesday",
+    "max_train": 800,
+    "max_eval": 200,
+    "max_length": 64,
+    "train_layers": 1,
+    "influence_layers": 1,
+    "epochs": 3,
+    "lr": 5e-4,
+}
+"""MiniLM's top layer + head fine-tuned on 800 snippets (the text experiment's size, one trainable layer)."""
+
+TEXT_SMOKE: dict[str, Any] = {**TEXT_TRAIN, "encoder": "tiny", "max_train": 64, "max_eval": 40, "epochs": 1}
+"""The CI size: a random 2-layer BERT (no MiniLM weights needed), a few dozen snippets."""
+
+
+def run_text(
+    out: Path,
+    *,
+    seeds: list[int],
+    train: dict[str, Any] | None = None,
+    num_candidates: int = 100,
+    depth: int = 10,
+    lissa_batch_size: int = 4,
+    damping: float = 0.01,
+    steps: CorrectionArguments | None = None,
+    keep: str = "improved",
+) -> list[dict[str, Any]]:
+    """Train the text classifier once, then compare the selections from its weights for each seed.
+
+    The anchors (and the guard's held-out half) come from the challenge split's anchor part, the gain is measured
+    on its disjoint ``challenge_eval`` part, the in-distribution change on ``test``.
+
+    Args:
+        out: working directory (the snapshot goes under it).
+        seeds: one correction per selection and seed, all from the same trained weights.
+        train: :func:`examples.text_experiments.train_text_model` keyword arguments (default :data:`TEXT_TRAIN`).
+        num_candidates: kNN candidates per step.
+        depth: LiSSA recursion depth (its scale is estimated once, :func:`examples.text_experiments.fixed_lissa`).
+        lissa_batch_size: LiSSA's minibatch size.
+        damping: LiSSA's damping.
+        steps: correction steps (default ``CorrectionArguments()``).
+        keep: the guard (default ``"improved"``).
+
+    Returns:
+        One entry per seed, in the shape of :func:`run_tabular`'s (plus ``"text_info"`` on the first).
+    """
+    from examples.text_experiments import fixed_lissa, train_text_model
+
+    demo = _demo()
+    steps = steps or CorrectionArguments()
+    start = time.perf_counter()
+    text = train_text_model(out / "text", **(train or TEXT_TRAIN), seed=0)
+    train_seconds = time.perf_counter() - start
+    train_loader = text.loader("train")
+    ihvp = fixed_lissa(text.head, train_loader, damping=damping, recursion_depth=depth, batch_size=lissa_batch_size)
+
+    def make_influence(m: nn.Module) -> InfluenceModule:
+        return InfluenceModule(
+            m,
+            train_dataset=train_loader,
+            snapshot=text.snapshot,
+            ihvp=ihvp,
+            num_candidates=num_candidates,
+            compute=ComputeArguments(batch_size=64, progress=False),
+        )
+
+    anchors, challenge = text.loader("challenge"), text.loader("challenge_eval", batch_size=64)
+    test = text.loader("test", batch_size=64)
+    per_seed = []
+    for seed in seeds:
+        table = demo.compare_with_matched_random(
+            text.head, anchors, challenge, test, make_influence=make_influence, seed=seed, steps=steps, keep=keep
+        )
+        per_seed.append({"seed": seed, "test_accuracy": accuracy(text.head, test), **table})
+    per_seed[0]["text_info"] = {**text.info, "train_seconds": train_seconds, "lissa": ihvp.settings()}
+    return per_seed
+
+
 # -- the summary ---------------------------------------------------------------------------------------------------
 def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean ± std over seeds per selection, and the guard's checks, from the :func:`compare_selections` tables."""
@@ -216,31 +305,71 @@ def _rows(task: str, summary: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def run(*, smoke: bool = False, threads: int = 1) -> dict[str, Any]:
-    """The contract of ``benchmarks.common``: per task, the challenge gains of the selections and the guard's checks."""
+TASKS = ("digits", "tabular", "text")
+
+
+def run(*, smoke: bool = False, threads: int = 1, tasks: tuple[str, ...] = TASKS) -> dict[str, Any]:
+    """The contract of ``benchmarks.common``: per task, the challenge gains of the selections and the guard's checks.
+
+    Args:
+        smoke: tiny sizes, one seed (the text task on a random 2-layer BERT).
+        threads: torch intra-op threads.
+        tasks: which of :data:`TASKS` to run.
+
+    Returns:
+        ``{"name", "title", "headline", "markdown", "details"}``.
+
+    Raises:
+        ArgumentError: for an unknown task.
+    """
+    for task in tasks:
+        check_choice("tasks", task, TASKS)
     set_threads(threads)
     demo = _demo()
     seeds = [0] if smoke else [0, 1, 2, 3, 4]
     start = time.perf_counter()
     results: dict[str, Any] = {}
+    raw: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        if smoke:
-            digits = demo.run_demo(out / "digits", seeds=seeds, epochs=2, num_steps=2, num_candidates=40, depth=20)
-            tabular = run_tabular(
-                out,
-                seeds=seeds,
-                epochs=2,
-                num_candidates=40,
-                depth=20,
-                sizes={"n_train": 300, "n_anchors": 40, "n_challenge": 100},
-                steps=CorrectionArguments(num_steps=2),
-            )
-        else:
-            digits = demo.run_demo(out / "digits", seeds=seeds)
-            tabular = run_tabular(out, seeds=seeds)
-        results["digits"] = {**summarise(digits["per_seed"]), "seconds": digits["seconds"]}
-        results["tabular"] = summarise(tabular)
+        if "digits" in tasks:
+            if smoke:
+                digits = demo.run_demo(out / "digits", seeds=seeds, epochs=2, num_steps=2, num_candidates=40, depth=20)
+            else:
+                digits = demo.run_demo(out / "digits", seeds=seeds)
+            raw["digits"] = digits
+            results["digits"] = {**summarise(digits["per_seed"]), "seconds": digits["seconds"]}
+        if "tabular" in tasks:
+            task_start = time.perf_counter()
+            if smoke:
+                tabular = run_tabular(
+                    out,
+                    seeds=seeds,
+                    epochs=2,
+                    num_candidates=40,
+                    depth=20,
+                    sizes={"n_train": 300, "n_anchors": 40, "n_challenge": 100},
+                    steps=CorrectionArguments(num_steps=2),
+                )
+            else:
+                tabular = run_tabular(out, seeds=seeds)
+            raw["tabular"] = tabular
+            results["tabular"] = {**summarise(tabular), "seconds": time.perf_counter() - task_start}
+        if "text" in tasks:
+            task_start = time.perf_counter()
+            if smoke:
+                text = run_text(
+                    out,
+                    seeds=seeds,
+                    train=TEXT_SMOKE,
+                    num_candidates=16,
+                    depth=2,
+                    steps=CorrectionArguments(num_steps=2),
+                )
+            else:
+                text = run_text(out, seeds=seeds)
+            raw["text"] = text
+            results["text"] = {**summarise(text), "seconds": time.perf_counter() - task_start}
     seconds = time.perf_counter() - start
     columns = [
         "task",
@@ -254,10 +383,9 @@ def run(*, smoke: bool = False, threads: int = 1) -> dict[str, Any]:
         "kept yet held-out lower",
         "kept yet challenge lower",
     ]
-    rows = _rows("digits", results["digits"]) + _rows("tabular", results["tabular"])
+    rows = [row for task in results for row in _rows(task, results[task])]
     verdicts = []
-    for task in ("digits", "tabular"):
-        r = results[task]
+    for task, r in results.items():
         verdicts.append(
             f"{task}: helpful - random = {100 * r['margin']:+.1f} pts (goal >= {100 * TARGET_MARGIN:.0f}: "
             f"{'met' if r['target_met'] else 'NOT met'}; {100 * r['margin_matched']:+.1f} against random points at "
@@ -265,21 +393,37 @@ def run(*, smoke: bool = False, threads: int = 1) -> dict[str, Any]:
             f"{'never kept' if r['guard_never_lowered_holdout'] else 'KEPT'} a correction that lowered the "
             "held-out accuracy."
         )
+    timing = ", ".join(f"{task} {r['seconds']:.0f} s" for task, r in results.items())
     markdown = (
         markdown_table(columns, rows)
         + "\n\n"
         + " ".join(verdicts)
         + f"\n\nDefault settings (`CorrectionArguments()`: lr='auto', keep='improved'; held-out = half of the "
-        f"anchors), {len(seeds)} seed(s), 10 steps x 10 points (smoke: 2 steps); {seconds:.0f} s in all.\n"
+        f"anchors), {len(seeds)} seed(s), 10 steps x 10 points (smoke: 2 steps); {seconds:.0f} s in all ({timing}).\n"
     )
     return {
         "name": "correction",
-        "title": "Error correction with its default settings (digits and tabular planted cues)",
-        "headline": {},
+        "title": "Error correction with its default settings (digits, tabular and MiniLM text planted cues)",
+        "headline": {task: {"margin": r["margin"], "target_met": r["target_met"]} for task, r in results.items()},
         "markdown": markdown,
-        "details": jsonable({"digits": digits, "tabular": tabular, "summary": results, "seconds": seconds}),
+        "details": jsonable({**raw, "summary": results, "seconds": seconds}),
     }
 
 
+def main() -> None:
+    """``python -m benchmarks.bench_correction``: ``--smoke``, ``--threads``, ``--json PATH``, ``--tasks``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one seed (seconds)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the returned dict here")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    args = parser.parse_args()
+    out = run(smoke=args.smoke, threads=args.threads, tasks=tuple(t for t in args.tasks.split(",") if t))
+    print(f"## {out['title']}\n\n{out['markdown']}\n")
+    print(json.dumps(jsonable(out["headline"]), indent=2))
+    if args.json is not None:
+        write_atomic(args.json, json.dumps(jsonable(out), indent=2) + "\n")
+
+
 if __name__ == "__main__":
-    module_main(run, __doc__.splitlines()[0])
+    main()

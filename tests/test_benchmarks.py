@@ -278,3 +278,91 @@ def test_run_all_main_never_overwrites_full_results_with_a_smoke_run(monkeypatch
     run_all.main(["--smoke", "--out-dir", str(tmp_path)])
     assert sorted(p.name for p in written) == ["RESULTS.md", "results.json"]
     assert {p.parent for p in written} == {tmp_path}
+
+
+# -- the MiniLM rows and the GPU script -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bench_correction_text_task_smoke():
+    """The third task at its CI size (a random 2-layer BERT, one seed, 2 steps): its rows, one run per selection,
+    and the guard never kept a correction that lowered the held-out accuracy."""
+    pytest.importorskip("transformers")
+    from benchmarks import bench_correction
+    from lightning_fastif.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match="tasks: expected one of"):
+        bench_correction.run(smoke=True, tasks=("text", "speech"))
+    out = bench_correction.run(smoke=True, threads=1, tasks=("text",))
+    summary = out["details"]["summary"]
+    assert set(summary) == {"text"}
+    assert [line.split("|")[1].strip() for line in out["markdown"].splitlines()[2:6]] == ["text"] * 4
+    for selection in bench_correction.SELECTIONS:
+        assert summary["text"][selection]["runs"] == 1
+        assert summary["text"][selection]["kept_lowering_holdout"] == 0
+    (seed,) = out["details"]["text"]
+    info = seed["text_info"]
+    assert info["encoder"] == "tiny"
+    assert info["sizes"]["train"] == bench_correction.TEXT_SMOKE["max_train"]
+    assert info["influence_layers"] == 1
+    assert set(out["headline"]) == {"text"}
+
+
+@pytest.mark.slow
+def test_bench_scale_minilm_part_smoke():
+    """The ``minilm`` part at its CI size (a random 2-layer BERT): one worker, default settings, 4 test points, the
+    stage breakdown adds up to at most the predict wall time."""
+    pytest.importorskip("transformers")
+    from benchmarks import bench_scale
+
+    out = bench_scale.run(smoke=True, threads=1, parts=["minilm"])
+    part = out["details"]["minilm"]
+    assert part["notes"] == []
+    raw = part["raw"]
+    assert raw["encoder"] == "tiny"
+    assert raw["num_test"] == bench_scale.SMOKE_MINILM_TEST
+    assert raw["device"] == "cpu"
+    stages = raw["stage_seconds"]
+    assert set(bench_scale.STAGES) <= set(stages)
+    assert 0 < sum(stages.values()) <= raw["seconds"]
+    assert raw["seconds_per_point"] == pytest.approx(raw["seconds"] / raw["num_test"])
+    assert 0 < raw["candidates_per_point"] <= bench_scale.SMOKE_MINILM_N
+    assert "MiniLM (top layer + head) with the default settings" in out["markdown"]
+
+
+def test_gpu_check_script_parses_and_prints_its_plan_in_a_dry_run(tmp_path):
+    """``benchmarks/gpu_check.sh`` is valid bash; ``--dry-run`` prints every step and runs none; a bad argument
+    fails with status 2."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    out_dir = tmp_path / "gpu"
+    done = subprocess.run(
+        ["bash", str(script), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "OUT": str(out_dir)},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].endswith(f"results in {out_dir}")
+    names = [line.split()[1] for line in lines[1:-2]]
+    assert names == [
+        "nvidia_smi",
+        "gpu_tests",
+        "engine_cuda",
+        "faiss_gpu",
+        "bench_scale_smoke",
+        "bench_scale_minilm_smoke",
+        "bench_scale_10k",
+    ]
+    total = sum(int(line.split("at most")[1].split()[0]) for line in lines[1:-2])
+    assert lines[-2] == f"  at most {total} s in all"
+    assert total <= 8 * 60
+    assert "--device cuda" in done.stdout
+    assert "-m gpu" in done.stdout
+    assert lines[-1] == "dry run: nothing was run"
+    assert not out_dir.exists()
+    bad = subprocess.run(["bash", str(script), "--gpu"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "unknown argument: --gpu" in bad.stderr
