@@ -138,3 +138,90 @@ def test_summary_labels_helpful_and_harmful_by_sign():
     assert line == "  test 0: helpful 7(+2), 9(+1) | harmful none"
     mixed = InfluenceResult(torch.tensor([3]), torch.tensor([[4, 7, 9]]), torch.tensor([[0.5, -2.0, -1.0]]))
     assert mixed.summary(n=5).splitlines()[1] == "  test 3: helpful 4(+0.5) | harmful 7(-2), 9(-1)"
+
+
+# -- index spaces: Subsets give back the indices the user knows ------------------------------------------------------
+def _nested_subsets():
+    from torch.utils.data import Subset, TensorDataset
+
+    base = TensorDataset(torch.arange(20).float())
+    inner = Subset(base, [19, 17, 15, 13, 11, 9, 7, 5])  # positions 0..7 -> 19, 17, ..., 5
+    outer = Subset(inner, [6, 0, 3, 5])  # positions 0..3 -> inner 6, 0, 3, 5 -> base 7, 19, 13, 9
+    return base, inner, outer
+
+
+def test_original_index_map_unwraps_nested_subsets_exactly():
+    from lightning_fastif.io.results import original_index_map
+
+    base, inner, outer = _nested_subsets()
+    assert original_index_map(base) is None
+    index_map, chain = original_index_map(outer)
+    assert index_map.tolist() == [7, 19, 13, 9]
+    assert chain == ["Subset", "Subset", "TensorDataset"]
+    assert original_index_map(inner)[0].tolist() == [19, 17, 15, 13, 11, 9, 7, 5]
+
+
+def test_with_original_indices_maps_train_and_test_and_round_trips(tmp_path):
+    from torch.utils.data import Subset
+
+    base, inner, outer = _nested_subsets()
+    test_set = Subset(base, [4, 2, 0])  # positions 0..2 -> base 4, 2, 0
+    r = InfluenceResult(
+        torch.tensor([2, 0]),
+        torch.tensor([[3, 1], [0, 2]]),
+        torch.tensor([[0.5, -1.0], [2.0, 0.25]]),
+        {"top_k": 2},
+    ).with_original_indices(outer, test_set)
+    assert r.test_indices.tolist() == [0, 2]  # still positions in the given test set
+    assert r.candidate_indices.tolist() == [[0, 2], [3, 1]]
+    assert r.original_test_indices.tolist() == [4, 0]
+    assert r.original_candidate_indices.tolist() == [[7, 13], [9, 19]]
+    assert r.has_original_indices
+    assert r.manifest["index_space"] == {
+        "test_indices": "given",
+        "candidate_indices": "given",
+        "original_test_indices": "original",
+        "test_chain": ["Subset", "TensorDataset"],
+        "original_candidate_indices": "original",
+        "train_chain": ["Subset", "Subset", "TensorDataset"],
+    }
+    r.save(tmp_path)
+    back = InfluenceResult.load(tmp_path)
+    assert back.original_test_indices.tolist() == [4, 0]
+    assert back.original_candidate_indices.tolist() == [[7, 13], [9, 19]]
+    merged = InfluenceResult.merge([back])
+    assert merged.original_candidate_indices.tolist() == [[7, 13], [9, 19]]
+    text = r.summary(n=2)
+    assert "indices: original" in text
+    assert "test 4: helpful 7(+2), 13(+0.25) | harmful none" in text
+    assert "test 0: helpful 9(+0.5) | harmful 19(-1)" in text
+
+
+def test_without_subsets_original_indices_are_the_given_ones():
+    r = InfluenceResult(torch.tensor([1]), torch.tensor([[5, 3]]), torch.tensor([[1.0, -1.0]]))
+    same = r.with_original_indices(torch.utils.data.TensorDataset(torch.zeros(6)), None)
+    assert same is r
+    assert not r.has_original_indices
+    assert r.original_candidate_indices.tolist() == [[5, 3]]
+    assert "original" not in r.summary()
+    assert "index_space" not in r.manifest
+
+
+def test_to_pandas_adds_original_columns_for_subsets():
+    pytest.importorskip("pandas")
+    _, _, outer = _nested_subsets()
+    r = InfluenceResult(torch.tensor([0]), torch.tensor([[1, 2]]), torch.tensor([[-1.0, 3.0]]))
+    table = r.with_original_indices(outer).to_pandas()
+    assert table.columns.tolist() == [
+        "test_index",
+        "rank",
+        "train_index",
+        "score",
+        "original_test_index",
+        "original_train_index",
+    ]
+    assert table["train_index"].tolist() == [2, 1]
+    assert table["original_train_index"].tolist() == [13, 19]
+    assert table["original_test_index"].tolist() == [0, 0]
+    with pytest.raises(ValueError, match="original_candidate_indices"):
+        InfluenceResult(torch.tensor([0]), torch.tensor([[1, 2]]), torch.ones(1, 2), original_candidate_indices=[1])

@@ -153,3 +153,25 @@ def test_a_reused_trainer_leaves_other_modules_alone(tmp_path, make, trained):
     assert writer.result is module.result  # untouched by the other run
     assert json.dumps(read_manifest(tmp_path / "out"), sort_keys=True) == manifest
     assert not any(isinstance(o, BatchInfluence) for o in outputs)
+
+
+def test_subsets_keep_the_users_original_indices(tmp_path, trained):
+    """Nested Subsets for both sets: positions stay as given, the original indices are the hand-mapped ones."""
+    from torch.utils.data import Subset
+
+    model, train, test, _ = trained
+    reversed_train = Subset(train, list(range(39, -1, -1)))  # position p -> 39 - p
+    train_subset = Subset(reversed_train, list(range(0, 20, 2)))  # position q -> 39 - 2q
+    test_subset = Subset(Subset(test, [6, 5, 4, 3]), [3, 1])  # position 0 -> 3, position 1 -> 5
+    ihvp = LiSSA(damping=0.05, scale=10.0, recursion_depth=20, num_repeats=1, batch_size=4, seed=3)
+    module = InfluenceModule(
+        model, train_dataset=train_subset, ihvp=ihvp, num_candidates=None, output_dir=tmp_path / "out"
+    )
+    _trainer(tmp_path).predict(module, DataLoader(test_subset, batch_size=2))
+    for result in (module.result, InfluenceResult.load(tmp_path / "out")):
+        assert result.test_indices.tolist() == [0, 1]
+        assert result.original_test_indices.tolist() == [3, 5]
+        assert sorted(result.candidate_indices[0].tolist()) == list(range(10))
+        expected = [[39 - 2 * q for q in row] for row in result.candidate_indices.tolist()]
+        assert result.original_candidate_indices.tolist() == expected
+        assert result.manifest["index_space"]["train_chain"] == ["Subset", "Subset", type(train).__name__]

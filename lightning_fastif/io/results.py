@@ -13,6 +13,15 @@
 
       <dir>/manifest.json          {"format": "lightning_fastif.influence", "settings": {...}, "timings": {...}, ...}
       <dir>/result.safetensors     "test_indices" [T] int64, "candidate_indices" [T, K] int64, "scores" [T, K]
+                                   (+ "original_test_indices" [T], "original_candidate_indices" [T, K], see below)
+
+**Index spaces.** ``test_indices`` and ``candidate_indices`` are positions in the datasets handed to the library
+(the predict loader's dataset and ``train_dataset``), as always. When either is a ``torch.utils.data.Subset``
+(nested ones included) the result also holds ``original_test_indices`` / ``original_candidate_indices``: the same
+points as indices into the dataset at the bottom of the Subset chain, the indices you know. The manifest's
+``index_space`` names the space of each array (``"given"`` or ``"original"``) and the chain
+(:func:`original_index_map` maps positions to original indices). Without a Subset the original indices are the
+given ones.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ RESULT_FORMAT = "lightning_fastif.influence"
 RESULT_FORMAT_VERSION = 1
 RESULT_FILE = "result.safetensors"
 
-__all__ = ["BatchInfluence", "InfluenceResult", "Ranked", "jsonable"]
+__all__ = ["BatchInfluence", "InfluenceResult", "Ranked", "jsonable", "original_index_map"]
 
 
 class Ranked(NamedTuple):
@@ -75,6 +84,40 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return repr(value)
+
+
+def original_index_map(dataset: Any) -> tuple[Tensor, list[str]] | None:
+    """For a (nested) ``torch.utils.data.Subset``: position ``i`` of ``dataset`` -> index into the innermost dataset.
+
+    Args:
+        dataset: any dataset; only ``torch.utils.data.Subset`` layers are unwrapped.
+
+    Returns:
+        ``(map [len(dataset)] int64, chain)`` where ``chain`` names each layer's class from the outside in (the
+        last is the dataset the indices point into); None when ``dataset`` is not a Subset.
+
+    Example::
+
+        >>> from torch.utils.data import Subset, TensorDataset
+        >>> base = TensorDataset(torch.arange(10))
+        >>> index_map, chain = original_index_map(Subset(Subset(base, [9, 7, 5, 3]), [3, 0]))
+        >>> index_map.tolist(), chain
+        ([3, 9], ['Subset', 'Subset', 'TensorDataset'])
+    """
+    from torch.utils.data import Subset
+
+    if not isinstance(dataset, Subset):
+        return None
+    index_map: Tensor | None = None
+    chain = []
+    while isinstance(dataset, Subset):
+        chain.append(type(dataset).__name__)
+        layer = torch.as_tensor(list(dataset.indices), dtype=torch.long).reshape(-1)
+        index_map = layer if index_map is None else layer[index_map]
+        dataset = dataset.dataset
+    chain.append(type(dataset).__name__)
+    assert index_map is not None
+    return index_map, chain
 
 
 def _rank(candidates: Tensor, scores: Tensor, n: int | None, helpful: bool) -> Ranked:
@@ -137,6 +180,9 @@ class InfluenceResult:
         candidate_indices: ``[T, K]`` dataset indices of each test point's candidates (kNN order).
         scores: ``[T, K]`` scores aligned with ``candidate_indices``.
         manifest: settings, timings and diagnostics (JSON-serialisable; converted with :func:`jsonable`).
+        original_test_indices: ``[T]`` the test points' indices in the dataset under the test Subset chain (None:
+            the given ones; see the module's *Index spaces*).
+        original_candidate_indices: ``[T, K]`` the candidates' indices in the dataset under the train Subset chain.
 
     Raises:
         ValueError: inconsistent shapes, a test index that appears twice, or a candidate twice in one row.
@@ -149,6 +195,8 @@ class InfluenceResult:
         ([1, 3], [0])
         >>> r.to_pandas().columns.tolist()
         ['test_index', 'rank', 'train_index', 'score']
+        >>> r.original_test_indices.tolist()  # no Subset: the given indices
+        [1, 3]
     """
 
     def __init__(
@@ -157,6 +205,9 @@ class InfluenceResult:
         candidate_indices: Tensor,
         scores: Tensor,
         manifest: Mapping[str, Any] | None = None,
+        *,
+        original_test_indices: Tensor | None = None,
+        original_candidate_indices: Tensor | None = None,
     ) -> None:
         test_indices = torch.as_tensor(test_indices).detach().cpu().long().reshape(-1)
         candidate_indices = torch.as_tensor(candidate_indices).detach().cpu().long()
@@ -171,8 +222,26 @@ class InfluenceResult:
                 f"test_indices: {test_indices.numel()} test points, but candidate_indices has "
                 f"{candidate_indices.shape[0]} rows"
             )
+        if original_test_indices is not None:
+            original_test_indices = torch.as_tensor(original_test_indices).detach().cpu().long().reshape(-1)
+            if original_test_indices.shape != test_indices.shape:
+                raise ValueError(
+                    f"original_test_indices: expected {tuple(test_indices.shape)} like test_indices, got "
+                    f"{tuple(original_test_indices.shape)}"
+                )
+        if original_candidate_indices is not None:
+            original_candidate_indices = torch.as_tensor(original_candidate_indices).detach().cpu().long()
+            if original_candidate_indices.shape != candidate_indices.shape:
+                raise ValueError(
+                    f"original_candidate_indices: expected {tuple(candidate_indices.shape)} like candidate_indices, "
+                    f"got {tuple(original_candidate_indices.shape)}"
+                )
         order = torch.sort(test_indices, stable=True).indices
         test_indices, candidate_indices, scores = test_indices[order], candidate_indices[order], scores[order]
+        if original_test_indices is not None:
+            original_test_indices = original_test_indices[order]
+        if original_candidate_indices is not None:
+            original_candidate_indices = original_candidate_indices[order]
         repeated = test_indices[1:][test_indices[1:] == test_indices[:-1]]
         if repeated.numel():
             raise ValueError(
@@ -190,8 +259,68 @@ class InfluenceResult:
         self.test_indices = test_indices
         self.candidate_indices = candidate_indices
         self.scores = scores
+        self._original_test = original_test_indices
+        self._original_candidates = original_candidate_indices
         self.manifest: dict[str, Any] = jsonable(dict(manifest or {}))
         self._rows = {int(t): i for i, t in enumerate(test_indices.tolist())}
+
+    # ------------------------------------------------------------------------------------------ index spaces
+    @property
+    def original_test_indices(self) -> Tensor:
+        """``[T]`` the test points' indices under the test set's Subset chain (the given ones without a Subset)."""
+        return self.test_indices if self._original_test is None else self._original_test
+
+    @property
+    def original_candidate_indices(self) -> Tensor:
+        """``[T, K]`` the candidates' indices under the training set's Subset chain (the given ones without one)."""
+        return self.candidate_indices if self._original_candidates is None else self._original_candidates
+
+    @property
+    def has_original_indices(self) -> bool:
+        """Whether the test or the training set was a Subset, so original indices differ from the given ones."""
+        return self._original_test is not None or self._original_candidates is not None
+
+    def with_original_indices(self, train_dataset: Any = None, test_dataset: Any = None) -> InfluenceResult:
+        """This result with the original indices of the datasets it was computed on (see *Index spaces*).
+
+        Args:
+            train_dataset: the dataset ``candidate_indices`` index (the training set, or the candidate pool).
+            test_dataset: the dataset ``test_indices`` index (the predict loader's dataset).
+
+        Returns:
+            A new result; its manifest's ``index_space`` says which array is in which space. The same result when
+            neither dataset is a Subset.
+
+        Example::
+
+            >>> from torch.utils.data import Subset, TensorDataset
+            >>> train = Subset(TensorDataset(torch.arange(10)), [8, 6, 4])
+            >>> r = InfluenceResult(torch.tensor([0]), torch.tensor([[2, 0]]), torch.tensor([[1.0, 2.0]]))
+            >>> r.with_original_indices(train).original_candidate_indices.tolist()
+            [[4, 8]]
+        """
+        train_map = original_index_map(train_dataset) if train_dataset is not None else None
+        test_map = original_index_map(test_dataset) if test_dataset is not None else None
+        if train_map is None and test_map is None:
+            return self
+        space: dict[str, Any] = {"test_indices": "given", "candidate_indices": "given"}
+        original_test = original_candidates = None
+        if test_map is not None:
+            original_test = test_map[0][self.test_indices]
+            space["original_test_indices"] = "original"
+            space["test_chain"] = test_map[1]
+        if train_map is not None:
+            original_candidates = train_map[0][self.candidate_indices]
+            space["original_candidate_indices"] = "original"
+            space["train_chain"] = train_map[1]
+        return type(self)(
+            self.test_indices,
+            self.candidate_indices,
+            self.scores,
+            {**self.manifest, "index_space": space},
+            original_test_indices=original_test,
+            original_candidate_indices=original_candidates,
+        )
 
     # ------------------------------------------------------------------------------------------------- access
     @property
@@ -244,19 +373,24 @@ class InfluenceResult:
         """A long table, one row per (test point, candidate): ``test_index, rank, train_index, score``.
 
         ``rank`` is 1 for the most helpful candidate of each test point (rows sorted by test index, then rank).
+        ``test_index``/``train_index`` are positions in the datasets handed to the library; when one was a Subset
+        (:attr:`has_original_indices`) the table adds ``original_test_index`` and ``original_train_index``, the
+        indices into the dataset under the Subset chain.
         """
         import pandas as pd
 
         order = torch.sort(self.scores, dim=1, descending=True, stable=True).indices
         k = self.num_candidates
-        return pd.DataFrame(
-            {
-                "test_index": self.test_indices.repeat_interleave(k).numpy(),
-                "rank": torch.arange(1, k + 1).repeat(self.num_test).numpy(),
-                "train_index": self.candidate_indices.gather(1, order).reshape(-1).numpy(),
-                "score": self.scores.gather(1, order).reshape(-1).double().numpy(),
-            }
-        )
+        columns = {
+            "test_index": self.test_indices.repeat_interleave(k).numpy(),
+            "rank": torch.arange(1, k + 1).repeat(self.num_test).numpy(),
+            "train_index": self.candidate_indices.gather(1, order).reshape(-1).numpy(),
+            "score": self.scores.gather(1, order).reshape(-1).double().numpy(),
+        }
+        if self.has_original_indices:
+            columns["original_test_index"] = self.original_test_indices.repeat_interleave(k).numpy()
+            columns["original_train_index"] = self.original_candidate_indices.gather(1, order).reshape(-1).numpy()
+        return pd.DataFrame(columns)
 
     def __repr__(self) -> str:
         return f"InfluenceResult(num_test={self.num_test}, num_candidates={self.num_candidates})"
@@ -265,18 +399,26 @@ class InfluenceResult:
         """A short text table: for the first ``tests`` test points, up to ``n`` helpful and ``n`` harmful candidates.
 
         Labelled by sign: "helpful" lists only positive scores (highest first), "harmful" only negative ones (most
-        negative first); a side with no such candidate says ``none``.
+        negative first); a side with no such candidate says ``none``. The indices shown are the original ones
+        (:attr:`original_test_indices`, :attr:`original_candidate_indices`), and the first line says so when a
+        dataset was a Subset.
         """
+        train_of = dict[int, int]()
+        if self._original_candidates is not None:
+            pairs = zip(self.candidate_indices.reshape(-1).tolist(), self._original_candidates.reshape(-1).tolist())
+            train_of = dict(pairs)
+        test_of = dict(zip(self.test_indices.tolist(), self.original_test_indices.tolist(), strict=True))
 
         def listed(ranked: Ranked, keep: Any) -> str:
             pairs = [(i, s) for i, s in zip(ranked.indices.tolist(), ranked.scores.tolist(), strict=True) if keep(s)]
-            return ", ".join(f"{i}({s:+.3g})" for i, s in pairs[:n]) or "none"
+            return ", ".join(f"{train_of.get(i, i)}({s:+.3g})" for i, s in pairs[:n]) or "none"
 
-        lines = [f"{self!r} (positive = helpful)"]
+        space = "; indices: original (under the Subset chain)" if self.has_original_indices else ""
+        lines = [f"{self!r} (positive = helpful{space})"]
         for t in self.test_indices[:tests].tolist():
             good = listed(self.top_helpful(t, None), lambda s: s > 0)
             bad = listed(self.top_harmful(t, None), lambda s: s < 0)
-            lines.append(f"  test {t}: helpful {good} | harmful {bad}")
+            lines.append(f"  test {test_of[t]}: helpful {good} | harmful {bad}")
         return "\n".join(lines)
 
     # ---------------------------------------------------------------------------------------------- combine
@@ -294,21 +436,31 @@ class InfluenceResult:
         if len(widths) > 1:
             raise ValueError(f"parts: results with different numbers of candidates {sorted(widths)} cannot be merged")
         dtype = torch.promote_types(parts[0].scores.dtype, parts[-1].scores.dtype)
+        # Original indices survive a merge only when every part has them (a part without would be in another space).
+        test = [p._original_test for p in parts]
+        cands = [p._original_candidates for p in parts]
         return cls(
             torch.cat([p.test_indices for p in parts]),
             torch.cat([p.candidate_indices for p in parts]),
             torch.cat([p.scores.to(dtype) for p in parts]),
             manifest if manifest is not None else parts[0].manifest,
+            original_test_indices=torch.cat(test) if all(t is not None for t in test) else None,
+            original_candidate_indices=torch.cat(cands) if all(c is not None for c in cands) else None,
         )
 
     # --------------------------------------------------------------------------------------------------- disk
     def tensors(self) -> dict[str, Tensor]:
-        """The three tensors as stored on disk."""
-        return {
+        """The tensors as stored on disk (the three, plus the original indices a Subset gave)."""
+        out = {
             "test_indices": self.test_indices,
             "candidate_indices": self.candidate_indices,
             "scores": self.scores,
         }
+        if self._original_test is not None:
+            out["original_test_indices"] = self._original_test
+        if self._original_candidates is not None:
+            out["original_candidate_indices"] = self._original_candidates
+        return out
 
     def save(self, dirpath: PathLike) -> Path:
         """Write ``result.safetensors`` and ``manifest.json`` into ``dirpath`` (each atomically).
@@ -359,7 +511,14 @@ class InfluenceResult:
         missing = {"test_indices", "candidate_indices", "scores"} - set(tensors)
         if missing:
             raise SnapshotError(f"result file {path} lacks tensors {sorted(missing)} (holds {sorted(tensors)})")
-        return cls(tensors["test_indices"], tensors["candidate_indices"], tensors["scores"], manifest)
+        return cls(
+            tensors["test_indices"],
+            tensors["candidate_indices"],
+            tensors["scores"],
+            manifest,
+            original_test_indices=tensors.get("original_test_indices"),
+            original_candidate_indices=tensors.get("original_candidate_indices"),
+        )
 
     def equals(self, other: InfluenceResult, *, rtol: float = 0.0, atol: float = 0.0) -> bool:
         """Same test points and candidates, and scores equal within ``rtol``/``atol``."""

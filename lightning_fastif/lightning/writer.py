@@ -105,6 +105,15 @@ def _combined_ihvp(diagnostics: list[dict[str, Any]]) -> dict[str, Any]:
     return combined
 
 
+def _given_datasets(trainer: Trainer, module: Any) -> tuple[Any, Any]:
+    """The datasets the result's indices point into: the candidates' (training set or pool) and the test set's."""
+    pool = getattr(module, "candidates_pool", None)
+    train = (pool.data if pool is not None else module.train_data).dataset
+    loaders = trainer.predict_dataloaders
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+    return train, getattr(loader, "dataset", None)
+
+
 def _read_batch(path: Path) -> BatchInfluence:
     tensors = load_tensors(path)
     return BatchInfluence(
@@ -414,10 +423,11 @@ class InfluenceWriter(BasePredictionWriter):
     def _to_result(self, parts: list[BatchInfluence], trainer: Trainer, module: InfluenceModule) -> InfluenceResult:
         if not parts:
             raise ValueError("dataloaders: no test point was scored (an empty test set?)")
-        return InfluenceResult.merge(
+        merged = InfluenceResult.merge(
             [InfluenceResult(p.test_indices, p.candidates, p.scores) for p in parts],
             self._manifest(parts, trainer, module),
         )
+        return merged.with_original_indices(*_given_datasets(trainer, module))
 
     def _merge_shards(self, keys: list[tuple[int, int]], trainer: Trainer, module: InfluenceModule) -> InfluenceResult:
         if len(set(keys)) != len(keys):
@@ -447,6 +457,7 @@ class InfluenceWriter(BasePredictionWriter):
                 for rank_parts in diagnostics
                 for t, d in rank_parts
             ]
-            return InfluenceResult(tests, cands, scores, self._manifest(stubs, trainer, module)), None
+            result = InfluenceResult(tests, cands, scores, self._manifest(stubs, trainer, module))
+            return result.with_original_indices(*_given_datasets(trainer, module)), None
         except Exception as err:
             return None, f"{type(err).__name__}: {err}"
