@@ -20,6 +20,7 @@ random pool examples.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -37,8 +38,10 @@ from lightning_fastif.lightning.correction import accuracy, compare_selections
 from lightning_fastif.lightning.module import InfluenceModule
 from lightning_fastif.lightning.snapshots import FeatureSnapshot
 
-SELECTIONS = ("helpful", "random")
-"""The rows: pool examples chosen by influence, and random pool examples (the same number of steps)."""
+SELECTIONS = ("helpful", "random", "random_at_helpful_lr")
+"""The rows: pool examples chosen by influence, random pool examples (the same number of steps, ``lr="auto"``), and
+random pool examples at the learning rate the influence-chosen run used (random points, whose gradient barely moves
+the anchors' loss, get a small rate of their own)."""
 
 
 def digits_pool(seed: int, agreement: float) -> tuple[Any, list[bool]]:
@@ -63,19 +66,15 @@ def compare_pool_selections(
     steps: CorrectionArguments,
     keep: str,
 ) -> dict[str, Any]:
-    """``compare_selections`` of influence-chosen (``"helpful"``) and random pool examples from ``model``'s weights."""
-    return compare_selections(
-        model,
-        anchors,
-        challenge,
-        make_influence=make_influence,
-        selections=SELECTIONS,
-        seeds=[seed],
-        also={"test": test},
-        steps=steps,
-        keep=keep,
-        pool=pool,
-    )
+    """``compare_selections`` of influence-chosen (``"helpful"``) and random pool examples from ``model``'s weights,
+    plus ``"random_at_helpful_lr"``: random pool examples at the learning rate the influence-chosen run used."""
+    common = {"make_influence": make_influence, "seeds": [seed], "also": {"test": test}, "keep": keep, "pool": pool}
+    table = compare_selections(model, anchors, challenge, selections=("helpful", "random"), steps=steps, **common)
+    matched = dataclasses.replace(steps, lr=table["helpful"]["runs"][0]["lr"])
+    table["random_at_helpful_lr"] = compare_selections(
+        model, anchors, challenge, selections=("random",), steps=matched, **common
+    )["random"]
+    return table
 
 
 def run_demo(
@@ -191,7 +190,9 @@ def run_demo(
     for selection in SELECTIONS:
         s = summary[selection]
         lrs = ", ".join(f"{x:g}" for x in s["lrs"])
-        label = "influence-chosen" if selection == "helpful" else "random"
+        label = {"helpful": "influence-chosen", "random": "random", "random_at_helpful_lr": "random, same lr"}[
+            selection
+        ]
         lines.append(
             f"| {label} | {s['after_mean']:.3f} | {100 * s['gain_mean']:+.1f} ± {100 * s['gain_std']:.1f} pts "
             f"| {100 * s['counter_fraction_used']:.0f}% | {100 * s['test_change_mean']:+.1f} pts | {lrs} "
