@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.bench_correction import TabularMLP, tabular_task
 from benchmarks.common import jsonable, markdown_table, module_main, set_threads
-from lightning_fastif import CandidatePool, LiSSA
+from lightning_fastif import CandidatePool, ComputeArguments, LiSSA
 from lightning_fastif.lightning.arguments import CorrectionArguments
 from lightning_fastif.lightning.correction import accuracy
 from lightning_fastif.lightning.module import InfluenceModule
@@ -95,7 +95,12 @@ def run_tabular(
         def make_influence(m: nn.Module, data: dict = data, snap: Path = snap, seed: int = seed) -> InfluenceModule:
             ihvp = LiSSA(damping=damping, recursion_depth=depth, batch_size=32, residual_examples=0, seed=seed)
             return InfluenceModule(
-                m, train_dataset=data["train"], snapshot=snap, num_candidates=num_candidates, ihvp=ihvp, progress=False
+                m,
+                train_dataset=data["train"],
+                snapshot=snap,
+                num_candidates=num_candidates,
+                ihvp=ihvp,
+                compute=ComputeArguments(progress=False),
             )
 
         table = demo.compare_pool_selections(

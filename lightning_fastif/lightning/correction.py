@@ -310,7 +310,8 @@ class ErrorCorrection(Callback):
         )
         pool = None
         if self.pool is not None:
-            pool = CandidatePool(self.pool, self._pool_index(pl_module) if self.num_candidates is not None else None)
+            index = self._pool_index(pl_module, influence) if self.num_candidates is not None else None
+            pool = CandidatePool(self.pool, index)
         optimizer = trainer.optimizers[0] if self.steps.optimizer == "model" and trainer.optimizers else None
         report = correct_errors(
             pl_module,
@@ -329,12 +330,23 @@ class ErrorCorrection(Callback):
         _sync_parameters(pl_module)
         self._record(trainer, moment, report)
 
-    def _pool_index(self, pl_module: LightningModule) -> Any:
-        """A kNN index over the pool's features under the current weights (the pool is small and changes nothing)."""
+    def _pool_index(self, pl_module: LightningModule, influence: Any) -> Any:
+        """A kNN index over the pool's features under the current weights (the pool is small and changes nothing),
+        made as the snapshot's training features were: the same layer and hook, activations or loss gradients, and
+        the same metric (loss gradients are then searched towards helpful and harmful pool examples alike)."""
         from lightning_fastif.search.features import extract_features
         from lightning_fastif.search.knn import KNNIndex
 
-        return KNNIndex(extract_features(pl_module, self.pool))
+        search, kind = influence.search, influence.feature_kind
+        feats = extract_features(
+            pl_module,
+            self.pool,
+            layer=search.feature_layer,
+            hook=search.feature_hook or "output",
+            kind=kind,
+            loss_fn=influence.loss_fn,
+        )
+        return KNNIndex(feats, metric=influence.knn_index.metric)
 
     def _snapshot_dir(self, trainer: Trainer) -> str:
         """``snapshot_dir``, else the directory the Trainer's FeatureSnapshot writes to (resolved as it does)."""

@@ -1,0 +1,154 @@
+"""Data augmentation from an unseen pool: CandidatePool over loss-gradient snapshots, exact answers on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_fastif import CandidatePool, ErrorCorrection, ExactInverse
+from lightning_fastif.errors import SnapshotNotFoundError
+from lightning_fastif.lightning.correction import correct_errors
+from lightning_fastif.lightning.module import InfluenceModule
+from lightning_fastif.lightning.snapshots import FeatureSnapshot
+from lightning_fastif.search.knn import KNNIndex
+from tests.helpers.module_models import TinyMLP, blobs
+
+K = 4
+DAMPING = 0.05
+
+
+class _LitMLP(TinyMLP, LightningModule):
+    def training_step(self, batch, batch_idx):
+        return self.per_example_loss(batch).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def pool_snapshot(tmp_path_factory):
+    """A float64 TinyMLP fitted with a loss-gradient FeatureSnapshot that also embeds an unseen pool of 30."""
+    root = tmp_path_factory.mktemp("pool_snapshot")
+    train, rest = blobs(n_train=60, n_test=37)
+    x, y = rest.tensors
+    pool, test = TensorDataset(x[:30], y[:30]), TensorDataset(x[30:], y[30:])
+    model = _LitMLP()
+    snap = FeatureSnapshot(dirpath=root / "snap", features="loss_gradient", datasets={"pool": pool})
+    trainer = Trainer(
+        default_root_dir=root,
+        max_epochs=5,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[snap],
+    )
+    trainer.fit(model, DataLoader(train, batch_size=10))
+    return model.eval(), train, pool, test, root / "snap"
+
+
+def _exact_pool_scores(model, train, pool, test):
+    """Influence over the classifier's parameters of every pool example on each test point (num_candidates=None)."""
+    every = InfluenceModule(
+        model,
+        train_dataset=train,
+        ihvp=ExactInverse(DAMPING),
+        params="classifier.*",
+        num_candidates=None,
+        candidates_pool=CandidatePool(pool),
+    )
+    out = every.score_batch(test.tensors)
+    assert torch.equal(out.candidates, torch.arange(len(pool)).expand(len(test), len(pool)))
+    return out.scores
+
+
+def test_pool_from_a_loss_gradient_snapshot_is_searched_like_the_training_set(pool_snapshot):
+    model, train, pool_data, test, snap = pool_snapshot
+    pool = CandidatePool.from_snapshot(pool_data, snap, name="pool")
+    assert pool.snapshot == str(snap.absolute())
+    assert pool.version is not None
+    module = InfluenceModule(
+        model,
+        train_dataset=train,
+        snapshot=snap,
+        ihvp=ExactInverse(DAMPING),
+        params="classifier.*",
+        num_candidates=K,
+        candidates_pool=pool,
+    )
+    # queries as the pool's features were made: preconditioned loss gradients of the classifier, both signs
+    assert (module.feature_kind, module.search.feature_layer, module.search.knn_sign) == (
+        "loss_gradient",
+        "classifier",
+        "both",
+    )
+    assert module.knn_preconditioned
+    assert module.settings()["candidates_from"] == "pool:pool"
+    assert module.settings()["num_pool"] == 30
+    out = module.score_batch(test.tensors)
+    assert out.diagnostics["candidates_from"] == "pool:pool"
+    # Over the classifier's parameters alone, <(H_last + λI)⁻¹ g_test, g_pool> IS the influence score: the K
+    # nearest of q are the K most helpful pool examples, those of -q the K most harmful, exactly.
+    exact = _exact_pool_scores(model, train, pool_data, test)
+    expected = torch.cat([exact.topk(K, 1).indices, (-exact).topk(K, 1).indices], 1)
+    assert torch.equal(out.candidates, expected)
+    assert int(out.candidates.max()) < len(pool_data)  # pool indices, not training indices
+    torch.testing.assert_close(out.scores, exact.gather(1, expected), rtol=1e-9, atol=1e-12)
+
+
+def test_a_pool_passed_per_call_uses_its_own_snapshot_entry(pool_snapshot):
+    """correct_errors passes the pool to score_batch of a module built over the training set's snapshot."""
+    model, train, pool_data, test, snap = pool_snapshot
+    pool = CandidatePool.from_snapshot(pool_data, snap, name="pool")
+    module = InfluenceModule(
+        model, train_dataset=train, snapshot=snap, ihvp=ExactInverse(DAMPING), params="classifier.*", num_candidates=K
+    )
+    exact = _exact_pool_scores(model, train, pool_data, test)
+    out = module.score_batch(test.tensors, candidates_pool=pool)
+    expected = torch.cat([exact.topk(K, 1).indices, (-exact).topk(K, 1).indices], 1)
+    assert torch.equal(out.candidates, expected)
+    assert out.diagnostics["candidates_from"] == "pool:pool"
+    # the combined anchor batch (correct_errors' query) ranks the pool by the influence on the mean test loss
+    combined = module.score_batch(test.tensors, combine=True, candidates_pool=pool)
+    mean = exact.mean(0, keepdim=True)
+    assert torch.equal(combined.candidates, torch.cat([mean.topk(K, 1).indices, (-mean).topk(K, 1).indices], 1))
+
+
+def test_correct_errors_trains_on_the_most_helpful_pool_examples(pool_snapshot):
+    model, train, pool_data, test, snap = pool_snapshot
+    pool = CandidatePool.from_snapshot(pool_data, snap, name="pool")
+    m = TinyMLP()
+    m.load_state_dict(model.state_dict())
+    module = InfluenceModule(
+        m, train_dataset=train, snapshot=snap, ihvp=ExactInverse(DAMPING), params="classifier.*", num_candidates=K
+    )
+    report = correct_errors(
+        m, module, test, pool=pool, num_steps=1, top_m=3, num_anchors=7, lr=0.01, keep="always", seed=0
+    )
+    exact = _exact_pool_scores(model, train, pool_data, test).mean(0)
+    assert report.steps[0].chosen_indices == exact.topk(3).indices.tolist()
+    torch.testing.assert_close(
+        torch.tensor(report.steps[0].chosen_scores, dtype=torch.float64), exact.topk(3).values, rtol=1e-9, atol=1e-12
+    )
+
+
+def test_error_correction_embeds_its_pool_like_the_snapshot(pool_snapshot):
+    model, train, pool_data, test, snap = pool_snapshot
+    module = InfluenceModule(model, train_dataset=train, snapshot=snap, ihvp=ExactInverse(DAMPING), num_candidates=K)
+    callback = ErrorCorrection(anchors=test, pool=pool_data, keep="always", num_candidates=10, snapshot_dir=snap)
+    index = callback._pool_index(model, module)
+    stored = KNNIndex.from_snapshot(snap, dataset="pool")
+    assert (index.metric, index.dim) == ("ip", stored.dim)
+    torch.testing.assert_close(index.features, stored.features, rtol=1e-5, atol=1e-6)
+
+
+def test_a_pool_the_snapshot_did_not_embed_is_refused_naming_the_argument(pool_snapshot):
+    model, train, pool_data, test, snap = pool_snapshot
+    with pytest.raises(
+        SnapshotNotFoundError, match=r"name: expected a dataset .* one of \['pool', 'train'\], got 'extra'"
+    ):
+        CandidatePool.from_snapshot(pool_data, snap, name="extra")
+    with pytest.raises(ValueError, match="candidates_pool: the snapshot's features of 'pool' hold 30 examples"):
+        CandidatePool.from_snapshot(TensorDataset(*[t[:10] for t in pool_data.tensors]), snap, name="pool")
