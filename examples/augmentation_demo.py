@@ -208,9 +208,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/augmentation_demo"))
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--small", action="store_true", help="CI size: 1 seed, 2 epochs, 2 steps")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: small models gain nothing)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.small:
-        summary = run_demo(args.out, seeds=[0], epochs=2, num_steps=2, num_candidates=40, depth=20)
+        summary = run_demo(args.out, seeds=[0], epochs=2, num_steps=2, num_candidates=40, depth=10)
     else:
         summary = run_demo(args.out, seeds=list(range(args.seeds)))
     print((args.out / "augmentation_demo.md").read_text())
