@@ -7,8 +7,9 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fastif import CandidatePool, ErrorCorrection, ExactInverse
+from lightning_fastif import CandidatePool, ExactInverse
 from lightning_fastif.errors import SnapshotNotFoundError
+from lightning_fastif.lightning.candidates import embed_pool
 from lightning_fastif.lightning.correction import correct_errors
 from lightning_fastif.lightning.module import InfluenceModule
 from lightning_fastif.lightning.snapshots import FeatureSnapshot
@@ -134,14 +135,16 @@ def test_correct_errors_trains_on_the_most_helpful_pool_examples(pool_snapshot):
     )
 
 
-def test_error_correction_embeds_its_pool_like_the_snapshot(pool_snapshot):
+def test_a_pool_embedded_under_the_current_weights_matches_the_snapshot(pool_snapshot):
+    """ErrorCorrection(pool=...) and the app embed a pool no snapshot holds as the snapshot's features were made."""
     model, train, pool_data, test, snap = pool_snapshot
     module = InfluenceModule(model, train_dataset=train, snapshot=snap, ihvp=ExactInverse(DAMPING), num_candidates=K)
-    callback = ErrorCorrection(anchors=test, pool=pool_data, keep="always", num_candidates=10, snapshot_dir=snap)
-    index = callback._pool_index(model, module)
+    pool = embed_pool(module, pool_data)
     stored = KNNIndex.from_snapshot(snap, dataset="pool")
-    assert (index.metric, index.dim) == ("ip", stored.dim)
-    torch.testing.assert_close(index.features, stored.features, rtol=1e-5, atol=1e-6)
+    assert (pool.index.metric, pool.index.dim) == ("ip", stored.dim)
+    torch.testing.assert_close(pool.index.features, stored.features, rtol=1e-5, atol=1e-6)
+    expected = module.score_batch(test.tensors, candidates_pool=CandidatePool.from_snapshot(pool_data, snap))
+    assert torch.equal(module.score_batch(test.tensors, candidates_pool=pool).candidates, expected.candidates)
 
 
 def test_a_pool_the_snapshot_did_not_embed_is_refused_naming_the_argument(pool_snapshot):

@@ -27,7 +27,7 @@ from lightning_fastif.search.features import check_kind, features_of_batch, has_
 from lightning_fastif.search.knn import KNNIndex, Sign
 from lightning_fastif.search.preconditioner import QueryPreconditioner
 
-__all__ = ["CandidatePool", "QuerySource", "check_num_candidates", "resolve_query_source"]
+__all__ = ["CandidatePool", "QuerySource", "check_num_candidates", "embed_pool", "resolve_query_source"]
 
 _SEARCH_SIGN: dict[str, Sign] = {"both": "both", "helpful": "positive", "harmful": "negative"}
 HESSIAN_ENTRY = LAST_LAYER_HESSIAN
@@ -132,6 +132,37 @@ class CandidatePool:
                 f"dataset has {size}; embed this pool with FeatureSnapshot(datasets={{{name!r}: ...}})"
             )
         return cls(dataset, index, name, os.path.abspath(snapshot), str(entry["version"]))
+
+
+def embed_pool(influence: Any, dataset: Any, name: str = "pool") -> CandidatePool:
+    """A pool indexed by its features under the influence module's current weights, made as the module's snapshot
+    features were: the same layer and hook, activations or loss gradients, the same metric (loss gradients are then
+    searched towards helpful and harmful pool examples alike). For a pool no ``FeatureSnapshot`` embedded.
+
+    Args:
+        influence: an :class:`~lightning_fastif.InfluenceModule` with kNN candidates from a snapshot.
+        dataset: the pool dataset.
+        name: recorded in the results' settings.
+
+    Returns:
+        A :class:`CandidatePool` whose index ids are the dataset's indices.
+
+    Example::
+
+        >>> pool = embed_pool(influence, pool_dataset)  # doctest: +SKIP
+    """
+    from lightning_fastif.search.features import extract_features
+
+    search, kind = influence.search, influence.feature_kind
+    feats = extract_features(
+        influence.model,
+        dataset,
+        layer=search.feature_layer,
+        hook=search.feature_hook or "output",
+        kind=kind,
+        loss_fn=influence.loss_fn,
+    )
+    return CandidatePool(dataset, KNNIndex(feats, metric=influence.knn_index.metric), name)
 
 
 def check_num_candidates(

@@ -281,6 +281,7 @@ class ErrorCorrection(Callback):
     def _run(self, trainer: Trainer, pl_module: LightningModule, moment: str) -> None:
         if moment in self._done:  # a resumed fit does not repeat a correction
             return
+        from lightning_fastif.lightning.candidates import embed_pool
         from lightning_fastif.lightning.module import CandidatePool, InfluenceModule
 
         train_dataset = _train_dataset(trainer)
@@ -309,9 +310,8 @@ class ErrorCorrection(Callback):
             **kwargs,
         )
         pool = None
-        if self.pool is not None:
-            index = self._pool_index(pl_module, influence) if self.num_candidates is not None else None
-            pool = CandidatePool(self.pool, index)
+        if self.pool is not None:  # embedded under the current weights: the pool is small and changes nothing
+            pool = embed_pool(influence, self.pool) if self.num_candidates is not None else CandidatePool(self.pool)
         optimizer = trainer.optimizers[0] if self.steps.optimizer == "model" and trainer.optimizers else None
         report = correct_errors(
             pl_module,
@@ -329,24 +329,6 @@ class ErrorCorrection(Callback):
         report.epoch, report.global_step = trainer.current_epoch, trainer.global_step
         _sync_parameters(pl_module)
         self._record(trainer, moment, report)
-
-    def _pool_index(self, pl_module: LightningModule, influence: Any) -> Any:
-        """A kNN index over the pool's features under the current weights (the pool is small and changes nothing),
-        made as the snapshot's training features were: the same layer and hook, activations or loss gradients, and
-        the same metric (loss gradients are then searched towards helpful and harmful pool examples alike)."""
-        from lightning_fastif.search.features import extract_features
-        from lightning_fastif.search.knn import KNNIndex
-
-        search, kind = influence.search, influence.feature_kind
-        feats = extract_features(
-            pl_module,
-            self.pool,
-            layer=search.feature_layer,
-            hook=search.feature_hook or "output",
-            kind=kind,
-            loss_fn=influence.loss_fn,
-        )
-        return KNNIndex(feats, metric=influence.knn_index.metric)
 
     def _snapshot_dir(self, trainer: Trainer) -> str:
         """``snapshot_dir``, else the directory the Trainer's FeatureSnapshot writes to (resolved as it does)."""
