@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -155,3 +157,69 @@ def test_a_pool_the_snapshot_did_not_embed_is_refused_naming_the_argument(pool_s
         CandidatePool.from_snapshot(pool_data, snap, name="extra")
     with pytest.raises(ValueError, match="candidates_pool: the snapshot's features of 'pool' hold 30 examples"):
         CandidatePool.from_snapshot(TensorDataset(*[t[:10] for t in pool_data.tensors]), snap, name="pool")
+
+
+# -- the app's preset ----------------------------------------------------------------------------------------------
+def _compose(overrides):
+    from hydra import compose, initialize_config_module
+
+    from lightning_fastif.app.config import CONFIG_MODULE, CONFIG_NAME
+
+    with initialize_config_module(version_base=None, config_module=CONFIG_MODULE):
+        return compose(config_name=CONFIG_NAME, overrides=list(overrides))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_augmentation_preset_compares_influence_chosen_and_random_pool_examples(tmp_path):
+    from lightning_fastif.app.main import run
+
+    cfg = _compose(
+        [
+            "experiment=augmentation",
+            "trainer.max_epochs=2",
+            "trainer.enable_progress_bar=false",
+            "influence.num_candidates=40",
+            "augmentation.seeds=[0]",
+            "augmentation.steps.num_steps=2",
+            "report.max_test_points=2",
+            "report.num_explained=1",
+            "report.verify=false",
+            f"output_dir={tmp_path}",
+        ]
+    )
+    assert cfg.correction is None  # the comparison starts from the trained weights
+    summary = run(cfg)
+    aug = summary["augmentation"]
+    assert (aug["pool_split"], aug["pool_size"], aug["anchors"], aug["eval"]) == (
+        "val",
+        270,
+        "challenge",
+        "challenge_eval",
+    )
+    assert set(aug["selections"]) == {"helpful", "random"}
+    for row in aug["selections"].values():
+        (used,), (stopped,) = row["used_indices"], row["stopped"]
+        # 2 steps of 10 pool examples, or 1 when the certified LiSSA refused the weights after the first step
+        assert len(used) == (10 if stopped else 20)
+        assert 0 <= min(used) <= max(used) < 270
+    assert aug["selections"]["random"]["stopped"] == [None]  # random points need no influence
+    helpful, random = aug["selections"]["helpful"], aug["selections"]["random"]
+    assert helpful["before"] == random["before"]  # both from the same trained weights
+    assert aug["margin"] == pytest.approx(helpful["gain_mean"] - random["gain_mean"])
+    assert json.loads((tmp_path / "augmentation.json").read_text())["pool_size"] == 270
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Data augmentation from an unseen pool" in report
+    assert f"Influence-chosen - random: {100 * aug['margin']:+.1f} points" in report
+
+
+def test_a_split_the_datamodule_lacks_is_refused_naming_the_key():
+    from lightning_fastif.app.augmentation import _split
+    from lightning_fastif.app.data import SpuriousDigitsDataModule
+    from lightning_fastif.errors import ArgumentError
+
+    dm = SpuriousDigitsDataModule(seed=0)
+    dm.setup("fit")
+    assert len(_split(dm, "val", "augmentation.pool")) == 270
+    with pytest.raises(ArgumentError, match=r"augmentation\.pool: expected a split .* got 'nope'"):
+        _split(dm, "nope", "augmentation.pool")
