@@ -149,6 +149,42 @@ def test_a_pool_embedded_under_the_current_weights_matches_the_snapshot(pool_sna
     assert torch.equal(module.score_batch(test.tensors, candidates_pool=pool).candidates, expected.candidates)
 
 
+def test_error_correction_pool_mode_under_a_loss_gradient_snapshot(tmp_path):
+    """ErrorCorrection(pool=...) during fit: its pool is embedded as loss gradients and searched like the index."""
+    from lightning_fastif import ErrorCorrection
+
+    train, rest = blobs(n_train=60, n_test=37)
+    x, y = rest.tensors
+    pool, anchors = TensorDataset(x[:30], y[:30]), TensorDataset(x[30:], y[30:])
+    correction = ErrorCorrection(
+        anchors=anchors,
+        pool=pool,
+        keep="always",
+        num_candidates=10,
+        ihvp=ExactInverse(DAMPING),
+        params="classifier.*",
+        steps={"num_steps": 2, "top_m": 3, "num_anchors": 7, "lr": 0.01},
+    )
+    snap = FeatureSnapshot(dirpath=tmp_path / "snap", features="loss_gradient")
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[snap, correction],
+    )
+    trainer.fit(_LitMLP(), DataLoader(train, batch_size=10))
+    (record,) = correction.history
+    assert [len(step["chosen_indices"]) for step in record["steps"]] == [3, 3]
+    assert all(0 <= i < len(pool) for step in record["steps"] for i in step["chosen_indices"])  # pool indices
+    # the most helpful pool examples come first: the chosen scores are sorted and the first is helpful
+    scores = record["steps"][0]["chosen_scores"]
+    assert scores == sorted(scores, reverse=True)
+    assert scores[0] > 0
+
+
 def test_a_pool_the_snapshot_did_not_embed_is_refused_naming_the_argument(pool_snapshot):
     model, train, pool_data, test, snap = pool_snapshot
     with pytest.raises(
