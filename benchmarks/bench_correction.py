@@ -66,13 +66,20 @@ def _demo() -> Any:
 
 # -- the tabular task ----------------------------------------------------------------------------------------------
 def tabular_task(
-    seed: int, *, n_train: int = 2000, n_anchors: int = 100, n_challenge: int = 500, informative: int = 20
+    seed: int,
+    *,
+    n_train: int = 2000,
+    n_anchors: int = 100,
+    n_challenge: int = 500,
+    informative: int = 20,
+    extra: dict[str, tuple[int, float]] | None = None,
 ) -> dict[str, TensorDataset]:
     """Training, anchor and challenge rows: ``informative`` Gaussian features and a spurious last column.
 
     The label is ``1[x·w + 0.5·noise > 0]`` (``w`` a random unit vector); the last column is ``+1`` for label 1 and
     ``-1`` for label 0 on 95% of the training rows (the others reversed), and reversed on every anchor and challenge
     row (the anchors are a sample of the challenge distribution, as HANS anchors are). ``test`` is in-distribution.
+    ``extra`` adds splits by name, ``(rows, agreement)`` each, drawn after the others (which stay the same).
     """
     g = torch.Generator().manual_seed(10_000 + seed)
     w = torch.randn(informative, generator=g)
@@ -85,12 +92,15 @@ def tabular_task(
         cue = torch.where(agrees, 2.0 * y - 1.0, 1.0 - 2.0 * y)
         return TensorDataset(torch.cat([x, cue.unsqueeze(1)], 1), y)
 
-    return {
+    splits = {
         "train": make(n_train, 0.95),
         "test": make(n_challenge, 0.95),
         "anchors": make(n_anchors, 0.0),
         "challenge": make(n_challenge, 0.0),
     }
+    for name, (rows, agreement) in (extra or {}).items():
+        splits[name] = make(rows, agreement)
+    return splits
 
 
 class TabularMLP(_Classifier):

@@ -147,6 +147,26 @@ def test_peers_smoke():
 
 
 @pytest.mark.slow
+def test_bench_augmentation_smoke():
+    from benchmarks import bench_augmentation
+
+    out = bench_augmentation.run(smoke=True, threads=1)
+    _check_contract(out)
+    assert set(out["headline"]) == {"digits_margin", "tabular_margin"}
+    assert out["markdown"].count("| influence-chosen |") == 2
+    summary = out["details"]["summary"]
+    for task, pool_size in (("digits", 270), ("tabular", 200)):
+        rows = summary[task]
+        assert [rows[s]["runs"] for s in bench_augmentation.SELECTIONS] == [1, 1, 1]
+        # influence finds the pool's counter-examples of the cue; random points hold about the pool's share
+        assert rows["helpful"]["counter_fraction_used"] >= 0.5 > rows["random"]["counter_fraction_used"]
+        per_seed = out["details"][task]["per_seed"] if task == "digits" else out["details"][task]
+        used = [i for s in per_seed for run in s["helpful"]["runs"] for i in run["used_indices"]]
+        assert len(used) == 20
+        assert 0 <= min(used) <= max(used) < pool_size  # pool indices
+
+
+@pytest.mark.slow
 def test_bench_scale_smoke():
     pytest.importorskip("kronfluence")
     from benchmarks import bench_scale

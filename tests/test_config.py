@@ -62,7 +62,7 @@ def test_configs_are_package_data():
     folder = ROOT / "lightning_fastif" / "app" / "configs"
     files = {p.relative_to(folder).as_posix() for p in folder.rglob("*.yaml")}
     packaged = {p.relative_to(folder).as_posix() for g in globs for p in folder.glob(g)}
-    assert len(files) >= 23
+    assert len(files) == 24
     assert packaged == files
     assert (folder / "__init__.py").is_file()  # importable, so pkg:// finds it
     assert (resources.files(CONFIG_MODULE) / "fastif.yaml").is_file()
@@ -73,7 +73,7 @@ def test_group_options_are_the_yaml_files():
     assert group_options("influence/ihvp") == ["auto", "cg", "ekfac", "exact", "identity", "lissa"]
     assert group_options("data") == ["demo", "digits", "drug_reviews", "rotten_tomatoes", "spurious_digits"]
     assert group_options("model") == ["digits", "text"]
-    assert set(group_options("experiment")) == {"correction", "smoke", "text"}
+    assert set(group_options("experiment")) == {"augmentation", "correction", "smoke", "text"}
 
 
 def test_every_node_is_its_constructors_arguments():
@@ -181,11 +181,20 @@ def test_model_nodes_build():
     assert text.trainable_patterns == ["encoder.encoder.layer.5.*", "classifier.*"]
 
 
-@pytest.mark.parametrize("experiment", ["smoke", "correction", "text"])
+@pytest.mark.parametrize("experiment", ["smoke", "correction", "text", "augmentation"])
 def test_every_experiment_composes_and_validates(experiment):
     cfg = compose_app([f"experiment={experiment}"])
     validate_config(cfg)
     OmegaConf.resolve(cfg)
+    if experiment == "augmentation":  # no correction during training; the pool's split follows `data`
+        assert cfg.correction is None
+        assert (cfg.augmentation.pool_data.seed, cfg.augmentation.pool_data.cue_agreement) == (cfg.data.seed, 0.8)
+        assert (cfg.augmentation.anchors, cfg.augmentation.eval, cfg.augmentation.pool) == (
+            "challenge",
+            "challenge_eval",
+            "val",
+        )
+        return
     assert cfg.correction.num_candidates == cfg.influence.num_candidates
     if experiment == "correction":
         assert cfg.data._target_.endswith("SpuriousDigitsDataModule")

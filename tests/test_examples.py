@@ -52,3 +52,17 @@ def test_correction_demo_small(tmp_path):
     summary = json.loads((tmp_path / "c" / "correction_demo.json").read_text())
     assert set(summary) >= {"helpful", "harmful", "random"}
     assert (tmp_path / "c" / "correction_demo.md").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_augmentation_demo_small(tmp_path):
+    out = run([str(EXAMPLES / "augmentation_demo.py"), "--small", "--out", str(tmp_path / "a")], tmp_path)
+    summary = json.loads((tmp_path / "a" / "augmentation_demo.json").read_text())
+    assert set(summary) >= {"helpful", "random", "random_at_helpful_lr", "margin"}
+    assert summary["pool_size"] == 270
+    # 2 steps of 10 pool examples per selection; influence picks the pool's counter-examples of the cue
+    runs = summary["per_seed"][0]["helpful"]["runs"]
+    assert len(runs[0]["used_indices"]) == 20
+    assert summary["helpful"]["counter_fraction_used"] > summary["random"]["counter_fraction_used"]
+    assert "influence-chosen" in out

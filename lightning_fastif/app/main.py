@@ -16,6 +16,7 @@ Examples::
     python -m lightning_fastif                                   # digits, a few minutes on 2 CPU cores
     python -m lightning_fastif experiment=smoke                  # tiny settings (CI)
     python -m lightning_fastif experiment=correction             # error correction on a planted cue
+    python -m lightning_fastif experiment=augmentation           # influence-chosen vs random unseen pool examples
     python -m lightning_fastif influence/ihvp=cg influence.num_candidates=50
     python -m lightning_fastif trainer.devices=2 trainer.strategy=ddp
     python -m lightning_fastif -m influence.ihvp.damping=0.001,0.01,0.1
@@ -137,6 +138,10 @@ def run(cfg: Any) -> dict[str, Any]:
             }
             for h in history
         ]
+    if cfg.get("augmentation") is not None:
+        from lightning_fastif.app.augmentation import run_augmentation
+
+        summary["augmentation"] = run_augmentation(cfg, model, datamodule, datasets["train"], snapshot, out)
     self_scores = _self_influence(cfg, model, datasets["train"])
     flipped = getattr(datamodule, "flipped_indices", None)
     if self_scores is not None and flipped is not None and len(flipped):
@@ -393,6 +398,10 @@ def _write_report(
                 "back (kept = False) and its gain is then 0."
             )
 
+    if summary.get("augmentation"):
+        from lightning_fastif.app.augmentation import augmentation_section
+
+        augmentation_section(report, summary["augmentation"])
     report.add_heading(f"Why were these {split} examples misclassified?", level=2)
     graph = plots.plot_influence_graph(
         test_ids,

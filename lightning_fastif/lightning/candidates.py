@@ -9,6 +9,7 @@ the queries. Every mismatch between the snapshot, the model and the training set
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from lightning_fastif.search.features import check_kind, features_of_batch, has_
 from lightning_fastif.search.knn import KNNIndex, Sign
 from lightning_fastif.search.preconditioner import QueryPreconditioner
 
-__all__ = ["CandidatePool", "QuerySource", "check_num_candidates", "resolve_query_source"]
+__all__ = ["CandidatePool", "QuerySource", "check_num_candidates", "embed_pool", "resolve_query_source"]
 
 _SEARCH_SIGN: dict[str, Sign] = {"both": "both", "helpful": "positive", "harmful": "negative"}
 HESSIAN_ENTRY = LAST_LAYER_HESSIAN
@@ -39,14 +40,20 @@ class CandidatePool:
 
     The Hessian stays the training set's; only the scored candidates change. With kNN candidates the pool needs
     an ``index`` over its features (in the same feature space as the test features): take it from a
-    ``FeatureSnapshot(datasets={"pool": pool_dataset})`` with :meth:`from_snapshot`. Candidate indices in the
-    results then index the pool dataset.
+    ``FeatureSnapshot(datasets={"pool": pool_dataset})`` with :meth:`from_snapshot`, which also records the
+    snapshot and version, so that queries are made as that version's features were: activations of its layer, or
+    loss gradients (preconditioned by its ``H_last`` when stored, searched towards helpful and harmful pool
+    examples). Candidate indices in the results then index the pool dataset, and the results' settings and
+    diagnostics say ``candidates_from="pool:<name>"``.
 
     Args:
         dataset: a map-style dataset (or a ``DataLoader`` over one, whose ``collate_fn`` is used).
         index: a :class:`~lightning_fastif.KNNIndex` whose ids are dataset indices of the pool (``None``: only
-            ``num_candidates=None`` works, every pool example is a candidate).
-        name: recorded in the results' settings.
+            ``num_candidates=None`` works, every pool example is a candidate). An index built by hand is queried
+            with the influence module's own query source (the training snapshot's features).
+        name: recorded in the results' settings; the dataset's name in the snapshot for :meth:`from_snapshot`.
+        snapshot: the ``FeatureSnapshot`` directory the index comes from (set by :meth:`from_snapshot`).
+        version: its features version (set by :meth:`from_snapshot`).
 
     Raises:
         ArgumentError: ``index`` is not a ``KNNIndex``, or its ids do not fit the dataset.
@@ -63,6 +70,8 @@ class CandidatePool:
     dataset: Any
     index: KNNIndex | None = None
     name: str = "pool"
+    snapshot: str | None = None
+    version: str | None = None
     data: IndexedData = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,18 +98,71 @@ class CandidatePool:
     ) -> CandidatePool:
         """A pool whose kNN index is the snapshot's features of dataset ``name`` (``FeatureSnapshot(datasets=...)``).
 
+        Args:
+            dataset: the pool dataset, in the order the snapshot embedded it.
+            snapshot: the ``FeatureSnapshot`` directory.
+            name: the pool's name in ``FeatureSnapshot(datasets={name: dataset})``.
+            version: the features version (``None``: the latest).
+            **knn: overrides passed to :meth:`KNNIndex.load` (``nprobe``, ``use_gpu``, ...).
+
         Raises:
-            SnapshotNotFoundError: the snapshot, version or dataset is missing.
+            SnapshotNotFoundError: the snapshot or version is missing, or the version holds no features of ``name``
+                (the message names ``name`` and the datasets it holds).
             ValueError: the snapshot's features were built for a dataset of another size.
+
+        Example::
+
+            >>> pool = CandidatePool.from_snapshot(pool_data, "runs/fastif_snapshot", name="pool")  # doctest: +SKIP
         """
-        index = KNNIndex.from_snapshot(snapshot, dataset=name, version=version, **knn)
+        try:
+            entry = resolve_version(snapshot, "features", version)
+        except SnapshotNotFoundError as err:
+            raise SnapshotNotFoundError(f"snapshot: {err}; was it written by FeatureSnapshot?") from err
+        held = sorted(entry.get("datasets", {}))
+        if name not in held:
+            raise SnapshotNotFoundError(
+                f"name: expected a dataset the features version {entry['version']!r} of {snapshot} holds, one of "
+                f"{held}, got {name!r}; embed the pool with FeatureSnapshot(datasets={{{name!r}: pool_dataset}})"
+            )
+        index = KNNIndex.from_snapshot(snapshot, dataset=name, version=entry["version"], **knn)
         size = len(IndexedData(dataset, name="candidates_pool.dataset"))
         if index.ntotal != size:
             raise ValueError(
                 f"candidates_pool: the snapshot's features of {name!r} hold {index.ntotal} examples, but the pool "
                 f"dataset has {size}; embed this pool with FeatureSnapshot(datasets={{{name!r}: ...}})"
             )
-        return cls(dataset, index, name)
+        return cls(dataset, index, name, os.path.abspath(snapshot), str(entry["version"]))
+
+
+def embed_pool(influence: Any, dataset: Any, name: str = "pool") -> CandidatePool:
+    """A pool indexed by its features under the influence module's current weights, made as the module's snapshot
+    features were: the same layer and hook, activations or loss gradients, the same metric (loss gradients are then
+    searched towards helpful and harmful pool examples alike). For a pool no ``FeatureSnapshot`` embedded.
+
+    Args:
+        influence: an :class:`~lightning_fastif.InfluenceModule` with kNN candidates from a snapshot.
+        dataset: the pool dataset.
+        name: recorded in the results' settings.
+
+    Returns:
+        A :class:`CandidatePool` whose index ids are the dataset's indices.
+
+    Example::
+
+        >>> pool = embed_pool(influence, pool_dataset)  # doctest: +SKIP
+    """
+    from lightning_fastif.search.features import extract_features
+
+    search, kind = influence.search, influence.feature_kind
+    feats = extract_features(
+        influence.model,
+        dataset,
+        layer=search.feature_layer,
+        hook=search.feature_hook or "output",
+        kind=kind,
+        loss_fn=influence.loss_fn,
+    )
+    return CandidatePool(dataset, KNNIndex(feats, metric=influence.knn_index.metric), name)
 
 
 def check_num_candidates(
@@ -235,7 +297,13 @@ class QuerySource:
 
 
 def resolve_query_source(
-    model: nn.Module, snapshot: str | None, num_train: int, search: SearchArguments, *, from_snapshot: bool
+    model: nn.Module,
+    snapshot: str | None,
+    num_train: int,
+    search: SearchArguments,
+    *,
+    from_snapshot: bool,
+    pool: CandidatePool | None = None,
 ) -> QuerySource:
     """Check the snapshot's features against the model and the training set; say how queries are made.
 
@@ -245,7 +313,9 @@ def resolve_query_source(
         num_train: the training set's size (the snapshot's ``train`` features must hold as many).
         search: the search arguments as given.
         from_snapshot: ``True`` when the index is the snapshot's ``train`` features; ``False`` for a
-            :class:`CandidatePool`'s own index (no manifest is read).
+            :class:`CandidatePool`'s own index (the pool's snapshot manifest is read when it has one, else none).
+        pool: the candidate pool; one made by :meth:`CandidatePool.from_snapshot` is queried as its features
+            version was embedded (its kind, layer and ``H_last``).
 
     Raises:
         SnapshotNotFoundError: the snapshot holds no features version, no ``train`` features, or a listed
@@ -258,6 +328,10 @@ def resolve_query_source(
     if from_snapshot:
         assert snapshot is not None
         entry = _features_entry(snapshot, search.feature_version, num_train)
+        search = dataclasses.replace(search, feature_version=entry["version"])
+    elif pool is not None and pool.snapshot is not None:
+        entry = _pool_entry(pool)
+        snapshot = pool.snapshot  # its H_last preconditions the queries
         search = dataclasses.replace(search, feature_version=entry["version"])
     kind = check_kind(entry.get("features") or "activations")
     snap_layer = entry.get("layer")
@@ -305,6 +379,22 @@ def _features_entry(snapshot: str, version: str | int | None, num_train: int) ->
             f"snapshot: {snapshot} (features version {entry['version']!r}) was built for a training set of "
             f"{n} examples, but train_dataset has {num_train}; pass the training set the snapshot was taken on, "
             "in the same order"
+        )
+    return entry
+
+
+def _pool_entry(pool: CandidatePool) -> dict[str, Any]:
+    assert pool.snapshot is not None
+    try:
+        entry = resolve_version(pool.snapshot, "features", pool.version)
+    except SnapshotNotFoundError as err:
+        raise SnapshotNotFoundError(f"candidates_pool: {err}; was its snapshot directory moved?") from err
+    record = entry.get("datasets", {}).get(pool.name)
+    if record is None or int(record.get("n", -1)) != len(pool):
+        raise ValueError(
+            f"candidates_pool: features version {entry['version']!r} of {pool.snapshot} holds "
+            f"{'no' if record is None else record.get('n')} features of {pool.name!r}, but the pool has {len(pool)} "
+            "examples; rebuild it with CandidatePool.from_snapshot"
         )
     return entry
 

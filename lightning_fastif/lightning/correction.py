@@ -290,6 +290,7 @@ class ErrorCorrection(Callback):
     def _run(self, trainer: Trainer, pl_module: LightningModule, moment: str) -> None:
         if moment in self._done:  # a resumed fit does not repeat a correction
             return
+        from lightning_fastif.lightning.candidates import embed_pool
         from lightning_fastif.lightning.module import CandidatePool, InfluenceModule
 
         train_dataset = _train_dataset(trainer)
@@ -318,8 +319,8 @@ class ErrorCorrection(Callback):
             **kwargs,
         )
         pool = None
-        if self.pool is not None:
-            pool = CandidatePool(self.pool, self._pool_index(pl_module) if self.num_candidates is not None else None)
+        if self.pool is not None:  # embedded under the current weights: the pool is small and changes nothing
+            pool = embed_pool(influence, self.pool) if self.num_candidates is not None else CandidatePool(self.pool)
         optimizer = trainer.optimizers[0] if self.steps.optimizer == "model" and trainer.optimizers else None
 
         def correct(steps: CorrectionArguments) -> CorrectionReport:
@@ -350,13 +351,6 @@ class ErrorCorrection(Callback):
         report.epoch, report.global_step = trainer.current_epoch, trainer.global_step
         _sync_parameters(pl_module)
         self._record(trainer, moment, report, comparison)
-
-    def _pool_index(self, pl_module: LightningModule) -> Any:
-        """A kNN index over the pool's features under the current weights (the pool is small and changes nothing)."""
-        from lightning_fastif.search.features import extract_features
-        from lightning_fastif.search.knn import KNNIndex
-
-        return KNNIndex(extract_features(pl_module, self.pool))
 
     def _snapshot_dir(self, trainer: Trainer) -> str:
         """``snapshot_dir``, else the directory the Trainer's FeatureSnapshot writes to (resolved as it does)."""

@@ -216,8 +216,15 @@ class InfluenceModule(LightningModule):
             self.queries = QuerySource(dataclasses.replace(groups["search"], feature_version=None), self.snapshot)
         else:
             self.queries = resolve_query_source(
-                model, self.snapshot, len(self.train_data), groups["search"], from_snapshot=candidates_pool is None
+                model,
+                self.snapshot,
+                len(self.train_data),
+                groups["search"],
+                from_snapshot=candidates_pool is None,
+                pool=candidates_pool,
             )
+        self._search_given: SearchArguments = groups["search"]
+        self._pool_queries: dict[tuple[Any, ...], QuerySource] = {}
         self.checkpoints = checkpoints
         self.checkpoint_weights = CheckpointWeights(model, self.snapshot, checkpoints)
         version = self.search.feature_version
@@ -444,16 +451,29 @@ class InfluenceModule(LightningModule):
     def _candidates(
         self, batch: Batch, rows: int, k: int, pool: CandidatePool | None, combine: bool, stages: Stages
     ) -> Tensor:
+        source = self._queries_for(pool)
         with stages("features"):
             if self._feature_checkpoint is not None:
                 self.checkpoint_weights.apply(self._feature_checkpoint)
-            feats = self.queries.embed(self.model, batch, self.loss_fn, self._knn_lambda())
+            feats = source.embed(self.model, batch, self.loss_fn, self._knn_lambda())
             queries = feats.mean(0, keepdim=True) if combine or self.search.knn_query == "mean" else feats
         index = pool.index if pool is not None else self.knn_index
         assert index is not None
         with stages("knn"):
-            ids = self.queries.nearest(index, queries, k, progress=self._progress_enabled())
+            ids = source.nearest(index, queries, k, progress=self._progress_enabled())
         return ids.expand(rows, ids.shape[1]).contiguous() if ids.shape[0] != rows else ids
+
+    def _queries_for(self, pool: CandidatePool | None) -> QuerySource:
+        """How queries meet ``pool``'s index: a pool passed to :meth:`score_batch` that came from a snapshot is
+        queried as that snapshot's features were made (resolved once per pool); otherwise the module's queries."""
+        if pool is None or pool is self.candidates_pool or pool.snapshot is None:
+            return self.queries
+        key = (pool.snapshot, pool.version, pool.name, len(pool))
+        if key not in self._pool_queries:
+            self._pool_queries[key] = resolve_query_source(
+                self.model, self.snapshot, len(self.train_data), self._search_given, from_snapshot=False, pool=pool
+            )
+        return self._pool_queries[key]
 
     def _compute(
         self,
