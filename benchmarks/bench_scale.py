@@ -99,6 +99,9 @@ REFERENCE_TOL = 1e-6
 REFERENCE_MAX_ITER = 500
 
 DEVICE = os.environ.get("FASTIF_BENCH_DEVICE", "cpu")
+ESTIMATOR = os.environ.get("FASTIF_BENCH_ESTIMATOR", "auto")
+"""The ``fastif`` part's estimator: ``auto`` (the default ``AutoInverse``) or ``ekfac`` (``EKFAC``: uncertified,
+factors fitted once per weights, then a few matrix products per solve)."""
 """The Trainer's accelerator in the workers (``--device`` sets it for the worker processes)."""
 
 WORKER_TIMEOUT = 4 * 3600
@@ -379,6 +382,7 @@ def _exact_candidates(module: Any, batch: tuple[Tensor, Tensor], k: int) -> Tens
 
 def worker_influence(n: int, workdir: Path, *, mode: str, num_test: int, num_candidates: int) -> dict[str, Any]:
     """``trainer.predict`` with FastIF (``mode="fastif"``) or every training point (``"all"``), one test batch."""
+    from lightning_fastif.core.ekfac import EKFAC
     from lightning_fastif.core.ihvp import AutoInverse
     from lightning_fastif.lightning.arguments import ComputeArguments
     from lightning_fastif.lightning.module import InfluenceModule
@@ -396,7 +400,7 @@ def worker_influence(n: int, workdir: Path, *, mode: str, num_test: int, num_can
         num_candidates=num_candidates if mode == "fastif" else None,
         # The default estimator (AutoInverse), at the damping of this non-convex MLP: its default 0.01 is below
         # the Hessian's most negative eigenvalue here, and the certified solve says so instead of answering.
-        ihvp=AutoInverse(damping=DAMPING),
+        ihvp=EKFAC(damping=DAMPING) if ESTIMATOR == "ekfac" else AutoInverse(damping=DAMPING),
         compute=ComputeArguments(progress=False),
     )
     loader = DataLoader(TensorDataset(test_x, test_y), batch_size=num_test)
