@@ -65,10 +65,11 @@ def test_auto_inverse_uses_preconditioned_cg_beyond_the_exact_solve_and_caches_p
     model, data, v, exact = problem
     plain = ConjugateGradient(DAMPING, tol=1e-6, max_iter=500)
     plain.solve(HessianOperator(model, mse, data), v)
-    auto = AutoInverse(DAMPING, max_params=50, tol=1e-6)
+    auto = AutoInverse(DAMPING, max_params=50, tol=1e-6, residual_examples=100)
     x = auto.solve(HessianOperator(model, mse, data), v)
     d = auto.diagnostics
     assert (d["chose"], d["preconditioner"], d["factors_from"], d["converged"]) == ("cg", "ekfac", "fitted", True)
+    assert d["residual_examples"] == 256  # all N: CG solves the full-data system
     assert d["why"] == "P=83 > max_params=50: ekfac-preconditioned CG (2 factored layers cover 83 of 83 parameters)"
     assert relative_error(x, exact) < 1e-5
     assert d["iterations"] * 2 < plain.diagnostics["iterations"], (d["iterations"], plain.diagnostics["iterations"])
