@@ -102,6 +102,9 @@ DEVICE = os.environ.get("FASTIF_BENCH_DEVICE", "cpu")
 ESTIMATOR = os.environ.get("FASTIF_BENCH_ESTIMATOR", "auto")
 """The ``fastif`` part's estimator: ``auto`` (the default ``AutoInverse``) or ``ekfac`` (``EKFAC``: uncertified,
 factors fitted once per weights, then a few matrix products per solve)."""
+CURVATURE = os.environ.get("FASTIF_BENCH_CURVATURE", "0") == "1"
+"""With ``1`` the snapshot fit also runs ``CurvatureSnapshot(params=PARAMS)`` into the same directory: EK-FAC factors
+fitted once at the end of fit, which the ``fastif`` part's ``EKFAC`` then reuses instead of fitting per run."""
 """The Trainer's accelerator in the workers (``--device`` sets it for the worker processes)."""
 
 WORKER_TIMEOUT = 4 * 3600
@@ -245,14 +248,18 @@ def worker_fit(n: int, workdir: Path, *, snapshot: bool, save: str | None) -> di
     from lightning.pytorch import seed_everything
 
     from lightning_fastif.io.snapshot_store import feature_snapshot_file, last_layer_hessian_file
-    from lightning_fastif.lightning.snapshots import FeatureSnapshot
+    from lightning_fastif.lightning.snapshots import CurvatureSnapshot, FeatureSnapshot
 
     _stage("data")
     train = make_data(n, TRAIN_SEED)
     _stage("fit")
     seed_everything(TRAIN_SEED, verbose=False)
     model = ScaleMLP()
-    callbacks = [FeatureSnapshot(dirpath=_snapshot_dir(workdir, n), features="loss_gradient")] if snapshot else []
+    callbacks: list[Any] = []
+    if snapshot:
+        callbacks.append(FeatureSnapshot(dirpath=_snapshot_dir(workdir, n), features="loss_gradient"))
+        if CURVATURE:
+            callbacks.append(CurvatureSnapshot(dirpath=_snapshot_dir(workdir, n), params=PARAMS, batch_size=512))
     trainer = _trainer(workdir / f"fit_{n}_{int(snapshot)}", max_epochs=EPOCHS, callbacks=callbacks)
     loader = DataLoader(
         train, batch_size=TRAIN_BATCH, shuffle=True, generator=torch.Generator().manual_seed(TRAIN_SEED)
