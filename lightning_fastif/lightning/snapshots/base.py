@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from abc import abstractmethod
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -209,3 +210,27 @@ class SnapshotCallback(Callback):
         # on_train_end does not allow self.log: write to the loggers directly (they are rank-zero only).
         for logger in trainer.loggers:
             logger.log_metrics({key: seconds}, step=trainer.global_step)
+
+
+class EpochSnapshotCallback(SnapshotCallback):
+    """A snapshot taken after every ``every_n_epochs``-th epoch and, with ``on_fit_end``, when training ends.
+
+    Subclasses set ``every_n_epochs`` and define ``_snapshot(trainer, pl_module, in_epoch)``; the triggers live here
+    once (``CheckpointSnapshot`` keeps ModelCheckpoint's own richer ones).
+    """
+
+    every_n_epochs: int | None = None
+
+    @abstractmethod
+    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_epoch: bool) -> None:
+        """Take one snapshot (``in_epoch``: after an epoch, else at the end of training)."""
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._snapshot(trainer, pl_module, in_epoch=True)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_fit_end:
+            self._snapshot(trainer, pl_module, in_epoch=False)

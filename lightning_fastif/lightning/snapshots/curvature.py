@@ -25,12 +25,12 @@ from lightning_fastif.core.fingerprint import params_fingerprint, weights_finger
 from lightning_fastif.core.params import ParamSpec, select_parameters
 from lightning_fastif.errors import ArgumentError, SnapshotError, check_bool, check_int
 from lightning_fastif.io.snapshot_store import CURVATURE_DIR, curvature_dir, resolve_version
-from lightning_fastif.lightning.snapshots.base import SnapshotCallback
+from lightning_fastif.lightning.snapshots.base import EpochSnapshotCallback
 
 __all__ = ["CurvatureSnapshot", "load_curvature"]
 
 
-class CurvatureSnapshot(SnapshotCallback):
+class CurvatureSnapshot(EpochSnapshotCallback):
     """Fit K-FAC factors of the empirical Fisher (and EK-FAC's eigenvalues) over the training set during a fit.
 
     One streaming pass of :func:`~lightning_fastif.core.curvature.fit_kfac` over the training loader's dataset (in
@@ -111,16 +111,6 @@ class CurvatureSnapshot(SnapshotCallback):
                 f"loss_fn: expected a callable loss_fn(model, batch) -> Tensor[B] ({type(pl_module).__name__} defines "
                 "no per_example_loss(batch)), got None"
             )
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._snapshot(trainer, pl_module, in_epoch=True)
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.at_fit_end:
-            self._snapshot(trainer, pl_module, in_epoch=False)
 
     # ------------------------------------------------------------------------------------------------------- fitting
     def _train(self, trainer: pl.Trainer) -> IndexedData:

@@ -39,7 +39,7 @@ from lightning_fastif.io.snapshot_store import (
     feature_file,
 )
 from lightning_fastif.lightning.distributed import gather_uneven
-from lightning_fastif.lightning.snapshots.base import SnapshotCallback
+from lightning_fastif.lightning.snapshots.base import EpochSnapshotCallback
 from lightning_fastif.search.features import (
     FEATURE_KINDS,
     extract_features,
@@ -58,7 +58,7 @@ _ROUND_BATCHES = 64
 """Batches each rank embeds per round before rank 0 writes them: memory holds one round's rows, not the set."""
 
 
-class FeatureSnapshot(SnapshotCallback):
+class FeatureSnapshot(EpochSnapshotCallback):
     """Embed the training set (and extra named datasets) at chosen moments of a fit, for kNN candidates.
 
     Features come from the forward hook on ``layer`` (its output, or its first input with ``hook="input"``),
@@ -309,17 +309,6 @@ class FeatureSnapshot(SnapshotCallback):
                 f"layer: expected one of the submodules {names} (e.g. the classifier with hook='input'), since "
                 f"{type(pl_module).__name__} defines no features(batch) method, got None"
             )
-
-    # ----------------------------------------------------------------------------------------------------- hooks
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._snapshot(trainer, pl_module, in_epoch=True)
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.at_fit_end:
-            self._snapshot(trainer, pl_module, in_epoch=False)
 
     # ---------------------------------------------------------------------------------------------------- snapshot
     def _sources(self, trainer: pl.Trainer) -> dict[str, IndexedData]:
