@@ -13,6 +13,7 @@ from lightning_fastif.core.curvature_layers import discover_layers
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp.base import InverseHVP
 from lightning_fastif.core.ihvp.direct import ConjugateGradient, ExactInverse, exact_memory_bytes
+from lightning_fastif.core.ihvp.factored import PRECONDITIONERS
 from lightning_fastif.core.ihvp.lissa import LiSSA
 from lightning_fastif.core.memory import available_memory, format_bytes
 from lightning_fastif.errors import ArgumentError, check_choice, check_int
@@ -92,7 +93,7 @@ class AutoInverse(InverseHVP):
         super().__init__(damping, tol=tol, residual_examples=residual_examples, strict=strict, certify=certify)
         self.max_params = check_int("max_params", max_params)
         self.seed = check_int("seed", seed, minimum=0)
-        self.preconditioner = check_choice("preconditioner", preconditioner, ("ekfac", "kfac", None))
+        self.preconditioner = check_choice("preconditioner", preconditioner, (*PRECONDITIONERS, None))
         self.max_iter = check_int("max_iter", max_iter)
         self.cg_max_train = check_int("cg_max_train", cg_max_train, minimum=0)
         self._exact: ExactInverse | None = None

@@ -19,9 +19,9 @@ from lightning_fastif.core.ihvp.base import (
     lowest_eigenvalue,
     suggest_damping,
 )
-from lightning_fastif.core.ihvp.factored import FactorSource
+from lightning_fastif.core.ihvp.factored import FactorSource, check_preconditioner
 from lightning_fastif.core.memory import format_bytes
-from lightning_fastif.errors import ArgumentError, MemoryBudgetError, check_choice, check_int
+from lightning_fastif.errors import ArgumentError, MemoryBudgetError, check_int
 
 
 class Identity(InverseHVP):
@@ -216,14 +216,7 @@ class ConjugateGradient(InverseHVP):
     ) -> None:
         super().__init__(damping, tol=tol, residual_examples=residual_examples, strict=strict, certify=certify)
         self.max_iter = check_int("max_iter", max_iter)
-        if preconditioner is not None:
-            check_choice("preconditioner", preconditioner, ("ekfac", "kfac"))
-            if self.damping <= 0:
-                raise ArgumentError(
-                    f"damping: expected a number > 0 with preconditioner={preconditioner!r} (the factors' inverse "
-                    f"needs it), got {self.damping!r}"
-                )
-        self.preconditioner = preconditioner
+        self.preconditioner = check_preconditioner(preconditioner, self.damping)
         self._source = FactorSource(correct=preconditioner != "kfac")
 
     def settings(self) -> dict[str, Any]:

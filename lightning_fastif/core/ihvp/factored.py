@@ -18,7 +18,33 @@ from typing import Any
 from lightning_fastif.core.curvature import KFACFactors, ekfac_correct, fit_kfac
 from lightning_fastif.core.curvature_layers import escaped_names
 from lightning_fastif.core.hessian import HessianOperator
-from lightning_fastif.errors import ArgumentError, check_bool, check_int
+from lightning_fastif.errors import ArgumentError, check_bool, check_choice, check_int
+
+PRECONDITIONERS = ("ekfac", "kfac")
+"""The curvature a preconditioned solver may use: EK-FAC (corrected eigenvalues) or plain K-FAC."""
+
+
+def check_preconditioner(preconditioner: str | None, damping: float) -> str | None:
+    """``preconditioner`` checked for a solver with this ``damping``: None, or one of :data:`PRECONDITIONERS` with
+    ``damping > 0`` (the factors' inverse needs it).
+
+    Raises:
+        ArgumentError: an unknown preconditioner, or ``damping <= 0`` with one.
+
+    Example::
+
+        >>> check_preconditioner("ekfac", 0.1)
+        'ekfac'
+    """
+    if preconditioner is None:
+        return None
+    check_choice("preconditioner", preconditioner, PRECONDITIONERS)
+    if damping <= 0:
+        raise ArgumentError(
+            f"damping: expected a number > 0 with preconditioner={preconditioner!r} (the factors' inverse needs it), "
+            f"got {damping!r}"
+        )
+    return preconditioner
 
 
 def factors_for_operator(

@@ -21,8 +21,8 @@ from lightning_fastif.core.ihvp.base import (
     relative_residual,
     residual_count,
 )
-from lightning_fastif.core.ihvp.factored import FactorSource
-from lightning_fastif.errors import ArgumentError, LiSSADivergenceError, check_choice, check_int, check_number
+from lightning_fastif.core.ihvp.factored import FactorSource, check_preconditioner
+from lightning_fastif.errors import ArgumentError, LiSSADivergenceError, check_int, check_number
 
 BLOCK = 16
 """Steps per block of the divergence monitor (one device synchronisation per block)."""
@@ -139,14 +139,7 @@ class LiSSA(InverseHVP):
         preconditioner: str | None = None,
     ) -> None:
         super().__init__(damping, tol=tol, residual_examples=residual_examples, strict=strict, certify=certify)
-        if preconditioner is not None:
-            check_choice("preconditioner", preconditioner, ("ekfac", "kfac"))
-            if self.damping <= 0:
-                raise ArgumentError(
-                    f"damping: expected a number > 0 with preconditioner={preconditioner!r} (the factors' inverse "
-                    f"needs it), got {self.damping!r}"
-                )
-        self.preconditioner = preconditioner
+        self.preconditioner = check_preconditioner(preconditioner, self.damping)
         self._source = FactorSource(correct=preconditioner != "kfac")
         self._root: Callable[[Tensor], Tensor] | None = None  # M^{1/2} during a preconditioned solve
         if tol is None:
