@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_fastif.core.factored_grads import FactoredGradients
 from lightning_fastif.errors import ArgumentError, SnapshotError, SnapshotNotFoundError
 from lightning_fastif.io.atomic import load_tensors, read_manifest, read_tensor_metadata
 from lightning_fastif.io.snapshot_store import (
@@ -593,7 +594,15 @@ def test_loss_gradient_snapshot_matches_extract_features(tmp_path):
     expected = extract_features(model, make_dataset(37, seed=0), kind="loss_gradient", loss_fn=_ce)
     assert index.metric == "ip"
     assert index.dim == model.classifier.weight.numel() + model.classifier.bias.numel()
-    torch.testing.assert_close(index.features, expected, rtol=1e-6, atol=1e-7)
+    # A Linear classifier's gradients are stored as their factors (10 + 16 numbers a row, not 10·17) ...
+    assert isinstance(index.features, FactoredGradients)
+    assert (index.features.num_outputs, index.features.num_inputs, index.features.bias) == (
+        model.classifier.out_features,
+        model.classifier.in_features,
+        True,
+    )
+    # ... whose dense rows are the per-example gradients autodiff gives.
+    torch.testing.assert_close(index.features[:], expected, rtol=1e-6, atol=1e-7)
     # The last layer's Hessian of the mean training loss (all 37 examples), as double backward computes it.
     record = entry[LAST_LAYER_HESSIAN]
     assert (record["layer"], record["num_params"], record["num_train"]) == ("classifier", CLASSIFIER_PARAMS, 37)

@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from lightning_fastif.core.factored_grads import FactoredGradients
 from lightning_fastif.errors import ArgumentError, SnapshotError, SnapshotNotFoundError
 from lightning_fastif.io.atomic import (
     PathLike,
@@ -56,6 +57,7 @@ from lightning_fastif.io.atomic import (
     manifest_path,
     map_tensors,
     read_manifest,
+    read_tensor_metadata,
     write_manifest,
 )
 
@@ -517,9 +519,10 @@ def read_feature_snapshot(
         version: see :func:`resolve_version` (default: the latest of the current run).
 
     Returns:
-        ``(features [N, D] float32, indices [N] int64, manifest entry)``; rows are sorted by dataset index. The
-        tensors are copy-on-write memory maps of the file (pages load as they are read; writing to them never
-        changes the file).
+        ``(features [N, D] float32, indices [N] int64, manifest entry)``; rows are sorted by dataset index. Loss
+        gradients stored as their factors (``out_grads``, ``inputs``) are returned as dense rows, formed in memory;
+        otherwise the tensors are copy-on-write memory maps of the file (pages load as they are read; writing to
+        them never changes the file).
 
     Raises:
         SnapshotNotFoundError: if the directory, manifest, version, dataset or file is missing.
@@ -531,6 +534,11 @@ def read_feature_snapshot(
     """
     path, entry = feature_snapshot_file(dirpath, dataset, version)
     tensors = map_tensors(path)  # memory-mapped: reading a large set costs no copy
+    if "features" not in tensors and {"out_grads", "inputs"} <= set(tensors):
+        # Loss gradients of a Linear layer stored as their factors: the dense rows are formed here (N x C·(D+1)).
+        bias = read_tensor_metadata(path).get("bias") == "1"
+        rows = FactoredGradients(tensors["out_grads"], tensors["inputs"], bias=bias)
+        tensors = {"features": rows[:], "indices": tensors["indices"]}
     missing = {"features", "indices"} - set(tensors)
     if missing:
         raise SnapshotError(f"feature file {path} lacks tensors {sorted(missing)} (holds {sorted(tensors)})")

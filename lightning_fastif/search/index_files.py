@@ -1,13 +1,15 @@
 """Files of the kNN index: the features file (streamed in chunks, memory-mapped on load) and the cached IVF index.
 
-A features file is a safetensors file holding ``indices`` [N] int64 and ``features`` [N, D] float32, with the index
-settings and a ``fingerprint`` (a random id of that write) in its header. A FAISS IVF index built from it is cached
-in ``<name>.faiss`` with the fingerprint in its own header (:func:`~lightning_fastif.search.ivf.write_ivf_cache`), so
-a cache built from an earlier file under the same name is never reused. The cache holds the inverted lists, that is
-the vectors a second time on disk: rebuilding the lists from the memory-mapped features at every load would instead
-cost one assignment pass over all N vectors (``N x nlist x D`` multiply-adds, seconds at 200k x 1290) per process;
-the disk copy makes loads instant. :class:`IndexFiles` is the part of
-:class:`~lightning_fastif.search.knn.KNNIndex` that reads and writes them. This module imports no Lightning.
+A features file is a safetensors file holding ``indices`` [N] int64 and ``features`` [N, D] float32 (or, for loss
+gradients of a ``Linear`` layer, their factors ``out_grads`` [N, C] and ``inputs`` [N, D], :func:`factored_layout`),
+with the index settings and a ``fingerprint`` (a random id of that write) in its header. A FAISS IVF index built
+from it is cached in ``<name>.faiss`` with the fingerprint in its own header
+(:func:`~lightning_fastif.search.ivf.write_ivf_cache`), so a cache built from an earlier file under the same name
+is never reused. The cache holds the inverted lists, that is the vectors a second time on disk: rebuilding the lists
+from the memory-mapped features at every load would instead cost one assignment pass over all N vectors
+(``N x nlist x D`` multiply-adds, seconds at 200k x 1290) per process; the disk copy makes loads instant.
+:class:`IndexFiles` is the part of :class:`~lightning_fastif.search.knn.KNNIndex` that reads and writes them.
+This module imports no Lightning.
 """
 
 from __future__ import annotations
@@ -20,18 +22,53 @@ from typing import Any, Literal
 
 import torch
 
+from lightning_fastif.core.factored_grads import FactoredGradients
 from lightning_fastif.errors import SnapshotError
 from lightning_fastif.io.atomic import PathLike, TensorFileWriter, map_tensors, read_tensor_metadata
 from lightning_fastif.io.snapshot_store import FAISS_SUFFIX, feature_snapshot_file, record_index_cache
 from lightning_fastif.search.ivf import read_ivf_cache_index, read_ivf_cache_info, write_ivf_cache
 
 KNN_FORMAT = "lightning_fastif.knn"
+FACTORED = "factored"
+FACTOR_TENSORS = ("out_grads", "inputs")
+"""The tensors of a factored features file, ``[N, C]`` and ``[N, D]``."""
 _WRITE_CHUNK = 1 << 16  # rows per write of a features file
 
 
 def features_layout(n: int, dim: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """The tensors of a features file, in file order: ``indices`` [N] int64, then ``features`` [N, D] float32."""
     return {"indices": (torch.int64, (n,)), "features": (torch.float32, (n, dim))}
+
+
+def factored_layout(n: int, outputs: int, inputs: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The tensors of a factored features file (loss gradients of a ``Linear`` layer, see
+    :class:`~lightning_fastif.core.factored_grads.FactoredGradients`): ``indices`` [N] int64, ``out_grads``
+    [N, C] and ``inputs`` [N, D] float32; its header says ``layout: factored`` and ``bias``."""
+    return {
+        "indices": (torch.int64, (n,)),
+        FACTOR_TENSORS[0]: (torch.float32, (n, outputs)),
+        FACTOR_TENSORS[1]: (torch.float32, (n, inputs)),
+    }
+
+
+def factored_metadata(meta: dict[str, str], bias: bool) -> dict[str, str]:
+    """``meta`` (:func:`features_metadata`) of a factored file: ``layout: factored``, and whether rows end in a bias."""
+    return {**meta, "layout": FACTORED, "bias": "1" if bias else "0"}
+
+
+def features_of_file(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> Any:
+    """The features a file holds: its ``features`` tensor, or :class:`FactoredGradients` over its two factors.
+
+    Raises:
+        SnapshotError: neither the ``features`` tensor nor both factors are there.
+    """
+    if meta.get("layout") == FACTORED:
+        if any(name not in tensors for name in FACTOR_TENSORS):
+            raise SnapshotError(f"index file {path} lacks the tensors {list(FACTOR_TENSORS)} (holds {sorted(tensors)})")
+        return FactoredGradients(tensors[FACTOR_TENSORS[0]], tensors[FACTOR_TENSORS[1]], bias=meta.get("bias") == "1")
+    if "features" not in tensors:
+        raise SnapshotError(f"index file {path} lacks the 'features' tensor (holds {sorted(tensors)})")
+    return tensors["features"].float()
 
 
 def features_metadata(
@@ -97,10 +134,18 @@ class IndexFiles:
         info = {"metric": self._metric, "nlist": self._nlist, "nprobe": self._nprobe, "tuning": self.tuning}
         meta = features_metadata(self._metric, self._kind, self._nlist, self._nprobe, self.tuning)
         path = Path(dirpath) / f"{name}.safetensors"
-        with TensorFileWriter(path, features_layout(self.ntotal, self.dim), meta) as writer:
+        features = self._features
+        if isinstance(features, FactoredGradients):
+            layout = factored_layout(self.ntotal, features.num_outputs, features.num_inputs)
+            meta = factored_metadata(meta, features.bias)
+            sources = dict(zip(FACTOR_TENSORS, (features.out_grads, features.inputs), strict=True))
+        else:
+            layout, sources = features_layout(self.ntotal, self.dim), {"features": features}
+        with TensorFileWriter(path, layout, meta) as writer:
             writer.write("indices", self._ids)
-            for start in range(0, self.ntotal, _WRITE_CHUNK):
-                writer.write("features", self._features[start : start + _WRITE_CHUNK], row=start)
+            for name, tensor in sources.items():
+                for start in range(0, self.ntotal, _WRITE_CHUNK):
+                    writer.write(name, tensor[start : start + _WRITE_CHUNK].float(), row=start)
         faiss_file = path.with_suffix(FAISS_SUFFIX)
         if self._kind == "ivf" and self._backend == "faiss":
             write_ivf_cache(faiss_file, self._faiss_cpu_index(), {**info, "features_fingerprint": meta["fingerprint"]})
@@ -156,8 +201,7 @@ class IndexFiles:
         path = Path(dirpath) / f"{name}.safetensors"
         tensors = map_tensors(path)  # no copy: pages are read as searches touch them
         meta = read_tensor_metadata(path)
-        if "features" not in tensors:
-            raise SnapshotError(f"index file {path} lacks the 'features' tensor (holds {sorted(tensors)})")
+        features = features_of_file(tensors, meta, path)
         saved_nlist = int(meta["nlist"]) if meta.get("nlist") else None
         saved_nprobe = int(meta["nprobe"]) if meta.get("nprobe") else 8
         settings = {
@@ -166,7 +210,7 @@ class IndexFiles:
             "nlist": nlist or saved_nlist,
         }
         index = cls(
-            tensors["features"].float(),
+            features,
             tensors.get("indices"),
             nprobe=nprobe or saved_nprobe,
             use_gpu=use_gpu,

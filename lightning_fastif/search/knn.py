@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_fastif.core.factored_grads import FactoredGradients
 from lightning_fastif.errors import check_choice, check_number
 from lightning_fastif.metrics import knn_recall as knn_recall  # moved to metrics; this path still imports it
 from lightning_fastif.search.index_files import KNN_FORMAT as KNN_FORMAT
@@ -136,15 +137,22 @@ class KNNIndex(IndexFiles):
         self.target_recall = float(check_number("target_recall", target_recall, low=0, high=1, low_open=True))
         check_choice("backend", backend, ("auto", "faiss", "torch"))
         check_choice("use_gpu", use_gpu, ("auto", True, False))
-        if not isinstance(features, Tensor) or features.dim() != 2 or not features.is_floating_point():
+        factored = isinstance(features, FactoredGradients)
+        if not factored and (
+            not isinstance(features, Tensor) or features.dim() != 2 or not features.is_floating_point()
+        ):
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-            raise ValueError(f"features: expected a float tensor [N, D], got {shape}")
+            raise ValueError(f"features: expected a float tensor [N, D] or FactoredGradients, got {shape}")
         n, d = features.shape
         if n < 1 or d < 1:
             raise ValueError(f"features: expected at least one row and one column, got shape {(n, d)}")
-        for start in range(0, n, _DB_CHUNK):  # in chunks: no [N, D] mask next to a large (memory-mapped) set
-            if not bool(torch.isfinite(features[start : start + _DB_CHUNK]).all()):
+        if factored:
+            if not features.is_finite():
                 raise ValueError("features: contains NaN or infinite values")
+        else:
+            for start in range(0, n, _DB_CHUNK):  # in chunks: no [N, D] mask next to a large (memory-mapped) set
+                if not bool(torch.isfinite(features[start : start + _DB_CHUNK]).all()):
+                    raise ValueError("features: contains NaN or infinite values")
         if ids is None:
             ids = torch.arange(n)
         ids = torch.as_tensor(ids)
@@ -177,7 +185,9 @@ class KNNIndex(IndexFiles):
             raise RuntimeError(f"use_gpu: True, but {what} is not available; use use_gpu='auto' or False")
 
         # Float32 on CPU as given (a memory-mapped snapshot file stays mapped): the index holds no copy of its own.
-        self._features = features.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        self._features: Tensor | FactoredGradients = (
+            features.to("cpu") if factored else features.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        )
         self._ids = ids
         self._metric: Metric = metric
         self._kind: IndexKind = kind
@@ -189,7 +199,7 @@ class KNNIndex(IndexFiles):
         self._cpu_index: Any = None
         self._gpu_resources: Any = None
         self._quantizer: Any = None
-        self._db: Tensor | None = None  # exact torch search: the features themselves on CPU, a copy on a GPU
+        self._db: Tensor | FactoredGradients | None = None  # exact torch search: the features (a copy on a GPU)
         self._db_sq_norms: Tensor | None = None
         self._db_inv_norms: Tensor | None = None  # cosine on CPU: similarities are scaled instead of a normalised copy
         self._cache: tuple[Path, str, Any] | None = None  # (file, features fingerprint, on_saved): see load()
@@ -258,8 +268,8 @@ class KNNIndex(IndexFiles):
         return self._ids
 
     @property
-    def features(self) -> Tensor:
-        """``[N, D]`` float32 features as given (not normalised)."""
+    def features(self) -> Tensor | FactoredGradients:
+        """``[N, D]`` float32 features as given (not normalised): a tensor, or the factors of loss gradients."""
         return self._features
 
     def __repr__(self) -> str:
@@ -271,8 +281,10 @@ class KNNIndex(IndexFiles):
         )
 
     # ------------------------------------------------------------------------------------------------- building
-    def _vectors(self) -> Tensor:
+    def _vectors(self) -> Tensor | FactoredGradients:
         if self._metric == "cosine":
+            if isinstance(self._features, FactoredGradients):
+                return self._features.scaled(1.0 / self._row_norms().clamp_min(1e-12))
             return torch.nn.functional.normalize(self._features, dim=1)
         return self._features
 
@@ -304,7 +316,13 @@ class KNNIndex(IndexFiles):
         return self._backend == "torch" or (self._kind == "flat" and not self._on_gpu)
 
     def _row_norms(self) -> Tensor:
-        return torch.cat([c.norm(dim=1) for c in self._features.split(_DB_CHUNK)])
+        return self._sq_norms(self._features).sqrt()
+
+    @staticmethod
+    def _sq_norms(db: Tensor | FactoredGradients) -> Tensor:
+        if isinstance(db, FactoredGradients):
+            return torch.cat([db.sq_norms(s, s + _DB_CHUNK) for s in range(0, len(db), _DB_CHUNK)])
+        return torch.cat([(c * c).sum(1) for c in db.split(_DB_CHUNK)])
 
     def _vector_chunks(self) -> Any:
         """The vectors FAISS indexes, ``_DB_CHUNK`` rows at a time (normalised for cosine: one chunk at a time)."""
@@ -323,7 +341,7 @@ class KNNIndex(IndexFiles):
                 if self._metric == "cosine":
                     self._db_inv_norms = 1.0 / self._row_norms().clamp_min(1e-12)
             if self._metric == "l2":
-                self._db_sq_norms = torch.cat([(c * c).sum(1) for c in self._db.split(_DB_CHUNK)])
+                self._db_sq_norms = self._sq_norms(self._db)
             return
         import faiss
 
@@ -453,7 +471,7 @@ class KNNIndex(IndexFiles):
         if q.shape[0] == 0:
             return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
         if self._db is not None:
-            return self._torch_search(q, k)
+            return self._torch_search(q, k)[:2]
         return self._faiss_search(q, k)
 
     def _faiss_search(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -477,7 +495,12 @@ class KNNIndex(IndexFiles):
         distances = distances.masked_fill(missing, math.inf)
         return distances, ids
 
-    def _torch_search(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def _torch_search(self, q: Tensor, k: int, k_negated: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Exact chunked search of ``q`` for ``k`` neighbours and, from the same products, of ``-q`` for ``k_negated``.
+
+        Returns ``(distances, ids)`` of ``q`` then of ``-q`` (empty ``[Q, 0]`` when ``k_negated`` is 0). A similarity
+        block serves both signs: the nearest of ``-q`` are the rows of smallest similarity with ``q``.
+        """
         db, sq_norms, inv_norms = self._db, self._db_sq_norms, self._db_inv_norms
         if db is None:
             raise RuntimeError("KNNIndex: the torch index was not built")
@@ -485,37 +508,51 @@ class KNNIndex(IndexFiles):
         if self._metric == "cosine":
             q = torch.nn.functional.normalize(q, dim=1)
         n = db.shape[0]
-        db_chunk = min(n, _DB_CHUNK)
-        q_chunk = max(1, _BLOCK_ELEMENTS // db_chunk)
+        factored = isinstance(db, FactoredGradients)
+        # A factored block also holds [rows, queries, C] products: fewer queries per block, same memory bound.
+        width = db.num_outputs if factored else 1
+        db_chunk = min(n, _DB_CHUNK, max(1, _BLOCK_ELEMENTS // width))
+        q_chunk = max(1, _BLOCK_ELEMENTS // (db_chunk * width))
 
-        def block_topk(qc: Tensor, start: int) -> tuple[Tensor, Tensor]:
-            sim = qc @ db[start : start + db_chunk].T
+        def block(qc: Tensor, start: int) -> Tensor:
+            stop = start + db_chunk
+            sim = db.dot(qc, start, stop) if factored else qc @ db[start:stop].T
             if inv_norms is not None:
-                sim.mul_(inv_norms[start : start + db_chunk])
+                sim.mul_(inv_norms[start:stop])
             if sq_norms is not None:
-                dist = ((qc * qc).sum(1, keepdim=True) - 2.0 * sim + sq_norms[start : start + db_chunk]).clamp_min_(0)
-            else:
-                dist = sim.neg_()  # negative similarity: smaller is nearer
-            vals, pos = dist.topk(min(k, dist.shape[1]), dim=1, largest=False)
-            return vals, pos + start
+                return ((qc * qc).sum(1, keepdim=True) - 2.0 * sim + sq_norms[start:stop]).clamp_min_(0)
+            return sim.neg_()  # negative similarity: smaller is nearer
 
-        all_d, all_p = [], []
+        def merge(best: tuple[Tensor, Tensor] | None, dist: Tensor, start: int, kk: int) -> tuple[Tensor, Tensor]:
+            vals, pos = dist.topk(min(kk, dist.shape[1]), dim=1, largest=False)
+            pos = pos + start
+            if best is None:
+                return vals, pos
+            merged = torch.cat([best[0], vals], 1)
+            top, order = merged.topk(min(kk, merged.shape[1]), dim=1, largest=False)
+            return top, torch.cat([best[1], pos], 1).gather(1, order)
+
+        parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         for qs in range(0, q.shape[0], q_chunk):
             qc = q[qs : qs + q_chunk]
-            best_d, best_p = block_topk(qc, 0)
-            # Merge chunk by chunk so memory stays at one [q_chunk, db_chunk] block plus the running top-k.
-            for start in range(db_chunk, n, db_chunk):
-                vals, pos = block_topk(qc, start)
-                merged = torch.cat([best_d, vals], 1)
-                best_d, order = merged.topk(min(k, merged.shape[1]), dim=1, largest=False)
-                best_p = torch.cat([best_p, pos], 1).gather(1, order)
-            all_d.append(best_d)
-            all_p.append(best_p)
-        distances = torch.cat(all_d).float().cpu()
-        pos = torch.cat(all_p).cpu()
-        if self._metric == "cosine":
-            distances = 1.0 + distances  # 1 - cos, from the negated similarity
-        return distances, self._ids[pos]
+            best: tuple[Tensor, Tensor] | None = None
+            worst: tuple[Tensor, Tensor] | None = None
+            # Merge block by block so memory stays at one [q_chunk, db_chunk] block plus the running top-k.
+            for start in range(0, n, db_chunk):
+                dist = block(qc, start)
+                best = merge(best, dist, start, k)
+                if k_negated:
+                    worst = merge(worst, dist.neg_(), start, k_negated)  # -q's distances: the negated similarity
+            assert best is not None
+            empty = (torch.zeros(qc.shape[0], 0, device=q.device), torch.zeros(qc.shape[0], 0, dtype=torch.long))
+            parts.append((*best, *(worst if worst is not None else empty)))
+        shift = 1.0 if self._metric == "cosine" else 0.0  # 1 - cos, from the negated similarity
+        out = []
+        for i in (0, 2):
+            distances = torch.cat([p[i] for p in parts]).float().cpu() + shift
+            pos = torch.cat([p[i + 1].cpu() for p in parts])
+            out.extend([distances, self._ids[pos]])
+        return out[0], out[1], out[2], out[3]
 
     def tune(
         self, k: int = TUNE_K, *, target_recall: float = 0.99, num_queries: int = TUNE_QUERIES, seed: int = 0
@@ -581,13 +618,19 @@ class KNNIndex(IndexFiles):
         if sign == "negative":
             return self.search(-q, k)
         self._check_k(k)
-        first_d, first_ids = self.search(q, k)
         rest = min(k, self.ntotal - k)
-        if rest == 0:
-            return first_d, first_ids
         # Search deeper than k from -q, so that dropping the ids already found (possible with ties, e.g. the
         # exactly-zero gradients of perfectly fitted examples) still leaves `rest` new ones.
-        other_d, other_ids = self.search(-q, min(self.ntotal, k + rest))
+        deeper = min(self.ntotal, k + rest) if rest else 0
+        self._ensure_built()
+        if self._db is not None and q.shape[0] > 0:
+            # Exact search in torch: one pass of products answers both signs.
+            first_d, first_ids, other_d, other_ids = self._torch_search(q, k, deeper)
+        else:
+            first_d, first_ids = self.search(q, k)
+            other_d, other_ids = self.search(-q, deeper) if rest else (first_d[:, :0], first_ids[:, :0])
+        if rest == 0:
+            return first_d, first_ids
         taken = _rowwise_isin(other_ids, first_ids) & (other_ids >= 0)
         # A stable sort moves the new ids first, in their search order.
         order = taken.to(torch.int8).argsort(dim=1, stable=True)[:, :rest]

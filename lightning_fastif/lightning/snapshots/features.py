@@ -25,7 +25,8 @@ from typing_extensions import override
 
 from lightning_fastif.core.batches import IndexedData
 from lightning_fastif.core.curvature import ekfac_correct, fit_kfac
-from lightning_fastif.core.grads import evaluating
+from lightning_fastif.core.factored_grads import FactoredGradients, extract_gradient_factors, linear_layer_hessian
+from lightning_fastif.core.grads import default_loss_fn, evaluating
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.errors import ArgumentError, SnapshotError, check_bool, check_choice, check_int
 from lightning_fastif.io.atomic import TensorFileWriter, save_tensors
@@ -47,6 +48,7 @@ from lightning_fastif.search.features import (
     last_layer_name,
     resolve_layer,
 )
+from lightning_fastif.search.index_files import FACTOR_TENSORS, factored_layout, factored_metadata
 from lightning_fastif.search.ivf import AUTO_IVF_MIN_SIZE, default_nlist, faiss_available
 from lightning_fastif.search.knn import features_layout, features_metadata
 
@@ -358,6 +360,9 @@ class FeatureSnapshot(EpochSnapshotCallback):
         bar = tqdm(total=n, desc=f"fastif snapshot: {name}", leave=False) if show else None
         meta = features_metadata(self.metric, self.index, self.nlist, self.nprobe)
         path = feature_file(dirpath, version, name)
+        # Loss gradients of a Linear layer are written as their two factors (C + D numbers a row, not C·(D+1));
+        # every rank probes the same first example, so all agree on the layout.
+        probe = self._factored_rows(pl_module, data, torch.tensor([0])) if self.features == "loss_gradient" else None
         writer: TensorFileWriter | None = None
         write_error: str | None = None
         dim = 0
@@ -365,9 +370,10 @@ class FeatureSnapshot(EpochSnapshotCallback):
             for begin in range(0, n, per_round):
                 rows = torch.arange(begin, min(n, begin + per_round))
                 local = rows[((rows - begin) // self.batch_size) % world == rank]
-                feats, error = torch.zeros(0, 0), None
+                feats: Tensor | FactoredGradients = torch.zeros(0, 0)
+                error = None
                 try:
-                    feats = self._extract(pl_module, data, local)
+                    feats = self._extract(pl_module, data, local, probe)
                 except Exception as err:  # re-raised below, after every rank knows, so none waits in the gather
                     error = err
                 if trainer.strategy.reduce_boolean_decision(error is not None, all=False):
@@ -375,12 +381,23 @@ class FeatureSnapshot(EpochSnapshotCallback):
                         raise error
                     raise SnapshotError(f"FeatureSnapshot: embedding {name!r} failed on another rank")
                 if world > 1:
-                    feats, local = gather_uneven(feats), gather_uneven(local)
+                    local = gather_uneven(local)
+                    if isinstance(feats, FactoredGradients):
+                        feats = FactoredGradients(
+                            gather_uneven(feats.out_grads), gather_uneven(feats.inputs), bias=feats.bias
+                        )
+                    else:
+                        feats = gather_uneven(feats)
                 if trainer.is_global_zero and write_error is None:
                     try:
                         if writer is None:
                             dim = int(feats.shape[1])
-                            writer = TensorFileWriter(path, features_layout(n, dim), meta).__enter__()
+                            if isinstance(feats, FactoredGradients):
+                                layout = factored_layout(n, feats.num_outputs, feats.num_inputs)
+                                meta = factored_metadata(meta, feats.bias)
+                            else:
+                                layout = features_layout(n, dim)
+                            writer = TensorFileWriter(path, layout, meta).__enter__()
                         self._write_rows(writer, name, feats, local)
                     except Exception as err:  # the others keep embedding: they wait for rank 0 in the gathers
                         write_error = f"{type(err).__name__}: {err}"
@@ -408,7 +425,35 @@ class FeatureSnapshot(EpochSnapshotCallback):
             return None, write_error
         return self._dataset_record(dirpath, version, name, n, dim, meta["fingerprint"]), None
 
-    def _extract(self, pl_module: pl.LightningModule, data: IndexedData, indices: Tensor) -> Tensor:
+    def _loss_fn(self, pl_module: pl.LightningModule) -> Callable[[Any, Any], Tensor]:
+        return self.loss_fn if self.loss_fn is not None else default_loss_fn(pl_module)
+
+    def _factored_rows(
+        self, pl_module: pl.LightningModule, data: IndexedData, indices: Tensor
+    ) -> FactoredGradients | None:
+        """The loss gradients of ``indices`` as factors, or None when the layer's gradients do not factor."""
+        assert self._layer is not None
+        module = resolve_layer(pl_module, self._layer)
+        return extract_gradient_factors(
+            pl_module,
+            data,
+            module,
+            self._loss_fn(pl_module),
+            indices=indices,
+            batch_size=self.batch_size,
+            device=pl_module.device,
+        )
+
+    def _extract(
+        self, pl_module: pl.LightningModule, data: IndexedData, indices: Tensor, probe: FactoredGradients | None
+    ) -> Tensor | FactoredGradients:
+        if probe is not None:
+            if indices.numel() == 0:
+                return FactoredGradients(probe.out_grads[:0], probe.inputs[:0], bias=probe.bias)
+            rows = self._factored_rows(pl_module, data, indices)
+            if rows is None:
+                raise SnapshotError(f"FeatureSnapshot: the gradients of layer {self._layer!r} stopped factoring")
+            return rows
         return extract_features(
             pl_module,
             data,
@@ -422,18 +467,24 @@ class FeatureSnapshot(EpochSnapshotCallback):
         )
 
     @staticmethod
-    def _write_rows(writer: TensorFileWriter, name: str, features: Tensor, indices: Tensor) -> None:
+    def _write_rows(writer: TensorFileWriter, name: str, features: Tensor | FactoredGradients, indices: Tensor) -> None:
         """Write gathered rows at their dataset indices: one write per run of consecutive indices, no reordering."""
         if indices.numel() == 0:
             return
-        if not bool(torch.isfinite(features).all()):
+        finite = features.is_finite() if isinstance(features, FactoredGradients) else torch.isfinite(features).all()
+        if not bool(finite):
             raise SnapshotError(f"features of dataset {name!r} contain NaN or infinite values")
+        if isinstance(features, FactoredGradients):
+            parts = dict(zip(FACTOR_TENSORS, (features.out_grads, features.inputs), strict=True))
+        else:
+            parts = {"features": features}
         indices = indices.cpu()
         breaks = (torch.nonzero(indices[1:] != indices[:-1] + 1).flatten() + 1).tolist()
         for lo, hi in zip([0, *breaks], [*breaks, indices.numel()], strict=True):
             row = int(indices[lo])
             try:
-                writer.write("features", features[lo:hi], row=row)
+                for tensor, values in parts.items():
+                    writer.write(tensor, values[lo:hi], row=row)
                 writer.write("indices", indices[lo:hi], row=row)
             except ValueError as err:
                 raise SnapshotError(
@@ -531,14 +582,22 @@ class FeatureSnapshot(EpochSnapshotCallback):
             entry.update(file=path.name, num_train=len(train), hessian_examples=factors.num_examples)
             entry["factored_layers"] = [layer.spec.name for layer in factors.layers]
             return entry
+        sample = IndexedData(data)
         with torch.inference_mode(False), evaluating(pl_module):
-            operator = HessianOperator(pl_module, self.loss_fn, data, params=names, batch_size=self.batch_size)
-            hessian = operator.dense(max_params=self.max_hessian_params).detach().cpu()
+            # A Linear layer's Hessian in closed form (one pass, exact); other layers by P Hessian-vector products.
+            hessian = linear_layer_hessian(
+                pl_module, sample, layer, self._loss_fn(pl_module), batch_size=self.batch_size, device=pl_module.device
+            )
+            entry["method"] = "closed_form" if hessian is not None else "hvp"
+            if hessian is None:
+                operator = HessianOperator(pl_module, self.loss_fn, data, params=names, batch_size=self.batch_size)
+                hessian = operator.dense(max_params=self.max_hessian_params)
+        hessian = hessian.detach().to("cpu", next(layer.parameters()).dtype)
         meta = {"layer": self._layer, "num_params": str(num_params), "num_train": str(len(train))}
         save_tensors(feature_file(dirpath, version, LAST_LAYER_HESSIAN), {LAST_LAYER_HESSIAN: hessian}, meta)
         entry["file"] = feature_file(dirpath, version, LAST_LAYER_HESSIAN).name
         entry["num_train"] = len(train)
-        entry["hessian_examples"] = len(operator.data)
+        entry["hessian_examples"] = len(sample)
         return entry
 
     def _entry(self, trainer: pl.Trainer, epoch: int, files: dict[str, Any]) -> dict[str, Any]:
