@@ -298,19 +298,20 @@ IVF_COMPARISON_MIN_SIZE = 100_000
 def worker_snapshot_stages(n: int, workdir: Path) -> dict[str, Any]:
     """The snapshot's stages one by one, on the fitted model, as ``FeatureSnapshot`` runs them: seconds each.
 
-    Inside fit: embed (per-example loss gradients of ``net.4``) and the streamed write of each round of rows into
-    the features file, and ``H_last`` over the snapshot's sample of 8,192 examples. At the first search (not in
+    Inside fit: embed (the factors of the per-example loss gradients of ``net.4``) and the streamed write of each
+    round of rows into the features file, and ``H_last`` (closed form) over the snapshot's sample of 8,192 examples. At the first search (not in
     fit): the exact search over the memory-mapped features and, from ``IVF_COMPARISON_MIN_SIZE`` examples, an IVF
     index over them whatever ``index="auto"`` picks (k-means training and adding the vectors, the ``nprobe`` tuning to
     recall 0.99 without self-matches, the cache write). The search time of 100 queries (k=100, both signs), exact
     against IVF, is what ``index="auto"``'s threshold (``AUTO_IVF_MIN_SIZE``) is chosen from.
     """
-    from lightning_fastif.core.grads import evaluating
-    from lightning_fastif.core.hessian import HessianOperator
+    from lightning_fastif.core.batches import IndexedData
+    from lightning_fastif.core.factored_grads import extract_gradient_factors, linear_layer_hessian
+    from lightning_fastif.core.grads import default_loss_fn
     from lightning_fastif.io.atomic import TensorFileWriter
-    from lightning_fastif.search.features import extract_features
+    from lightning_fastif.search.index_files import factored_layout, factored_metadata
     from lightning_fastif.search.ivf import faiss_available
-    from lightning_fastif.search.knn import TUNE_K, KNNIndex, features_layout, features_metadata
+    from lightning_fastif.search.knn import TUNE_K, KNNIndex, features_metadata
 
     train = make_data(n, TRAIN_SEED)
     model = _load_model(_model_path(workdir, "snapshot", n))
@@ -318,16 +319,21 @@ def worker_snapshot_stages(n: int, workdir: Path) -> dict[str, Any]:
     directory = workdir / f"stages_{n}"
     _stage("embed + write")
     rows_per_round = 64 * 256
-    first = extract_features(model, train, layer="net.4", batch_size=256, kind="loss_gradient", indices=[0])
-    meta = features_metadata("ip", "auto", None, 8)
-    with TensorFileWriter(directory / "train.safetensors", features_layout(n, first.shape[1]), meta) as writer:
+    data, layer, loss = IndexedData(train), model.net[4], default_loss_fn(model)
+    first = extract_gradient_factors(model, data, layer, loss, indices=torch.tensor([0]))
+    assert first is not None  # a Linear head: its gradients factor, as FeatureSnapshot stores them
+    meta = factored_metadata(features_metadata("ip", "auto", None, 8), first.bias)
+    layout = factored_layout(n, first.num_outputs, first.num_inputs)
+    with TensorFileWriter(directory / "train.safetensors", layout, meta) as writer:
         for begin in range(0, n, rows_per_round):
             rows = torch.arange(begin, min(n, begin + rows_per_round))
             start = time.perf_counter()
-            feats = extract_features(model, train, layer="net.4", batch_size=256, kind="loss_gradient", indices=rows)
+            feats = extract_gradient_factors(model, data, layer, loss, indices=rows, batch_size=256)
+            assert feats is not None
             seconds["embed"] += time.perf_counter() - start
             start = time.perf_counter()
-            writer.write("features", feats, row=begin)
+            writer.write("out_grads", feats.out_grads, row=begin)
+            writer.write("inputs", feats.inputs, row=begin)
             writer.write("indices", rows, row=begin)
             seconds["write (streamed)"] += time.perf_counter() - start
         start = time.perf_counter()
@@ -335,10 +341,9 @@ def worker_snapshot_stages(n: int, workdir: Path) -> dict[str, Any]:
     _stage("H_last")
     sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:8192].sort().values
     start = time.perf_counter()
-    with evaluating(model):
-        operator = HessianOperator(model, None, Subset(train, sample.tolist()), params=["net.4.*"], batch_size=256)
-        operator.dense(max_params=5000)
-    seconds["H_last (8192 examples)"] = time.perf_counter() - start
+    hessian = linear_layer_hessian(model, IndexedData(Subset(train, sample.tolist())), layer, loss, batch_size=256)
+    assert hessian is not None
+    seconds["H_last (8192 examples, closed form)"] = time.perf_counter() - start
     ivf = n >= IVF_COMPARISON_MIN_SIZE and faiss_available()  # measured even where index='auto' picks flat
     flat = KNNIndex.load(directory, "train", kind="flat", use_gpu=False)
     g = torch.Generator().manual_seed(1)

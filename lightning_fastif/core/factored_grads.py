@@ -13,8 +13,8 @@ from the factors without forming it:
 Both factors come from one forward pass and one backward pass to the layer's output (no per-example autodiff), and
 the same pass gives ``∂²ℓ/∂z²`` (``C`` more backward passes through the loss head only) for the layer's exact
 Hessian: because ``z`` is linear in ``(W, b)``, ``∂²ℓ/∂(W, b)² = (∂²ℓ/∂z²) ⊗ [a; 1][a; 1]ᵀ`` exactly (the
-Gauss-Newton form is the Hessian here), so the mean over ``N`` examples is one ``[C², N] x [N, (D+1)²]`` product
-instead of ``C·(D+1)`` Hessian-vector products over the data.
+Gauss-Newton form is the Hessian here), so the mean over ``N`` examples is ``C(C+1)/2`` weighted ``[D+1, N] x
+[N, D+1]`` products (``∂²ℓ/∂z²`` is symmetric) instead of ``C·(D+1)`` Hessian-vector products over the data.
 
 Per-example means per example *in its batch*: the factors take the gradient of the summed batch loss with respect to
 each example's own output, which is the example's gradient whenever one example's loss does not depend on another's
@@ -143,8 +143,8 @@ def linear_layer_hessian(
     """The exact Hessian of the mean loss over ``data`` with respect to ``module``'s parameters, ``[P, P]`` float64.
 
     ``(1/N) Σ_i (∂²ℓ_i/∂z_i²) ⊗ [a_i; 1][a_i; 1]ᵀ`` in the parameters' order (weight row by row, then bias): what
-    ``P`` Hessian-vector products over ``data`` give, at the cost of one pass and a ``[C², N] x [N, (D+1)²]``
-    product. Runs in eval mode (restored after).
+    ``P`` Hessian-vector products over ``data`` give, at the cost of one pass and ``C(C+1)/2`` weighted
+    ``[D+1, N] x [N, D+1]`` products. Runs in eval mode (restored after).
 
     Returns:
         The ``[P, P]`` Hessian, or None when the layer's gradients do not factor (see :func:`linear_gradient_factors`).
@@ -153,27 +153,43 @@ def linear_layer_hessian(
     total: Tensor | None = None
     count = 0
     bias = False
+    pairs_out = None
     with evaluating(model):
         for _, batch in data.chunks(batch_size):
             factors = linear_gradient_factors(model, move_batch(batch, target), module, loss_fn, output_hessian=True)
             if factors is None:
                 return None
             assert factors.out_hessians is not None
-            a = factors.inputs.double()
+            a = factors.inputs
             bias = factors.bias
             if bias:
                 a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
-            outer = (a.unsqueeze(2) * a.unsqueeze(1)).reshape(a.shape[0], -1)
-            part = factors.out_hessians.reshape(a.shape[0], -1).T @ outer  # [C², (D+1)²]
-            total = part if total is None else total + part
+            if pairs_out is None:
+                pairs_out = torch.triu_indices(factors.out_grads.shape[1], factors.out_grads.shape[1], device=a.device)
+            # Per pair (j, k) of outputs, Σ_i H_i[j, k] a_i a_iᵀ as one batched product; H_i is symmetric, so the
+            # upper triangle's pairs only. One batch's sum in float32 (the products are most of the cost), the running
+            # total in float64.
+            weights = factors.out_hessians[:, pairs_out[0], pairs_out[1]].float().T  # [pairs, B]
+            part = torch.bmm((weights.unsqueeze(2) * a.unsqueeze(0)).transpose(1, 2), a.expand(len(weights), -1, -1))
+            total = part.double() if total is None else total.add_(part.double())  # [pairs, D+1, D+1]
             count += a.shape[0]
-    if total is None or count == 0:
+    if total is None or count == 0 or pairs_out is None:
         return None
-    c = int(round(total.shape[0] ** 0.5))
-    d = int(round(total.shape[1] ** 0.5))
-    full = total.reshape(c, c, d, d).permute(0, 2, 1, 3).reshape(c * d, c * d) / count
+    c = int(pairs_out.max()) + 1
+    d = int(total.shape[1])
+    full = total.div_(count)[_triangle_position(pairs_out, c)]  # [C, C, D+1, D+1]
+    full = full.permute(0, 2, 1, 3).reshape(c * d, c * d)
     order = _parameter_order(c, d - 1 if bias else d, bias, full.device)
     return full[order][:, order].cpu()
+
+
+def _triangle_position(pairs: Tensor, size: int) -> Tensor:
+    """``[size, size]``: the column of ``(i, j)`` (or of ``(j, i)``) among the upper-triangle ``pairs``."""
+    position = torch.empty(size, size, dtype=torch.long, device=pairs.device)
+    columns = torch.arange(pairs.shape[1], device=pairs.device)
+    position[pairs[0], pairs[1]] = columns
+    position[pairs[1], pairs[0]] = columns
+    return position
 
 
 def _parameter_order(c: int, d: int, bias: bool, device: torch.device) -> Tensor:
