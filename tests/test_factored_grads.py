@@ -43,7 +43,7 @@ def test_dense_rows_are_the_per_example_gradients(bias: bool) -> None:
     factors = linear_gradient_factors(net, batch, net[2], _ce)
     assert factors is not None
     assert factors.bias is bias
-    rows = FactoredGradients(factors.out_grads, factors.inputs, bias=bias)
+    rows = FactoredGradients(factors.out_grads.float(), factors.inputs.float(), bias=bias)
     dense = loss_gradient_features(net, batch, layer="2", loss_fn=_ce)
     assert rows.shape == dense.shape
     torch.testing.assert_close(rows[:], dense, rtol=1e-5, atol=1e-6)

@@ -49,10 +49,10 @@ class LinearFactors:
     """The factors of one batch's loss gradients of a ``Linear`` layer.
 
     Attributes:
-        out_grads: ``[B, C]`` ``∂ℓ_i/∂z_i``, float32.
-        inputs: ``[B, D]`` the layer's inputs ``a_i``, float32.
+        out_grads: ``[B, C]`` ``∂ℓ_i/∂z_i``, in the model's dtype.
+        inputs: ``[B, D]`` the layer's inputs ``a_i``, in the model's dtype.
         bias: whether the layer has a bias (its gradient is ``out_grads`` itself).
-        out_hessians: ``[B, C, C]`` ``∂²ℓ_i/∂z_i²`` (float64) when asked for, else None.
+        out_hessians: ``[B, C, C]`` ``∂²ℓ_i/∂z_i²`` when asked for, else None.
     """
 
     out_grads: Tensor
@@ -98,14 +98,16 @@ def linear_gradient_factors(
         if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             captured.append((torch.empty(0), torch.empty(0)))
             return output
-        # The output as a leaf of its own: the backward pass stops at it (nothing upstream is differentiated).
+        # The output as a leaf of its own: the backward pass stops at it. Autograd is switched on only from here
+        # (the forward up to the layer ran without recording a graph); the no_grad block below restores the mode.
+        torch.set_grad_enabled(True)
         leaf = output.detach().requires_grad_(True)
         captured.append((args[0].detach(), leaf))
         return leaf
 
     handle = module.register_forward_hook(swap_output)
     try:
-        with torch.enable_grad():
+        with torch.no_grad():
             losses = loss_fn(model, batch)
     finally:
         handle.remove()
@@ -127,8 +129,8 @@ def linear_gradient_factors(
                 continue
             (row,) = torch.autograd.grad(grads[:, j].sum(), out, retain_graph=j < c - 1, allow_unused=True)
             rows.append(torch.zeros_like(out) if row is None else row)
-        hessians = torch.stack(rows, dim=1).detach().double()
-    return LinearFactors(grads.detach().float(), inputs.float(), module.bias is not None, hessians)
+        hessians = torch.stack(rows, dim=1).detach()
+    return LinearFactors(grads.detach(), inputs, module.bias is not None, hessians)
 
 
 def linear_layer_hessian(
@@ -167,9 +169,9 @@ def linear_layer_hessian(
             if pairs_out is None:
                 pairs_out = torch.triu_indices(factors.out_grads.shape[1], factors.out_grads.shape[1], device=a.device)
             # Per pair (j, k) of outputs, Σ_i H_i[j, k] a_i a_iᵀ as one batched product; H_i is symmetric, so the
-            # upper triangle's pairs only. One batch's sum in float32 (the products are most of the cost), the running
-            # total in float64.
-            weights = factors.out_hessians[:, pairs_out[0], pairs_out[1]].float().T  # [pairs, B]
+            # upper triangle's pairs only. One batch's sum in the model's precision (the products are most of the
+            # cost), the running total in float64.
+            weights = factors.out_hessians[:, pairs_out[0], pairs_out[1]].to(a.dtype).T  # [pairs, B]
             part = torch.bmm((weights.unsqueeze(2) * a.unsqueeze(0)).transpose(1, 2), a.expand(len(weights), -1, -1))
             total = part.double() if total is None else total.add_(part.double())  # [pairs, D+1, D+1]
             count += a.shape[0]
@@ -353,8 +355,8 @@ def extract_gradient_factors(
             factors = linear_gradient_factors(model, move_batch(batch, target), module, loss_fn)
             if factors is None:
                 return None
-            grads.append(factors.out_grads.cpu())
-            inputs.append(factors.inputs.cpu())
+            grads.append(factors.out_grads.to("cpu", torch.float32))
+            inputs.append(factors.inputs.to("cpu", torch.float32))
             bias = factors.bias
     if not grads:
         return None

@@ -66,7 +66,9 @@ class FeatureSnapshot(EpochSnapshotCallback):
     Features come from the forward hook on ``layer`` (its output, or its first input with ``hook="input"``),
     or from ``pl_module.features(batch)`` when ``layer`` is None. With ``features="loss_gradient"`` they are
     instead each example's loss gradient with respect to the parameters of ``layer`` (default: the last
-    submodule with parameters, usually the classifier), ``C·(D+1)`` numbers for a linear classifier, indexed for
+    submodule with parameters, usually the classifier), ``C·(D+1)`` numbers for a linear classifier (stored as their
+    two factors, ``∂ℓ/∂z`` and the layer's input, ``C + D`` numbers: 138 instead of 1290 for a 128 -> 10 head, see
+    :mod:`lightning_fastif.core.factored_grads`; other layers are stored dense), indexed for
     maximum inner-product search (``metric="ip"``): the training points with the largest ``|<g_test, g_train>|``
     are the likely most influential ones (see :mod:`lightning_fastif.search.features`; on the digits CNN this raised
     the recall of the true top-10 helpful points among 1% kNN candidates from 0.04 to 0.79, and to 0.95 with the
@@ -136,10 +138,11 @@ class FeatureSnapshot(EpochSnapshotCallback):
             ``(D+1)²`` and ``S`` ``C²`` with their eigendecompositions, one pass of
             activations and output gradients; ``O(C² + D²)`` numbers, any layer size), ``"ekfac"`` (the same with
             EK-FAC's corrected eigenvalues, a second pass over the sample) or ``"hessian"`` (the dense ``[P, P]``
-            Hessian, ``P`` HVPs per example; only up to ``max_hessian_params``). The manifest records which as
+            Hessian: in closed form for a ``Linear`` layer, one pass, else ``P`` HVPs per example; only up to
+            ``max_hessian_params``). The manifest records which (and ``method``: ``closed_form`` or ``hvp``) as
             ``last_layer_hessian.curvature``; see :mod:`lightning_fastif.search.preconditioner`.
         max_hessian_params: with ``query_curvature="hessian"``, store ``H_last`` only when ``layer`` has at most this
-            many parameters (``P²`` numbers on disk, ``P`` Hessian-vector products over the training set).
+            many parameters (``P²`` numbers on disk).
         hessian_examples: ``H_last`` is taken over a seeded random sample of this many training examples (all
             of them when ``None`` or when the set is smaller). It only preconditions kNN queries, so a sample keeps
             the snapshot's cost flat in N; the manifest records the number used.
