@@ -141,3 +141,19 @@ def test_both_signs_from_one_pass_equal_two_searches() -> None:
     assert torch.equal(both_ids[:, :20], pos_ids)
     assert torch.equal(both_ids[:, 20:], neg_ids)
     torch.testing.assert_close(both_d, torch.cat([pos_d, neg_d], 1))
+
+
+def test_factored_search_merges_across_small_blocks(monkeypatch) -> None:
+    import lightning_fastif.search.exact as exact
+
+    # Blocks of 7 rows and 3 queries: the running top-k of both signs is merged across many of them.
+    monkeypatch.setattr(exact, "DB_CHUNK", 7)
+    monkeypatch.setattr(exact, "BLOCK_ELEMENTS", 7 * 3 * 4)
+    torch.manual_seed(5)
+    rows = FactoredGradients(torch.randn(60, 4), torch.randn(60, 3), bias=False)
+    queries = torch.randn(8, rows.shape[1])
+    factored = KNNIndex(rows, metric="ip", kind="flat", backend="torch")
+    dense = KNNIndex(rows[:], metric="ip", kind="flat", backend="torch")
+    assert torch.equal(factored.search_signed(queries, 9, "both")[1], dense.search_signed(queries, 9, "both")[1])
+    sims = queries @ rows[:].T
+    assert torch.equal(factored.search(queries, 9)[1], sims.topk(9, 1).indices)

@@ -46,11 +46,11 @@ def test_flat_search_equals_brute_force_with_dataset_ids(backend, metric):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chunked_torch_merge_and_k_equal_n(backend, monkeypatch):
-    import lightning_fastif.search.knn as knn
+    import lightning_fastif.search.exact as exact
 
     # Tiny chunks force the running top-k merge across many database and query blocks.
-    monkeypatch.setattr(knn, "_DB_CHUNK", 7)
-    monkeypatch.setattr(knn, "_BLOCK_ELEMENTS", 21)
+    monkeypatch.setattr(exact, "DB_CHUNK", 7)
+    monkeypatch.setattr(exact, "BLOCK_ELEMENTS", 21)
     features, queries = _data(n=50, d=4, q=9)
     index = KNNIndex(features, backend=backend, use_gpu=False)
     distances, found = index.search(queries, k=50)  # k == N is allowed

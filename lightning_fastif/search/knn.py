@@ -44,6 +44,8 @@ from torch import Tensor
 from lightning_fastif.core.factored_grads import FactoredGradients
 from lightning_fastif.errors import check_choice, check_number
 from lightning_fastif.metrics import knn_recall as knn_recall  # moved to metrics; this path still imports it
+from lightning_fastif.search.exact import DB_CHUNK as _DB_CHUNK
+from lightning_fastif.search.exact import exact_search
 from lightning_fastif.search.index_files import KNN_FORMAT as KNN_FORMAT
 from lightning_fastif.search.index_files import IndexFiles
 from lightning_fastif.search.index_files import features_layout as features_layout
@@ -65,8 +67,6 @@ IndexKind = Literal["flat", "ivf", "auto"]
 Backend = Literal["auto", "faiss", "torch"]
 
 _GPU_MAX_K = 2048  # FAISS GPU indices select at most 2048 neighbours (and probe at most 2048 lists)
-_BLOCK_ELEMENTS = 1 << 24  # distance block of the torch search: 64 MB of float32
-_DB_CHUNK = 1 << 16
 
 
 def _rowwise_isin(values: Tensor, found: Tensor) -> Tensor:
@@ -496,63 +496,17 @@ class KNNIndex(IndexFiles):
         return distances, ids
 
     def _torch_search(self, q: Tensor, k: int, k_negated: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Exact chunked search of ``q`` for ``k`` neighbours and, from the same products, of ``-q`` for ``k_negated``.
-
-        Returns ``(distances, ids)`` of ``q`` then of ``-q`` (empty ``[Q, 0]`` when ``k_negated`` is 0). A similarity
-        block serves both signs: the nearest of ``-q`` are the rows of smallest similarity with ``q``.
-        """
-        db, sq_norms, inv_norms = self._db, self._db_sq_norms, self._db_inv_norms
-        if db is None:
+        """Exact search of ``q`` (``k``) and of ``-q`` (``k_negated``) in torch: see :func:`exact_search`."""
+        if self._db is None:
             raise RuntimeError("KNNIndex: the torch index was not built")
-        q = q.to(db.device)
         if self._metric == "cosine":
             q = torch.nn.functional.normalize(q, dim=1)
-        n = db.shape[0]
-        factored = isinstance(db, FactoredGradients)
-        # A factored block also holds [rows, queries, C] products: fewer queries per block, same memory bound.
-        width = db.num_outputs if factored else 1
-        db_chunk = min(n, _DB_CHUNK, max(1, _BLOCK_ELEMENTS // width))
-        q_chunk = max(1, _BLOCK_ELEMENTS // (db_chunk * width))
-
-        def block(qc: Tensor, start: int) -> Tensor:
-            stop = start + db_chunk
-            sim = db.dot(qc, start, stop) if factored else qc @ db[start:stop].T
-            if inv_norms is not None:
-                sim.mul_(inv_norms[start:stop])
-            if sq_norms is not None:
-                return ((qc * qc).sum(1, keepdim=True) - 2.0 * sim + sq_norms[start:stop]).clamp_min_(0)
-            return sim.neg_()  # negative similarity: smaller is nearer
-
-        def merge(best: tuple[Tensor, Tensor] | None, dist: Tensor, start: int, kk: int) -> tuple[Tensor, Tensor]:
-            vals, pos = dist.topk(min(kk, dist.shape[1]), dim=1, largest=False)
-            pos = pos + start
-            if best is None:
-                return vals, pos
-            merged = torch.cat([best[0], vals], 1)
-            top, order = merged.topk(min(kk, merged.shape[1]), dim=1, largest=False)
-            return top, torch.cat([best[1], pos], 1).gather(1, order)
-
-        parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-        for qs in range(0, q.shape[0], q_chunk):
-            qc = q[qs : qs + q_chunk]
-            best: tuple[Tensor, Tensor] | None = None
-            worst: tuple[Tensor, Tensor] | None = None
-            # Merge block by block so memory stays at one [q_chunk, db_chunk] block plus the running top-k.
-            for start in range(0, n, db_chunk):
-                dist = block(qc, start)
-                best = merge(best, dist, start, k)
-                if k_negated:
-                    worst = merge(worst, dist.neg_(), start, k_negated)  # -q's distances: the negated similarity
-            assert best is not None
-            empty = (torch.zeros(qc.shape[0], 0, device=q.device), torch.zeros(qc.shape[0], 0, dtype=torch.long))
-            parts.append((*best, *(worst if worst is not None else empty)))
-        shift = 1.0 if self._metric == "cosine" else 0.0  # 1 - cos, from the negated similarity
-        out = []
-        for i in (0, 2):
-            distances = torch.cat([p[i] for p in parts]).float().cpu() + shift
-            pos = torch.cat([p[i + 1].cpu() for p in parts])
-            out.extend([distances, self._ids[pos]])
-        return out[0], out[1], out[2], out[3]
+        d1, p1, d2, p2 = exact_search(
+            self._db, q, k, k_negated, sq_norms=self._db_sq_norms, inv_norms=self._db_inv_norms
+        )
+        if self._metric == "cosine":  # 1 - cos, from the negated similarity
+            d1, d2 = d1 + 1.0, d2 + 1.0
+        return d1, self._ids[p1], d2, self._ids[p2]
 
     def tune(
         self, k: int = TUNE_K, *, target_recall: float = 0.99, num_queries: int = TUNE_QUERIES, seed: int = 0
