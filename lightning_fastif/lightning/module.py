@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_fastif.core.batches import Batch, IndexedData, batch_size_of, move_batch
+from lightning_fastif.core.ekfac import EKFAC
 from lightning_fastif.core.fingerprint import (
     data_fingerprint,
     digest_of,
@@ -298,6 +299,21 @@ class InfluenceModule(LightningModule):
         """True when kNN queries are preconditioned by the snapshot's ``(H_last + λI)⁻¹``."""
         return self.queries.preconditioner is not None
 
+    def _align_queries(self) -> None:
+        """Under EK-FAC, precondition loss-gradient queries with the scores' own factors (the estimator's, or a
+        ``CurvatureSnapshot``'s for the weights now): the search then ranks by the snapshot layer's exact share of
+        the scores (:meth:`QuerySource.use_scoring_factors`). Other estimators keep the snapshot's ``H_last``."""
+        ihvp, factors, label = self.ihvp, None, ""
+        if isinstance(ihvp, EKFAC) and self.num_candidates is not None and not self.checkpoint_weights.names:
+            if ihvp.factors is not None:
+                factors, label = ihvp.factors, "ekfac: the estimator's factors"
+            else:
+                factors, info = self._curvature.factors(self.model, self.params)
+                label = f"ekfac: curvature snapshot {info.get('version')}"
+            if factors is not None and not factors.corrected and ihvp.correct:
+                factors = None  # the solve corrects them first: the stored eigenvalues are not the scores'
+        self.queries.use_scoring_factors(factors, label)
+
     def _knn_lambda(self) -> float:
         damping = self.search.knn_damping
         return float(self.ihvp.damping) if damping is None else damping
@@ -307,7 +323,10 @@ class InfluenceModule(LightningModule):
 
         ``H_last`` is the Hessian of the mean training loss over the snapshot layer's parameters, stored by
         ``FeatureSnapshot(features="loss_gradient")``; λ is ``search.knn_damping`` (default ``ihvp.damping``), at
-        least ``KNN_DAMPING_FLOOR · tr(H_last) / P`` (see :mod:`lightning_fastif.search.preconditioner`).
+        least ``KNN_DAMPING_FLOOR · tr(H_last) / P`` (see :mod:`lightning_fastif.search.preconditioner`). With an
+        :class:`~lightning_fastif.core.ekfac.EKFAC` estimator whose factors (given, or a ``CurvatureSnapshot``'s for
+        these weights) cover the snapshot layer, ``H_last`` is that layer's block of those factors: the scores' own
+        curvature (``settings()["knn_preconditioner"]["curvature"]`` says so).
 
         Args:
             queries: ``[Q, P]`` (or ``[P]``) loss gradients of the snapshot layer's parameters.
@@ -320,6 +339,7 @@ class InfluenceModule(LightningModule):
             >>> q = module.precondition_query(g_test)  # doctest: +SKIP
             >>> torch.testing.assert_close(q, torch.linalg.solve(h + lam * torch.eye(p), g_test.T).T)  # doctest: +SKIP
         """
+        self._align_queries()
         return self.queries.precondition(queries, self._knn_lambda())
 
     @override
@@ -340,6 +360,8 @@ class InfluenceModule(LightningModule):
     def settings(self) -> dict[str, Any]:
         """Everything that changes the scores, as plain values (a resumed run must match them)."""
         pool, search = self.candidates_pool, self.search
+        self._align_queries()
+        curvature = self.queries.scoring_curvature
         return jsonable(
             {
                 "model": type(self.model).__name__,
@@ -357,7 +379,11 @@ class InfluenceModule(LightningModule):
                 "feature_kind": self.feature_kind,
                 "knn_sign": search.knn_sign,
                 "knn_preconditioner": (
-                    {"hessian_params": self.queries.hessian_params, "damping": self._knn_lambda()}
+                    {
+                        "hessian_params": self.queries.hessian_params,
+                        "damping": self._knn_lambda(),
+                        **({"curvature": curvature} if curvature is not None else {}),
+                    }
                     if self.knn_preconditioned
                     else None
                 ),
@@ -451,6 +477,7 @@ class InfluenceModule(LightningModule):
     def _candidates(
         self, batch: Batch, rows: int, k: int, pool: CandidatePool | None, combine: bool, stages: Stages
     ) -> Tensor:
+        self._align_queries()
         source = self._queries_for(pool)
         with stages("features"):
             if self._feature_checkpoint is not None:
