@@ -445,6 +445,10 @@ def worker_influence(n: int, workdir: Path, *, mode: str, num_test: int, num_can
         if ihvp
         else None,
         "knn_preconditioned": module.knn_preconditioned,
+        # The dense H_last of the features snapshot, or (under EKFAC) the scores' own EK-FAC block of that layer.
+        "knn_query_curvature": (manifest["settings"].get("knn_preconditioner") or {}).get("curvature", "H_last")
+        if module.knn_preconditioned
+        else None,
         "index": {"kind": module.knn_index.kind, "nlist": module.knn_index.nlist, "nprobe": module.knn_index.nprobe}
         if mode == "fastif"
         else None,
@@ -810,6 +814,7 @@ def part_fastif(sizes: Sequence[int], workdir: Path, threads: int, *, smoke: boo
              quality["recall10_exact_knn"], "", ""],
             [n, "the index's recall of the exact search's candidates (these queries)",
              quality["index_recall_of_exact_knn"], "", ""],
+            [n, "kNN queries preconditioned with", fast.get("knn_query_curvature"), "", ""],
             [n, "stage s, FastIF run (all points)", stages_fast, "", ""],
             [n, "stage s, all-N run (all points)", stages_full, "", ""],
             [n, "peak RSS MiB: FastIF / all-N", f"{fast['peak_rss_mb']:.4g} / {full['peak_rss_mb']:.4g}", "", ""],

@@ -200,3 +200,36 @@ def test_examples_every_n_epochs_and_the_progress_bar(tmp_path, capsys):
         KFACFactors.load(curvature_dir(tmp_path / "snap", entries[-1]["version"])),
         fit_kfac(model, _ce, first, "classifier.*"),
     )
+
+
+def test_ekfac_queries_take_the_scores_curvature_so_the_search_ranks_by_the_score(tmp_path):
+    """With EKFAC over the snapshot layer alone and a CurvatureSnapshot's factors, a query's inner product with a
+    training point's loss gradient IS that point's score; the dense H_last (a Hessian) ranks by something else."""
+    from lightning_fastif.core.grads import FunctionalLoss
+    from lightning_fastif.core.ihvp import AutoInverse
+    from lightning_fastif.lightning.snapshots import FeatureSnapshot
+
+    snap = tmp_path / "snap"
+    callbacks = [
+        FeatureSnapshot(dirpath=snap, features="loss_gradient", loss_fn=_ce, query_curvature="hessian"),
+        CurvatureSnapshot(dirpath=snap, params="classifier.*", loss_fn=_ce, batch_size=8),
+    ]
+    model = TinyClassifier()
+    _trainer(tmp_path, callbacks).fit(model, TinyDataModule())
+    model.eval()
+    train, test = make_dataset(37), make_dataset(4, seed=5)
+    common = {"loss_fn": _ce, "train_dataset": train, "snapshot": snap, "params": "classifier.*"}
+    module = InfluenceModule(model, ihvp=EKFAC(0.1), num_candidates=5, **common)
+    g_test = FunctionalLoss(model, _ce, "classifier.*").per_example_gradients(test.tensors)
+    g_train = FunctionalLoss(model, _ce, "classifier.*").per_example_gradients(train.tensors)
+    scores = InfluenceModule(model, ihvp=EKFAC(0.1), num_candidates=None, **common).score_batch(test.tensors).scores
+    q = module.precondition_query(g_test)
+    torch.testing.assert_close(q @ g_train.T, scores, rtol=1e-4, atol=1e-6)
+    version = snapshot_versions(snap, "curvature")[0]["version"]
+    assert module.settings()["knn_preconditioner"]["curvature"] == f"ekfac: curvature snapshot {version}"
+    result = module.score_batch(test.tensors)
+    assert result.candidates[:, :5].tolist() == scores.topk(5).indices.tolist()  # the 5 most helpful, exactly
+    # AutoInverse solves with the Hessian: its queries keep the snapshot's H_last.
+    dense = InfluenceModule(model, ihvp=AutoInverse(0.1), num_candidates=5, **common)
+    assert "curvature" not in dense.settings()["knn_preconditioner"]
+    assert not torch.allclose(dense.precondition_query(g_test), q, rtol=1e-2)

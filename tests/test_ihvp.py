@@ -257,3 +257,38 @@ def _progress_problem():
     data = TensorDataset(torch.randn(20, 3, dtype=torch.float64), torch.randn(20, dtype=torch.float64))
     operator = HessianOperator(net, lambda m, b: (m(b[0]).squeeze(-1) - b[1]) ** 2, data)
     return operator, torch.randn(2, operator.num_params, dtype=torch.float64)
+
+
+def test_certificate_measures_evenly_spaced_rows_of_a_large_solve(mlp, monkeypatch):
+    """20 vectors: the residual check carries 8 of them (rows 0, 3, 5, ..., 19), and its residual is theirs;
+    residual_vectors=None measures all 20."""
+    from lightning_fastif.core.ihvp import relative_residual
+    from lightning_fastif.core.ihvp.base import residual_rows
+
+    op, _, _ = mlp
+    v = torch.randn(20, op.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    calls = count_matvecs(monkeypatch)
+    est = Identity()  # x = v: a residual far from 0, different per row
+    est.residual_examples = None
+    x = est.solve(op, v)
+    assert calls == [8]
+    rows = residual_rows(20, 8)
+    assert rows.tolist() == [0, 3, 5, 8, 11, 14, 16, 19]
+    expected = relative_residual(op, x[rows], v[rows], est.damping, num_examples=None).max()
+    assert est.diagnostics["residual"] == pytest.approx(float(expected), rel=1e-12)
+    assert est.diagnostics["residual_vectors"] == 8
+    calls.clear()
+    every = Identity()
+    every.residual_examples, every.residual_vectors = None, None
+    every.solve(op, v)
+    assert calls == [20]
+    full = relative_residual(op, x, v, 0.0, num_examples=None).max()
+    assert every.diagnostics["residual"] == pytest.approx(float(full), rel=1e-12)
+    assert every.diagnostics["residual_vectors"] == 20
+
+
+def test_residual_vectors_is_checked():
+    from lightning_fastif.core.ekfac import EKFAC
+
+    with pytest.raises(ArgumentError, match="residual_vectors: expected an integer >= 1 or None, got 0"):
+        EKFAC(0.1, residual_vectors=0)

@@ -22,7 +22,7 @@ from torch import Tensor
 from lightning_fastif.core.curvature import KFACFactors, fit_kfac  # noqa: F401 - the doctests use fit_kfac
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp import InverseHVP
-from lightning_fastif.core.ihvp.base import iteration_bar
+from lightning_fastif.core.ihvp.base import RESIDUAL_VECTORS, iteration_bar
 from lightning_fastif.core.ihvp.factored import FactorSource, complete_factors, factors_for_operator
 from lightning_fastif.errors import ArgumentError, check_bool, check_int, check_number
 
@@ -48,6 +48,9 @@ class EKFAC(InverseHVP):
         correct: fit EK-FAC eigenvalues (a second data pass); ``False`` keeps K-FAC's.
         batch_size: examples per fitting pass (default: the operator's chunk size).
         residual_examples: training examples of the residual check (``0`` turns it off).
+        residual_vectors: how many of a solve's vectors the residual check measures (evenly spaced rows; ``None``:
+            all). The check is one Hessian-vector product per vector over ``residual_examples``: with all of a batch
+            of 100 test points it costs several times the solve.
 
     After :meth:`solve`, ``diagnostics`` holds ``estimator``, ``damping``, ``layers`` (factored layers),
     ``unsupported`` (parameter names on the diagonal fallback), ``fit_seconds`` (0 when the factors were given
@@ -70,13 +73,14 @@ class EKFAC(InverseHVP):
         correct: bool = True,
         batch_size: int | None = None,
         residual_examples: int | None = 2048,
+        residual_vectors: int | None = RESIDUAL_VECTORS,
     ) -> None:
         check_number("damping", damping, low=0, low_open=True)
         if factors is not None and not isinstance(factors, KFACFactors):
             raise ArgumentError(f"factors: expected None or KFACFactors, got {factors!r}")
         self.correct = check_bool("correct", correct)
         self.batch_size = check_int("batch_size", batch_size, allow_none=True)
-        super().__init__(damping, residual_examples=residual_examples)
+        super().__init__(damping, residual_examples=residual_examples, residual_vectors=residual_vectors)
         self.factors = factors
         self._source = FactorSource(self.correct, self.batch_size)
 

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_fastif.core.batches import Batch, IndexedData
+from lightning_fastif.core.curvature import KFACFactors
 from lightning_fastif.core.grads import LossFn
 from lightning_fastif.errors import ArgumentError, SnapshotError, SnapshotNotFoundError
 from lightning_fastif.io.atomic import PathLike
@@ -27,7 +28,14 @@ from lightning_fastif.search.features import check_kind, features_of_batch, has_
 from lightning_fastif.search.knn import KNNIndex, Sign
 from lightning_fastif.search.preconditioner import QueryPreconditioner
 
-__all__ = ["CandidatePool", "QuerySource", "check_num_candidates", "embed_pool", "resolve_query_source"]
+__all__ = [
+    "CandidatePool",
+    "QuerySource",
+    "check_num_candidates",
+    "embed_pool",
+    "layer_block",
+    "resolve_query_source",
+]
 
 _SEARCH_SIGN: dict[str, Sign] = {"both": "both", "helpful": "positive", "harmful": "negative"}
 HESSIAN_ENTRY = LAST_LAYER_HESSIAN
@@ -219,6 +227,13 @@ class QuerySource:
         kind: ``"activations"`` or ``"loss_gradient"`` (the snapshot's features).
         preconditioner: ``(H_last + λI)⁻¹`` when the snapshot stored ``H_last``, else ``None``.
         hessian_params: ``P``, the size of ``H_last`` (``None`` without it).
+        hessian_names: the parameters ``H_last`` is over, in the order of the features' columns.
+
+    Attributes:
+        preconditioner: the preconditioner in use: the snapshot's, or the scores' own curvature
+            (:meth:`use_scoring_factors`).
+        scoring_curvature: what the queries are preconditioned with while the scores' curvature is in use, else
+            ``None``.
 
     Example::
 
@@ -233,10 +248,40 @@ class QuerySource:
         kind: str = "activations",
         preconditioner: QueryPreconditioner | None = None,
         hessian_params: int | None = None,
+        hessian_names: list[str] | None = None,
     ) -> None:
         self.search, self.snapshot, self.kind = search, snapshot, kind
         self.preconditioner, self.hessian_params = preconditioner, hessian_params
+        self.hessian_names = hessian_names
+        self.snapshot_preconditioner = preconditioner
+        self.scoring_curvature: str | None = None
+        self._scoring: tuple[KFACFactors | None, QueryPreconditioner | None] = (None, None)
         self._index: KNNIndex | None = None
+
+    def use_scoring_factors(self, factors: KFACFactors | None, label: str) -> bool:
+        """Precondition the queries with the block of ``factors`` over the snapshot layer instead of ``H_last``.
+
+        When the scores are ``g_testᵀ (G + λI)⁻¹ g_train`` with block-diagonal (EK-FAC) factors ``G``, the block of
+        the snapshot layer turns ``<q, g_train>`` into exactly that layer's share of the score, where ``H_last`` (a
+        Hessian, not the Fisher ``G`` approximates) ranks by another quantity. ``None``, or factors without a block
+        over exactly ``hessian_names``, restores the snapshot's preconditioner. The block's preconditioner is built
+        once per ``factors`` object.
+
+        Args:
+            factors: the factors the scores are computed with, or ``None``.
+            label: recorded as :attr:`scoring_curvature` while the block is in use.
+
+        Returns:
+            Whether the queries are now preconditioned with the scores' curvature.
+        """
+        if factors is not self._scoring[0]:
+            block = layer_block(factors, self.search.feature_layer, self.hessian_names)
+            aligned = None if block is None else QueryPreconditioner(block, layer=self.search.feature_layer)
+            self._scoring = (factors, aligned)
+        aligned = self._scoring[1] if self.kind == "loss_gradient" else None
+        self.preconditioner = self.snapshot_preconditioner if aligned is None else aligned
+        self.scoring_curvature = None if aligned is None else label
+        return aligned is not None
 
     @property
     def index(self) -> KNNIndex:
@@ -293,7 +338,28 @@ class QuerySource:
         return ids
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_index": None}  # every process reloads the index
+        # Every process reloads the index and takes up the scores' factors again (InfluenceModule offers them).
+        restored = {"preconditioner": self.snapshot_preconditioner, "scoring_curvature": None}
+        return {**self.__dict__, **restored, "_index": None, "_scoring": (None, None)}
+
+
+def layer_block(factors: KFACFactors | None, layer: str | None, names: list[str] | None) -> KFACFactors | None:
+    """The block of ``factors`` over one layer: its parameters ``names`` (in that order), or ``None`` when the
+    factors do not hold exactly that block.
+
+    Example::
+
+        >>> layer_block(None, "net.4", ["net.4.weight", "net.4.bias"]) is None
+        True
+    """
+    if factors is None or layer is None or names is None:
+        return None
+    for item in factors.layers:
+        own = [item.spec.weight] + ([item.spec.bias] if item.spec.bias is not None else [])
+        if item.spec.name == layer and own == list(names):
+            shapes = [factors.shapes[factors.names.index(name)] for name in own]
+            return KFACFactors(own, shapes, [item], {}, {}, factors.num_examples)
+    return None
 
 
 def resolve_query_source(
@@ -434,4 +500,6 @@ def _gradient_source(
             f"gradients of layer {snap_layer!r} ({dim} numbers); the manifest is inconsistent"
         )
     preconditioner = QueryPreconditioner(path, layer=snap_layer)
-    return QuerySource(search, snapshot, "loss_gradient", preconditioner, int(record["num_params"]))
+    names = record.get("params")
+    names = [str(name) for name in names] if isinstance(names, list) else None
+    return QuerySource(search, snapshot, "loss_gradient", preconditioner, int(record["num_params"]), names)

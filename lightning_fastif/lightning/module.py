@@ -27,21 +27,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_fastif.core.batches import Batch, IndexedData, batch_size_of, move_batch
+from lightning_fastif.core.ekfac import EKFAC
 from lightning_fastif.core.fingerprint import (
     data_fingerprint,
-    digest_of,
     estimator_fingerprint,
     function_fingerprint,
     params_fingerprint,
@@ -53,7 +51,7 @@ from lightning_fastif.core.ihvp import AutoInverse, InverseHVP
 from lightning_fastif.core.memory import measure_example_cost, parse_memory, plan_chunks
 from lightning_fastif.core.params import ParamSpec, select_parameters
 from lightning_fastif.errors import ArgumentError, SnapshotNotFoundError, check_bool, check_int, check_path
-from lightning_fastif.io.results import BatchInfluence, InfluenceResult, jsonable
+from lightning_fastif.io.results import BatchInfluence, jsonable
 from lightning_fastif.lightning.arguments import ComputeArguments, SearchArguments, fold_legacy_arguments
 from lightning_fastif.lightning.candidates import (
     CandidatePool,
@@ -61,12 +59,12 @@ from lightning_fastif.lightning.candidates import (
     check_num_candidates,
     resolve_query_source,
 )
-from lightning_fastif.lightning.distributed import gather_uneven, rank, world_size
+from lightning_fastif.lightning.distributed import rank, world_size
+from lightning_fastif.lightning.predict_loop import PredictLoop
 from lightning_fastif.lightning.repeats import score_split, solve_split
 from lightning_fastif.lightning.scoring import Stages, check_loss, score_columns
 from lightning_fastif.lightning.snapshots.curvature import CurvatureReuse
 from lightning_fastif.lightning.weights import CheckpointSpec, CheckpointWeights
-from lightning_fastif.lightning.writer import InfluenceWriter, shard_key
 from lightning_fastif.search.knn import KNNIndex
 from lightning_fastif.search.preconditioner import KNN_DAMPING_FLOOR
 
@@ -75,7 +73,7 @@ __all__ = ["KNN_DAMPING_FLOOR", "CandidatePool", "InfluenceModule"]
 _STOCHASTIC = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
-class InfluenceModule(LightningModule):
+class InfluenceModule(PredictLoop):
     """Influence of training points on test points through ``trainer.predict``. **Positive = helpful.**
 
     Wraps the trained model (an ``nn.Module`` or a ``LightningModule``, stored as the submodule ``model`` so the
@@ -231,16 +229,7 @@ class InfluenceModule(LightningModule):
         self._feature_checkpoint = version if version in self.checkpoint_weights.names else None
         self._switch_to_eval(model)
 
-        self._result: InfluenceResult | None = None
-        self._writer: InfluenceWriter | None = None
-        self._pending: list[Tensor] = []
-        self._test_data: IndexedData | None = None  # parallel="repeats": the test set, and its batch size
-        self._test_batch_size = self.compute.batch_size
-        self._offsets: dict[int, int] = {}
-        self.computed_batches = 0
-        """Batches computed by the last ``trainer.predict`` (on this rank)."""
-        self.skipped_batches = 0
-        """Batches whose shard was already on disk, skipped by the last ``trainer.predict`` (on this rank)."""
+        self._init_predict_loop(self.compute.batch_size)
 
     # ------------------------------------------------------------------------------------------------ validation
     @staticmethod
@@ -298,6 +287,21 @@ class InfluenceModule(LightningModule):
         """True when kNN queries are preconditioned by the snapshot's ``(H_last + λI)⁻¹``."""
         return self.queries.preconditioner is not None
 
+    def _align_queries(self) -> None:
+        """Under EK-FAC, precondition loss-gradient queries with the scores' own factors (the estimator's, or a
+        ``CurvatureSnapshot``'s for the weights now): the search then ranks by the snapshot layer's exact share of
+        the scores (:meth:`QuerySource.use_scoring_factors`). Other estimators keep the snapshot's ``H_last``."""
+        ihvp, factors, label = self.ihvp, None, ""
+        if isinstance(ihvp, EKFAC) and self.num_candidates is not None and not self.checkpoint_weights.names:
+            if ihvp.factors is not None:
+                factors, label = ihvp.factors, "ekfac: the estimator's factors"
+            else:
+                factors, info = self._curvature.factors(self.model, self.params)
+                label = f"ekfac: curvature snapshot {info.get('version')}"
+            if factors is not None and not factors.corrected and ihvp.correct:
+                factors = None  # the solve corrects them first: the stored eigenvalues are not the scores'
+        self.queries.use_scoring_factors(factors, label)
+
     def _knn_lambda(self) -> float:
         damping = self.search.knn_damping
         return float(self.ihvp.damping) if damping is None else damping
@@ -307,7 +311,10 @@ class InfluenceModule(LightningModule):
 
         ``H_last`` is the Hessian of the mean training loss over the snapshot layer's parameters, stored by
         ``FeatureSnapshot(features="loss_gradient")``; λ is ``search.knn_damping`` (default ``ihvp.damping``), at
-        least ``KNN_DAMPING_FLOOR · tr(H_last) / P`` (see :mod:`lightning_fastif.search.preconditioner`).
+        least ``KNN_DAMPING_FLOOR · tr(H_last) / P`` (see :mod:`lightning_fastif.search.preconditioner`). With an
+        :class:`~lightning_fastif.core.ekfac.EKFAC` estimator whose factors (given, or a ``CurvatureSnapshot``'s for
+        these weights) cover the snapshot layer, ``H_last`` is that layer's block of those factors: the scores' own
+        curvature (``settings()["knn_preconditioner"]["curvature"]`` says so).
 
         Args:
             queries: ``[Q, P]`` (or ``[P]``) loss gradients of the snapshot layer's parameters.
@@ -320,13 +327,8 @@ class InfluenceModule(LightningModule):
             >>> q = module.precondition_query(g_test)  # doctest: +SKIP
             >>> torch.testing.assert_close(q, torch.linalg.solve(h + lam * torch.eye(p), g_test.T).T)  # doctest: +SKIP
         """
+        self._align_queries()
         return self.queries.precondition(queries, self._knn_lambda())
-
-    @override
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_writer"] = None  # each process attaches its own (configure_callbacks)
-        return state
 
     def _function(self) -> FunctionalLoss:
         return FunctionalLoss(self.model, self.loss_fn, self.params)
@@ -340,6 +342,8 @@ class InfluenceModule(LightningModule):
     def settings(self) -> dict[str, Any]:
         """Everything that changes the scores, as plain values (a resumed run must match them)."""
         pool, search = self.candidates_pool, self.search
+        self._align_queries()
+        curvature = self.queries.scoring_curvature
         return jsonable(
             {
                 "model": type(self.model).__name__,
@@ -357,7 +361,11 @@ class InfluenceModule(LightningModule):
                 "feature_kind": self.feature_kind,
                 "knn_sign": search.knn_sign,
                 "knn_preconditioner": (
-                    {"hessian_params": self.queries.hessian_params, "damping": self._knn_lambda()}
+                    {
+                        "hessian_params": self.queries.hessian_params,
+                        "damping": self._knn_lambda(),
+                        **({"curvature": curvature} if curvature is not None else {}),
+                    }
                     if self.knn_preconditioned
                     else None
                 ),
@@ -384,21 +392,6 @@ class InfluenceModule(LightningModule):
         }
 
     # ----------------------------------------------------------------------------------------------- public API
-    @property
-    def result(self) -> InfluenceResult:
-        """The merged result of the last ``trainer.predict`` (rank 0; under ``ddp_spawn`` load it from disk).
-
-        Raises:
-            RuntimeError: before a predict run, or on a rank that does not hold it.
-        """
-        if self._result is None:
-            raise RuntimeError(
-                "result: no result here; run trainer.predict(module, test_loader) first. Only rank 0 holds it; under "
-                "strategy='ddp_spawn' the processes that computed it are gone: pass output_dir and read it with "
-                "InfluenceResult.load(output_dir)"
-            )
-        return self._result
-
     def score_batch(
         self,
         batch: Batch,
@@ -451,6 +444,7 @@ class InfluenceModule(LightningModule):
     def _candidates(
         self, batch: Batch, rows: int, k: int, pool: CandidatePool | None, combine: bool, stages: Stages
     ) -> Tensor:
+        self._align_queries()
         source = self._queries_for(pool)
         with stages("features"):
             if self._feature_checkpoint is not None:
@@ -574,127 +568,3 @@ class InfluenceModule(LightningModule):
             ),
             test_indices=None if test_indices is None else test_indices.detach().cpu().long(),
         )
-
-    # -------------------------------------------------------------------------------------------- Lightning hooks
-    @override
-    def configure_callbacks(self) -> list[Callback]:
-        # The writer is attached to every run, also without output_dir: it collects and merges the batches, and
-        # Lightning records the test indices of each batch (predict_loop.current_batch_indices) only while a
-        # BasePredictionWriter is attached.
-        self._writer = InfluenceWriter(self.output_dir, overwrite=self.overwrite)
-        return [self._writer]
-
-    @override
-    def setup(self, stage: str) -> None:
-        self._predicted = False
-
-    @override
-    def teardown(self, stage: str) -> None:
-        # Lightning skips the whole predict loop (no hook runs) when the test loaders hold no batch: say so here,
-        # rather than leave the user with no result and no reason.
-        if stage == "predict" and not getattr(self, "_predicted", True):
-            raise ArgumentError(
-                "test data: expected at least one test example, got an empty predict DataLoader (no batch); pass the "
-                "test points to explain to trainer.predict(module, loader)"
-            )
-
-    @override
-    def on_predict_start(self) -> None:
-        self._predicted = True
-        self._result, self._pending, self._offsets, self._test_data = None, [], {}, None
-        self.computed_batches = self.skipped_batches = 0
-        self._test_digests: dict[tuple[int, int], str | None] = {}
-        loaders = self.trainer.predict_dataloaders
-        if isinstance(loaders, (list, tuple)) and len(loaders) != 1:
-            raise ArgumentError(
-                "dataloaders: expected one test set per trainer.predict call (call trainer.predict once per test set, "
-                f"with its own output_dir), got {len(loaders)} loaders"
-            )
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-        if self.trainer.world_size > 1 and not isinstance(loader, DataLoader):
-            raise ArgumentError(
-                "dataloaders: expected a DataLoader over a map-style dataset under DDP (the test points of each batch "
-                f"must be known), got a {type(loader).__name__}"
-            )
-        if self.compute.parallel == "repeats":
-            self._test_batch_size = int(getattr(loader, "batch_size", None) or self.compute.batch_size)
-            try:
-                self._test_data = IndexedData(loader, name="dataloaders")
-            except TypeError as err:
-                raise ArgumentError(
-                    f"dataloaders: expected a DataLoader over a map-style dataset under parallel='repeats', got "
-                    f"{type(loader).__name__} ({err})"
-                ) from err
-
-    def _test_indices(self, batch: Batch, dataloader_idx: int) -> Tensor:
-        """Test-dataset indices of this batch, as Lightning recorded them for the prediction writer."""
-        size = batch_size_of(batch)
-        recorded = self.trainer.predict_loop.current_batch_indices
-        if len(recorded) == size:
-            return torch.as_tensor(recorded, dtype=torch.long)
-        # A loader Lightning cannot record indices of (not a DataLoader): one process, batches in order.
-        offset = self._offsets.get(dataloader_idx, 0)
-        self._offsets[dataloader_idx] = offset + size
-        return torch.arange(offset, offset + size)
-
-    @override
-    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> BatchInfluence | Tensor:
-        indices = self._test_indices(batch, dataloader_idx)
-        if self.compute.parallel == "repeats":
-            # Computed in on_predict_epoch_end, where every rank can take part in each batch's collectives.
-            self._pending.append(indices)
-            return indices
-        return self._score_test_batch(lambda: batch, indices, split=False)
-
-    @override
-    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        # Lightning leaves the last recorded indices in place for a loader it cannot record: clear them, so that
-        # such a loader's next batch never takes them for its own.
-        self.trainer.predict_loop.current_batch_indices = []
-
-    def _score_test_batch(self, fetch: Callable[[], Batch], indices: Tensor, split: bool) -> BatchInfluence:
-        """One batch of test points: read from its shard when an earlier run finished it, else computed."""
-        writer = self._writer
-        batch = fetch()
-        # The content of the test batch goes with its shard: a rerun over other test data at the same indices is
-        # refused, never served stale scores.
-        test_digest = digest_of(batch) if writer is not None and writer.dirpath is not None else None
-        self._test_digests[shard_key(indices)] = test_digest
-        found = writer is not None and writer.has_shard(indices)
-        if split:
-            found = self.trainer.strategy.broadcast(found)  # rank 0 decides, so every rank takes the same branch
-        if found:
-            assert writer is not None
-            self.skipped_batches += 1
-            return writer.read_shard(indices, test_digest)
-        out = self._compute(
-            batch,
-            combine=False,
-            num_candidates=self.num_candidates,
-            pool=self.candidates_pool,
-            split=split,
-            test_indices=indices,
-        )
-        self.computed_batches += 1
-        return out
-
-    @override
-    def on_predict_epoch_end(self) -> None:
-        if self.compute.parallel != "repeats":
-            return
-        local = torch.cat(self._pending) if self._pending else torch.zeros(0, dtype=torch.long)
-        everything = gather_uneven(local).sort().values
-        if bool((everything[1:] == everything[:-1]).any()):
-            raise RuntimeError("parallel='repeats': the Trainer gave a test point to more than one rank")
-        test_data, chunk = self._test_data, self._test_batch_size
-        assert test_data is not None
-        for start in range(0, everything.numel(), chunk):
-            indices = everything[start : start + chunk]
-            out = self._score_test_batch(lambda idx=indices: test_data.gather(idx), indices, split=True)
-            if self._writer is not None:
-                digest = self._test_digests.get(shard_key(indices))
-                self._writer.add(self.trainer, out, write=self.trainer.is_global_zero, test_digest=digest)
-
-    @override
-    def on_predict_end(self) -> None:
-        self._result = None if self._writer is None else self._writer.result

@@ -1,12 +1,15 @@
 """The estimator interface, certified solves, and the per-system cache every estimator pays its fixed costs into.
 
 A solve is *certified*: ``converged`` means the relative residual ``‖(H + λI)x − v‖ / ‖v‖`` (the largest over the
-``V`` vectors) is at most ``tol`` over a stated set of training examples (``residual_examples`` in the
-diagnostics: the whole training set, or a fixed random sample of it). On a sample, the residual of even an exact
+``V`` vectors, or over ``residual_vectors`` of them evenly spaced when ``V`` is larger) is at most ``tol`` over a
+stated set of training examples (``residual_examples`` in the diagnostics: the whole training set, or a fixed random
+sample of it). On a sample, the residual of even an exact
 solve is not zero (``H`` over the sample is not ``H``): the sample residual overstates the full one on average, so
 a certified solve is never a false pass. The residual is measured on the first solve of a system (same weights,
 parameters, data, loss and settings) and reused by later ones, whose diagnostics say ``residual_from: "first
-solve"`` (``certify="every"`` measures every solve). A solve that misses ``tol`` warns, naming the estimator, the
+solve"`` (``certify="every"`` measures every solve). The certificate describes the system (later solves reuse it for
+other vectors), so a sample of the vectors measures it: ``V`` Hessian-vector products over the sample would otherwise
+cost a batch of 100 test points more than the solve itself. A solve that misses ``tol`` warns, naming the estimator, the
 residual, the tolerance and the setting to change; ``strict=True`` raises :class:`ConvergenceError` instead.
 """
 
@@ -36,6 +39,9 @@ RESIDUAL_SEED = 12345
 DEFAULT_TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
 """``tol=None`` of the direct solvers, by dtype: what their arithmetic (and the residual's own) reaches."""
 LOW_PRECISION_TOL = 1e-1
+
+RESIDUAL_VECTORS = 8
+"""The certificate's default number of vectors: the residual of at most this many rows of a solve, evenly spaced."""
 
 
 def relative_residual(
@@ -73,6 +79,19 @@ def residual_indices(operator: HessianOperator, num_examples: int | None, seed: 
     if num_examples is None or num_examples >= n:
         return None
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_examples]
+
+
+def residual_rows(num_vectors: int, limit: int | None) -> Tensor | None:
+    """The rows a certificate measures: ``None`` (all ``num_vectors``) or ``limit`` of them, evenly spaced.
+
+    Example::
+
+        >>> residual_rows(100, 4).tolist(), residual_rows(3, 4)
+        ([0, 33, 66, 99], None)
+    """
+    if limit is None or num_vectors <= limit:
+        return None
+    return torch.linspace(0, num_vectors - 1, limit, dtype=torch.float64).round().long()
 
 
 def residual_count(operator: HessianOperator, num_examples: int | None) -> int:
@@ -211,6 +230,8 @@ class InverseHVP(ABC):
         strict: raise :class:`ConvergenceError` when a solve misses ``tol``, instead of warning.
         certify: ``"first"`` measures the residual on the first solve of a system and reuses it for later solves
             of the same system; ``"every"`` measures every solve.
+        residual_vectors: how many of a solve's vectors the residual check measures, evenly spaced rows
+            (``None``: all; the check costs one Hessian-vector product per vector over ``residual_examples``).
 
     Raises:
         ArgumentError: an argument out of range (the message names it).
@@ -227,12 +248,14 @@ class InverseHVP(ABC):
         residual_examples: int | None = 2048,
         strict: bool = False,
         certify: str = "first",
+        residual_vectors: int | None = RESIDUAL_VECTORS,
     ) -> None:
         self.damping = float(check_number("damping", damping, low=0))
         self.tol = check_number("tol", tol, low=0, low_open=True, allow_none=True)
         self.residual_examples = check_int("residual_examples", residual_examples, minimum=0, allow_none=True)
         self.strict = check_bool("strict", strict)
         self.certify = check_choice("certify", certify, ("first", "every"))
+        self.residual_vectors = check_int("residual_vectors", residual_vectors, allow_none=True)
         self.diagnostics: dict[str, Any] = {}
         self.progress = False
         """Show a progress bar over the iterations of each solve (set by ``InfluenceModule`` when the Trainer's
@@ -331,8 +354,12 @@ class InverseHVP(ABC):
         if "residual" in d:  # measured by the solver itself on this solve's answer
             residual, examples, source = d["residual"], d["residual_examples"], "this solve"
         elif self.certify == "every" or "certified" not in entry:
+            rows = residual_rows(v.shape[0], self.residual_vectors)
+            if rows is not None:
+                x, v = x[rows.to(x.device)], v[rows.to(v.device)]
             residual = float(relative_residual(operator, x, v, self.damping, num_examples=self.residual_examples).max())
             examples, source = residual_count(operator, self.residual_examples), "this solve"
+            d["residual_vectors"] = v.shape[0]
         else:
             residual, examples = entry["certified"]
             source = "first solve"

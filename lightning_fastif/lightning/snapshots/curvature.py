@@ -303,11 +303,7 @@ class CurvatureReuse:
         use = getattr(estimator, "use_factors", None)
         if self.snapshot is None or not callable(use):
             return {}
-        key = (id(model), tuple((p.data_ptr(), p._version) for p in model.parameters()), repr(params))
-        if self._cache is None or self._cache[0] != key:
-            factors, info = load_curvature(self.snapshot, model, params)
-            self._cache = (key, factors, info)
-        _, factors, info = self._cache
+        factors, info = self.factors(model, params)
         if info["version"] is None:
             return {}
         if factors is None:
@@ -315,6 +311,17 @@ class CurvatureReuse:
         if not use(factors.to(next(model.parameters()).device)):
             return {"curvature": {**info, "source": "not used", "note": "the estimator does not use K-FAC factors"}}
         return {"curvature": info}
+
+    def factors(self, model: torch.nn.Module, params: ParamSpec) -> tuple[KFACFactors | None, dict[str, Any]]:
+        """:func:`load_curvature`'s answer for the weights now, cached until a selected parameter is replaced or
+        modified in place; ``(None, {"version": None})`` without a snapshot."""
+        if self.snapshot is None:
+            return None, {"version": None}
+        key = (id(model), tuple((p.data_ptr(), p._version) for p in model.parameters()), repr(params))
+        if self._cache is None or self._cache[0] != key:
+            factors, info = load_curvature(self.snapshot, model, params)
+            self._cache = (key, factors, info)
+        return self._cache[1], self._cache[2]
 
     def __getstate__(self) -> dict[str, Any]:
         return {"snapshot": self.snapshot, "_cache": None}
