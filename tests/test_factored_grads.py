@@ -157,3 +157,19 @@ def test_factored_search_merges_across_small_blocks(monkeypatch) -> None:
     assert torch.equal(factored.search_signed(queries, 9, "both")[1], dense.search_signed(queries, 9, "both")[1])
     sims = queries @ rows[:].T
     assert torch.equal(factored.search(queries, 9)[1], sims.topk(9, 1).indices)
+
+
+def test_a_features_file_is_checked_for_nan_unless_its_writer_checked_it(tmp_path) -> None:
+    from lightning_fastif.io.atomic import TensorFileWriter, read_tensor_metadata
+    from lightning_fastif.search.index_files import FINITE_CHECKED, features_layout
+
+    features = torch.randn(20, 3)
+    saved = KNNIndex(features, kind="flat", backend="torch").save(tmp_path, "good")
+    assert read_tensor_metadata(saved)["finite"] == FINITE_CHECKED  # save refuses NaN, so it says so
+    features[4, 1] = float("nan")
+    # A file from before the header had it (or from another writer): checked at load, NaN refused.
+    with TensorFileWriter(tmp_path / "old.safetensors", features_layout(20, 3), {"metric": "l2"}) as writer:
+        writer.write("indices", torch.arange(20))
+        writer.write("features", features)
+    with pytest.raises(ValueError, match="NaN"):
+        KNNIndex.load(tmp_path, "old")

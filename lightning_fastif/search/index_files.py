@@ -29,6 +29,9 @@ from lightning_fastif.io.snapshot_store import FAISS_SUFFIX, feature_snapshot_fi
 from lightning_fastif.search.ivf import read_ivf_cache_index, read_ivf_cache_info, write_ivf_cache
 
 KNN_FORMAT = "lightning_fastif.knn"
+FINITE_CHECKED = "checked"
+"""The header's ``finite`` value of a features file whose writer checked that every row is finite (the snapshot's
+writer and :meth:`IndexFiles.save` refuse NaN and infinities), so loading it skips that pass over all N rows."""
 FACTORED = "factored"
 FACTOR_TENSORS = ("out_grads", "inputs")
 """The tensors of a factored features file, ``[N, C]`` and ``[N, D]``."""
@@ -87,6 +90,7 @@ def features_metadata(
         "nprobe": str(nprobe),
         "tuning": json.dumps(tuning),
         "fingerprint": uuid.uuid4().hex,
+        "finite": FINITE_CHECKED,
     }
 
 
@@ -215,6 +219,7 @@ class IndexFiles:
             nprobe=nprobe or saved_nprobe,
             use_gpu=use_gpu,
             backend=backend,
+            check_finite=meta.get("finite") != FINITE_CHECKED,
             **settings,  # type: ignore[arg-type]
         )
         if index.kind != "ivf" or index.backend != "faiss":
