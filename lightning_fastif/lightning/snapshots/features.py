@@ -19,28 +19,25 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lightning_fastif.core.batches import IndexedData
-from lightning_fastif.core.curvature import ekfac_correct, fit_kfac
-from lightning_fastif.core.factored_grads import FactoredGradients, extract_gradient_factors, linear_layer_hessian
-from lightning_fastif.core.grads import default_loss_fn, evaluating
-from lightning_fastif.core.hessian import HessianOperator
+from lightning_fastif.core.factored_grads import FactoredGradients, extract_gradient_factors
+from lightning_fastif.core.grads import default_loss_fn
 from lightning_fastif.errors import ArgumentError, SnapshotError, check_bool, check_choice, check_int
-from lightning_fastif.io.atomic import TensorFileWriter, save_tensors
+from lightning_fastif.io.atomic import TensorFileWriter
 from lightning_fastif.io.snapshot_store import (
     FAISS_SUFFIX,
     FEATURES_DIR,
     LAST_LAYER_HESSIAN,
-    LAST_LAYER_KFAC,
     dataset_record,
-    feature_dir,
     feature_file,
 )
 from lightning_fastif.lightning.distributed import gather_uneven
 from lightning_fastif.lightning.snapshots.base import EpochSnapshotCallback
+from lightning_fastif.lightning.snapshots.query_curvature import write_query_curvature
 from lightning_fastif.search.features import (
     FEATURE_KINDS,
     extract_features,
@@ -531,7 +528,19 @@ class FeatureSnapshot(EpochSnapshotCallback):
                 if self.features == "loss_gradient":
                     # Rank 0 alone, no collective inside: the Hessian is a deterministic function of the weights
                     # and the whole training set, identical to what any rank (or one process) would compute.
-                    entry[LAST_LAYER_HESSIAN] = self._write_hessian(pl_module, dirpath, version, sources.get("train"))
+                    assert self._layer is not None
+                    entry[LAST_LAYER_HESSIAN] = write_query_curvature(
+                        pl_module,
+                        self._layer,
+                        self._loss_fn(pl_module),
+                        str(dirpath),
+                        version,
+                        sources.get("train"),
+                        curvature=self.query_curvature,
+                        max_hessian_params=self.max_hessian_params,
+                        hessian_examples=self.hessian_examples,
+                        batch_size=self.batch_size,
+                    )
                 seconds = time.perf_counter() - start
                 entry["seconds"] = round(seconds, 4)
                 self._record(version, entry)
@@ -539,69 +548,6 @@ class FeatureSnapshot(EpochSnapshotCallback):
                 error = f"{type(err).__name__}: {err}"
         self._finish(trainer, version, error)
         self._log_seconds(trainer, pl_module, seconds or time.perf_counter() - start, in_epoch)
-
-    def _write_hessian(
-        self, pl_module: pl.LightningModule, dirpath: str, version: str, train: IndexedData | None
-    ) -> dict[str, Any]:
-        """Write ``H_last`` (mean training loss, feature layer's parameters only); return its manifest entry.
-
-        ``query_curvature="kfac"``/``"ekfac"``: the layer's K-FAC factors (``KFACFactors.save``, a directory);
-        ``"hessian"``: the dense Hessian (one safetensors file).
-        """
-        assert self._layer is not None
-        layer = resolve_layer(pl_module, self._layer)
-        names = [f"{self._layer}.{n}" for n, _ in layer.named_parameters()]
-        num_params = sum(p.numel() for p in layer.parameters())
-        curvature = self.query_curvature
-        if curvature == "auto":
-            curvature = "hessian" if num_params <= self.max_hessian_params else "ekfac"
-        entry: dict[str, Any] = {
-            "file": None,
-            "layer": self._layer,
-            "num_params": num_params,
-            "params": names,
-            "curvature": curvature,
-        }
-        if train is None:
-            entry["note"] = "skipped: include_train=False, there is no training set to take the Hessian over"
-            return entry
-        if curvature == "hessian" and num_params > self.max_hessian_params:
-            entry["note"] = (
-                f"skipped: layer {self._layer!r} has {num_params} parameters, more than max_hessian_params="
-                f"{self.max_hessian_params}; queries are raw loss gradients (raise max_hessian_params to store it)"
-            )
-            return entry
-        data: Any = train
-        if self.hessian_examples is not None and self.hessian_examples < len(train):
-            generator = torch.Generator().manual_seed(0)
-            sample = torch.randperm(len(train), generator=generator)[: self.hessian_examples].sort().values
-            data = DataLoader(Subset(train.dataset, sample.tolist()), collate_fn=train.collate_fn)
-        if curvature != "hessian":
-            with torch.inference_mode(False):
-                factors = fit_kfac(pl_module, self.loss_fn, data, names, batch_size=self.batch_size)
-                if curvature == "ekfac":
-                    factors = ekfac_correct(factors, pl_module, self.loss_fn, data, batch_size=self.batch_size)
-            path = factors.save(feature_dir(dirpath, version) / LAST_LAYER_KFAC)
-            entry.update(file=path.name, num_train=len(train), hessian_examples=factors.num_examples)
-            entry["factored_layers"] = [layer.spec.name for layer in factors.layers]
-            return entry
-        sample = IndexedData(data)
-        with torch.inference_mode(False), evaluating(pl_module):
-            # A Linear layer's Hessian in closed form (one pass, exact); other layers by P Hessian-vector products.
-            hessian = linear_layer_hessian(
-                pl_module, sample, layer, self._loss_fn(pl_module), batch_size=self.batch_size, device=pl_module.device
-            )
-            entry["method"] = "closed_form" if hessian is not None else "hvp"
-            if hessian is None:
-                operator = HessianOperator(pl_module, self.loss_fn, data, params=names, batch_size=self.batch_size)
-                hessian = operator.dense(max_params=self.max_hessian_params)
-        hessian = hessian.detach().to("cpu", next(layer.parameters()).dtype)
-        meta = {"layer": self._layer, "num_params": str(num_params), "num_train": str(len(train))}
-        save_tensors(feature_file(dirpath, version, LAST_LAYER_HESSIAN), {LAST_LAYER_HESSIAN: hessian}, meta)
-        entry["file"] = feature_file(dirpath, version, LAST_LAYER_HESSIAN).name
-        entry["num_train"] = len(train)
-        entry["hessian_examples"] = len(sample)
-        return entry
 
     def _entry(self, trainer: pl.Trainer, epoch: int, files: dict[str, Any]) -> dict[str, Any]:
         first = next(iter(files.values()))
