@@ -105,6 +105,10 @@ factors fitted once per weights, then a few matrix products per solve)."""
 CURVATURE = os.environ.get("FASTIF_BENCH_CURVATURE", "0") == "1"
 """With ``1`` the snapshot fit also runs ``CurvatureSnapshot(params=PARAMS)`` into the same directory: EK-FAC factors
 fitted once at the end of fit, which the ``fastif`` part's ``EKFAC`` then reuses instead of fitting per run."""
+CURVATURE_EXAMPLES = (
+    int(os.environ["FASTIF_BENCH_CURVATURE_EXAMPLES"]) if os.environ.get("FASTIF_BENCH_CURVATURE_EXAMPLES") else None
+)
+"""``CurvatureSnapshot(examples=...)``: fit the factors on a seeded sample of this many training examples (default all)."""
 """The Trainer's accelerator in the workers (``--device`` sets it for the worker processes)."""
 
 WORKER_TIMEOUT = 4 * 3600
@@ -259,7 +263,11 @@ def worker_fit(n: int, workdir: Path, *, snapshot: bool, save: str | None) -> di
     if snapshot:
         callbacks.append(FeatureSnapshot(dirpath=_snapshot_dir(workdir, n), features="loss_gradient"))
         if CURVATURE:
-            callbacks.append(CurvatureSnapshot(dirpath=_snapshot_dir(workdir, n), params=PARAMS, batch_size=512))
+            callbacks.append(
+                CurvatureSnapshot(
+                    dirpath=_snapshot_dir(workdir, n), params=PARAMS, batch_size=512, examples=CURVATURE_EXAMPLES
+                )
+            )
     trainer = _trainer(workdir / f"fit_{n}_{int(snapshot)}", max_epochs=EPOCHS, callbacks=callbacks)
     loader = DataLoader(
         train, batch_size=TRAIN_BATCH, shuffle=True, generator=torch.Generator().manual_seed(TRAIN_SEED)

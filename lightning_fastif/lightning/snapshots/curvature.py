@@ -48,7 +48,9 @@ class CurvatureSnapshot(EpochSnapshotCallback):
             influence is computed with.
         on_fit_end: fit when training ends (skipped when that step was already taken).
         every_n_epochs: also fit after every n-th epoch.
-        examples: fit over the first ``examples`` training examples only (``None``: all).
+        examples: fit over a seeded random sample of this many training examples (``None``: all of them). The
+            factors are means over examples, so a sample of tens of thousands estimates them well at a fraction of
+            the passes over a large set; the sample is the same at every snapshot and on every rank.
         ekfac: also correct the eigenvalues (EK-FAC, a second pass).
         dirpath: snapshot directory (default ``<trainer.default_root_dir>/fastif_snapshot``).
         batch_size: examples per forward/backward pass.
@@ -130,7 +132,11 @@ class CurvatureSnapshot(EpochSnapshotCallback):
         world, rank = trainer.world_size, trainer.global_rank
         if n < world:
             raise SnapshotError(f"CurvatureSnapshot: {n} training examples cannot be shared by {world} ranks")
-        share = list(range(rank * n // world, (rank + 1) * n // world))
+        if n < len(train):  # a seeded sample, in index order: the same on every rank and at every snapshot
+            sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n].sort().values.tolist()
+        else:
+            sample = list(range(n))
+        share = sample[rank * n // world : (rank + 1) * n // world]
         data = DataLoader(Subset(train.dataset, share), collate_fn=train.collate_fn)
         progress = _progress(trainer, n)
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else (lambda t: t)
