@@ -20,7 +20,6 @@ random pool examples.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -68,13 +67,19 @@ def compare_pool_selections(
 ) -> dict[str, Any]:
     """``compare_selections`` of influence-chosen (``"helpful"``) and random pool examples from ``model``'s weights,
     plus ``"random_at_helpful_lr"``: random pool examples at the learning rate the influence-chosen run used."""
-    common = {"make_influence": make_influence, "seeds": [seed], "also": {"test": test}, "keep": keep, "pool": pool}
-    table = compare_selections(model, anchors, challenge, selections=("helpful", "random"), steps=steps, **common)
-    matched = dataclasses.replace(steps, lr=table["helpful"]["runs"][0]["lr"])
-    table["random_at_helpful_lr"] = compare_selections(
-        model, anchors, challenge, selections=("random",), steps=matched, **common
-    )["random"]
-    return table
+    return compare_selections(
+        model,
+        anchors,
+        challenge,
+        selections=("helpful", "random"),
+        random_at_lr_of="helpful",
+        make_influence=make_influence,
+        seeds=[seed],
+        also={"test": test},
+        keep=keep,
+        pool=pool,
+        steps=steps,
+    )
 
 
 def run_demo(

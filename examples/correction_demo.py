@@ -15,7 +15,6 @@ out, and a correction that lowers accuracy there is rolled back).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -51,15 +50,18 @@ def compare_with_matched_random(
     """``compare_selections`` for helpful, random and harmful points from ``model``'s weights, plus
     ``"random_at_helpful_lr"``: random points at the learning rate the helpful run used (with ``lr="auto"`` each
     run picks its own, and random points, whose gradient barely moves the anchors' loss, get a small one)."""
-    common = {"make_influence": make_influence, "seeds": [seed], "also": {"test": test}, "keep": keep}
-    table = compare_selections(
-        model, anchors, challenge, selections=("helpful", "random", "harmful"), steps=steps, **common
+    return compare_selections(
+        model,
+        anchors,
+        challenge,
+        selections=("helpful", "random", "harmful"),
+        random_at_lr_of="helpful",
+        make_influence=make_influence,
+        seeds=[seed],
+        also={"test": test},
+        keep=keep,
+        steps=steps,
     )
-    matched = dataclasses.replace(steps, lr=table["helpful"]["runs"][0]["lr"])
-    table["random_at_helpful_lr"] = compare_selections(
-        model, anchors, challenge, selections=("random",), steps=matched, **common
-    )["random"]
-    return table
 
 
 def run_demo(

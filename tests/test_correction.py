@@ -498,6 +498,29 @@ def test_compare_selections_on_a_regression_model(tmp_path):
     assert gains["random"] > gains["harmful"] + 0.5, gains
 
 
+def test_random_points_at_the_rate_the_helpful_run_chose(tmp_path):
+    pl.seed_everything(8)
+    train, evaluation = regression_problem()
+    model = LinearRegressor()
+    fit(model, train, tmp_path, epochs=1)
+
+    def make(m):
+        return InfluenceModule(m, train_dataset=train, num_candidates=None, ihvp=fast_lissa(), progress=False)
+
+    steps = {"num_steps": 2, "lr": "auto", "top_m": 8}
+    common = {"make_influence": make, "seeds": [0, 1], "steps": steps}
+    table = compare_selections(
+        model, evaluation, evaluation, selections=("helpful", "random"), random_at_lr_of="helpful", **common
+    )
+    assert list(table) == ["helpful", "random", "random_at_helpful_lr"]
+    helpful, matched = table["helpful"]["runs"], table["random_at_helpful_lr"]["runs"]
+    assert [r["lr"] for r in matched] == [r["lr"] for r in helpful]
+    # the same random points as the plain random run (same seeds), stepped at the helpful run's rate
+    assert [r["used_indices"] for r in matched] == [r["used_indices"] for r in table["random"]["runs"]]
+    with pytest.raises(ArgumentError, match="random_at_lr_of"):
+        compare_selections(model, evaluation, evaluation, selections=("random",), random_at_lr_of="helpful", **common)
+
+
 def test_default_feature_snapshot_and_error_correction_pair(tmp_path):
     """FeatureSnapshot() with its default directory and ErrorCorrection(num_candidates=...) find each other."""
     pl.seed_everything(9)

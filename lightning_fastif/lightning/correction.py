@@ -409,6 +409,7 @@ def compare_selections(
     selections: Sequence[str] = ("helpful", "harmful", "random"),
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
     also: Mapping[str, Any] | None = None,
+    random_at_lr_of: str | None = None,
     **correct_kwargs: Any,
 ) -> dict[str, Any]:
     """Run :func:`correct_errors` from copies of ``model`` for each selection and seed; summarise the gains.
@@ -429,6 +430,10 @@ def compare_selections(
         seeds: one run per seed and selection.
         also: more datasets measured after each run, by name (say ``{"test": test}``, to see what a correction
             costs in distribution): a run gets ``"<name>_after"``, the summary ``"<name>_before"``.
+        random_at_lr_of: one of ``selections`` (say ``"helpful"``): also run random points, seed by seed, at the
+            learning rate that selection's run used, as ``"random_at_<selection>_lr"``. With ``lr="auto"`` every run
+            picks its own rate and random points (whose gradient barely moves the anchors' loss) get a small one:
+            this separates what the choice of points gains from what the rate gains.
         **correct_kwargs: passed to :func:`correct_errors` (``steps``, ``num_steps``, ``lr``, ``top_m``, ...).
 
     Returns:
@@ -445,13 +450,21 @@ def compare_selections(
     """
     for name in selections:
         resolve_steps(None, selection=name)  # an unknown selection fails before the first run
+    if random_at_lr_of is not None:
+        check_choice("random_at_lr_of", random_at_lr_of, tuple(selections))
     also = dict(also or {})
     start = {name: evaluation_metric(model, data)[1] for name, data in also.items()}
     summary: dict[str, Any] = {}
-    for selection in selections:
+    plan = [(name, name) for name in selections]
+    if random_at_lr_of is not None:
+        plan.append((f"random_at_{random_at_lr_of}_lr", "random"))
+    for key, selection in plan:
+        # the matched run takes, seed by seed, the rate the named selection's run used
+        rates = {r["seed"]: r["lr"] for r in summary[random_at_lr_of]["runs"]} if key != selection else {}
         runs = []
         for seed in seeds:
             m = copy.deepcopy(model)
+            kwargs = {**correct_kwargs, "lr": rates[seed]} if seed in rates else correct_kwargs
             report = correct_errors(
                 m,
                 make_influence(m),
@@ -459,7 +472,7 @@ def compare_selections(
                 selection=selection,
                 eval_dataset=eval_dataset,
                 seed=seed,
-                **correct_kwargs,
+                **kwargs,
             )
             runs.append(
                 {
@@ -479,7 +492,7 @@ def compare_selections(
             )
         gains = [r["gain"] for r in runs]
         afters = [r["after"] for r in runs]
-        summary[selection] = {
+        summary[key] = {
             "metric": report.metric,
             "before": runs[0]["before"],
             "gain_mean": statistics.fmean(gains),
