@@ -173,3 +173,18 @@ def test_a_features_file_is_checked_for_nan_unless_its_writer_checked_it(tmp_pat
         writer.write("features", features)
     with pytest.raises(ValueError, match="NaN"):
         KNNIndex.load(tmp_path, "old")
+
+
+def test_auto_index_stays_exact_over_factored_rows_above_the_ivf_threshold(monkeypatch) -> None:
+    pytest.importorskip("faiss")
+    from lightning_fastif.search import knn
+
+    monkeypatch.setattr(knn, "AUTO_IVF_MIN_SIZE", 100)
+    rows = FactoredGradients(torch.randn(300, 4), torch.randn(300, 5), bias=True)
+    assert KNNIndex(rows[:], metric="ip", backend="faiss", use_gpu=False).kind == "ivf"  # dense rows: IVF
+    factored = KNNIndex(rows, metric="ip", backend="faiss", use_gpu=False)
+    assert factored.kind == "flat"  # the factors: an exact search over them, no dense copy
+    # an IVF index can still be asked for, and is built from dense chunks of the factors
+    ivf = KNNIndex(rows, metric="ip", kind="ivf", nlist=4, nprobe=4, backend="faiss", use_gpu=False)
+    queries = torch.randn(3, rows.shape[1])
+    assert torch.equal(ivf.search(queries, 5)[1], factored.search(queries, 5)[1])  # all 4 lists probed: exact

@@ -97,8 +97,8 @@ class KNNIndex(IndexFiles):
         metric: ``"l2"`` (squared Euclidean distances), ``"cosine"`` (distances ``1 - cos``) or ``"ip"``
             (distances ``-<q, x>``: maximum inner-product search).
         kind: ``"flat"`` (exact), ``"ivf"`` (approximate, FAISS ``IndexIVFFlat``; exact with the torch backend) or
-            ``"auto"``: flat below ``AUTO_IVF_MIN_SIZE`` examples or without FAISS, else IVF tuned at build time to
-            ``target_recall`` (see :meth:`tune`).
+            ``"auto"``: flat below ``AUTO_IVF_MIN_SIZE`` examples, without FAISS or for factored loss gradients, else
+            IVF tuned at build time to ``target_recall`` (see :meth:`tune`).
         nlist: IVF lists (default :func:`default_nlist`, ~2 sqrt(N); trained on 64 sampled examples per list).
         nprobe: IVF lists searched per query (more: slower, better recall); at most ``nlist``.
         use_gpu: ``"auto"`` (a GPU when the backend can use one), ``True`` (require one) or ``False``.
@@ -179,7 +179,9 @@ class KNNIndex(IndexFiles):
             )
         self._auto = kind == "auto"
         if kind == "auto":
-            kind = "ivf" if backend == "faiss" and n >= AUTO_IVF_MIN_SIZE else "flat"
+            # Factored rows stay exact: an IVF index would hold them dense (C·D floats a row, 5 GB at 1M x 1290)
+            # and must be trained and tuned before the first answer; the exact search runs over the factors.
+            kind = "ivf" if backend == "faiss" and n >= AUTO_IVF_MIN_SIZE and not factored else "flat"
         if backend == "torch" and kind == "ivf":
             warnings.warn(
                 "kind='ivf' needs FAISS; the torch backend searches exactly instead", UserWarning, stacklevel=2

@@ -122,7 +122,9 @@ class FeatureSnapshot(EpochSnapshotCallback):
         metric: ``"l2"``, ``"cosine"`` or ``"ip"`` (inner product): the metric recorded for the kNN index;
             ``None``: ``"l2"`` for activations, ``"ip"`` for loss gradients (``"l2"`` is refused for loss
             gradients: it would prefer the examples with the *smallest* gradients).
-        index: ``"auto"`` (flat below ``AUTO_IVF_MIN_SIZE`` = 1M examples or without FAISS, else a FAISS IVF index whose
+        index: ``"auto"`` (flat below ``AUTO_IVF_MIN_SIZE`` = 1M examples, without FAISS or for factored loss
+            gradients (measured at 1M: the IVF index held them dense, 8 GB, and took minutes to build), else a FAISS IVF
+            index whose
             ``nprobe`` is tuned to a recall of 0.99 of the exact neighbours of held-out-like queries; the measured
             recall goes into the manifest when the index is built, at its first search), ``"flat"`` (exact) or
             ``"ivf"`` (FAISS IVF, built at the first search and cached next to the features).
@@ -423,7 +425,8 @@ class FeatureSnapshot(EpochSnapshotCallback):
                 bar.close()
         if not trainer.is_global_zero or write_error is not None:
             return None, write_error
-        return self._dataset_record(dirpath, version, name, n, dim, meta["fingerprint"]), None
+        record = self._dataset_record(dirpath, version, name, n, dim, meta["fingerprint"], factored=probe is not None)
+        return record, None
 
     def _loss_fn(self, pl_module: pl.LightningModule) -> Callable[[Any, Any], Tensor]:
         return self.loss_fn if self.loss_fn is not None else default_loss_fn(pl_module)
@@ -492,13 +495,14 @@ class FeatureSnapshot(EpochSnapshotCallback):
                 ) from err
 
     def _dataset_record(
-        self, dirpath: str, version: str, name: str, n: int, dim: int, fingerprint: str
+        self, dirpath: str, version: str, name: str, n: int, dim: int, fingerprint: str, *, factored: bool
     ) -> dict[str, Any]:
         """The manifest record of a features file just written; its kNN index is built at the first search."""
         stale = feature_file(dirpath, version, name).with_suffix(FAISS_SUFFIX)
         if stale.exists():
             stale.unlink()  # an index cached from an earlier file under this name (it would be refused anyway)
-        ivf = faiss_available() and (self.index == "ivf" or (self.index == "auto" and n >= AUTO_IVF_MIN_SIZE))
+        auto_ivf = self.index == "auto" and n >= AUTO_IVF_MIN_SIZE and not factored
+        ivf = faiss_available() and (self.index == "ivf" or auto_ivf)
         record = dataset_record(dirpath, version, name, n, dim)
         record["fingerprint"] = fingerprint
         nlist = min(self.nlist or default_nlist(n), n) if ivf else None
