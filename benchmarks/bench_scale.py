@@ -19,10 +19,12 @@ Parts (``--parts``):
   test points (one predict batch), against the same module with ``num_candidates=None`` (every training point
   scored) over 4 test points (one batch); seconds per test point, speedup, and the recall of the all-N top-10
   helpful points among FastIF's candidates for those 4 points.
-* ``self_influence``: self-influence of every training point with our EK-FAC (``fit_kfac`` + ``ekfac_correct`` +
-  ``ekfac_self_influence``) and with Kronfluence's EK-FAC (``Analyzer.fit_all_factors`` + ``compute_self_scores``),
-  both at the same damping; Pearson of each against conjugate gradients on the Hessian (float64, tight tolerance)
-  over a sample of training points.
+* ``self_influence``: self-influence of every training point with ours (``fit_kfac`` + ``ekfac_correct``, the
+  low-rank correction toward the Hessian ``fit_low_rank_correction``: ``CORRECTION_STEPS`` Lanczos steps on
+  ``M^½(H + λI)M^½``, then ``ekfac_self_influence(correction=...)``) and with Kronfluence's EK-FAC
+  (``Analyzer.fit_all_factors`` + ``compute_self_scores``), both at the same damping; Pearson of each, and of our
+  EK-FAC alone (no correction), against conjugate gradients on the Hessian (float64, tight tolerance) over a sample
+  of training points.
 * ``million``: N = 1,000,000: fit + snapshot, then FastIF for 100 test points (only when asked for).
 * ``minilm``: FastIF with the DEFAULT settings on a real transformer: all-MiniLM-L6-v2 with its top layer and a
   linear head (1.78M parameters) fine-tuned for one epoch on 2,000 Rotten Tomatoes snippets (length 64, the cached

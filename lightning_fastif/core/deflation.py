@@ -87,7 +87,9 @@ class LowRankCorrection:
         return base + ((dots * self.coefficients) @ self.directions).to(base)
 
 
-def _start_vector(function: FunctionalLoss, data: IndexedData, rows: Tensor, generator: torch.Generator) -> Tensor:
+def _start_vector(
+    function: FunctionalLoss, data: IndexedData, rows: Tensor, generator: torch.Generator, batch_size: int
+) -> Tensor:
     """``Σ_i ε_i g_i`` over ``rows`` with random signs ``ε_i``: one backward pass per chunk, no per-example gradient.
 
     Its covariance is ``Σ_i g_i g_iᵀ``: the start weighs directions as the training gradients do, which is where
@@ -96,7 +98,7 @@ def _start_vector(function: FunctionalLoss, data: IndexedData, rows: Tensor, gen
     total = torch.zeros(function.num_params, dtype=torch.float64, device=function.device)
     signs = torch.randint(0, 2, (rows.numel(),), generator=generator).to(torch.float64).mul_(2).sub_(1)
     done = 0
-    for idx, batch in data.chunks(1024, rows):
+    for idx, batch in data.chunks(batch_size, rows):
         params = {n: p.detach().clone().requires_grad_(True) for n, p in function.primals.items()}
         with torch.enable_grad():
             losses = function(params, function.prepare(batch))
@@ -183,7 +185,8 @@ def fit_low_rank_correction(
         return root(hx + lam * x)[0]
 
     with evaluating(model):
-        start = root(_start_vector(function, operator.data, torch.arange(n) if rows is None else rows, generator)[None])
+        every = torch.arange(n) if rows is None else rows
+        start = root(_start_vector(function, operator.data, every, generator, batch_size)[None])
         basis = [start[0] / start.norm().clamp_min(torch.finfo(torch.float64).tiny)]
         alphas: list[float] = []
         betas: list[float] = []
