@@ -115,6 +115,10 @@ def test_the_scoring_pass_adds_the_correction_on_rotated_gradients_embeddings_an
     g = FunctionalLoss(model, ce).per_example_gradients(data.tensors)
     torch.testing.assert_close(got, plain + correction.scores(g))
     assert float((got - plain).abs().max()) > 1e-3  # the correction did something
+    empty = LowRankCorrection(g.new_zeros(0, g.shape[1]), g.new_zeros(0), damping)
+    torch.testing.assert_close(
+        ekfac_self_influence(model, ce, data, damping=damping, factors=factors, correction=empty), plain
+    )
 
 
 def test_bad_arguments_and_an_indefinite_system_raise_argument_errors_naming_them():

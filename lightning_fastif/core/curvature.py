@@ -536,7 +536,7 @@ def _correction_directions(
             f"{damping!r}, got one over {correction.directions.shape[-1]} at damping {correction.damping!r}"
         )
     u = correction.directions
-    if correction.rank == 0:  # nothing converged: the scores are EK-FAC's
+    if correction.rank == 0:  # an empty correction (k = 0): one zero direction, so the scores are EK-FAC's
         u = u.new_zeros(1, factors.num_params)
     rotated = {
         layer.spec.name: layer.rotate(layer.spec.matrices(u, factors.offsets).to(dtype)) for layer in factors.layers
