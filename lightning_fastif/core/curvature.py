@@ -55,6 +55,7 @@ from lightning_fastif.core.curvature_layers import (
     escaped_names,
     explained,
 )
+from lightning_fastif.core.deflation import LowRankCorrection
 from lightning_fastif.core.grads import FunctionalLoss, LossFn, evaluating
 from lightning_fastif.core.params import ParamSpec
 from lightning_fastif.errors import ArgumentError, check_int, check_number
@@ -436,11 +437,14 @@ def ekfac_self_influence(
     batch_size: int = 64,
     sample_labels: bool | LabelSampler = False,
     progress: Progress | None = None,
+    correction: LowRankCorrection | None = None,
 ) -> Tensor:
     """``g_iᵀ (G + λI)⁻¹ g_i`` for every training example, with ``G`` the EK-FAC curvature, in one pass.
 
     Per layer, in its eigenbasis: ``Σ_jk (Q_Sᵀ G_i Q_A)²_jk / (Λ_jk + λ)``; the diagonal fallback adds
-    ``Σ_p g_ip² / (d_p + λ)``. Only one batch of per-example layer gradients exists at a time.
+    ``Σ_p g_ip² / (d_p + λ)``. Only one batch of per-example layer gradients exists at a time. With a
+    ``correction`` each score also gets ``Σ_k c_k (u_kᵀ g_i)²``, its dot products taken on the same rotated
+    gradients (the directions are rotated once), which moves the scores toward ``g_iᵀ (H + λI)⁻¹ g_i``.
 
     Args:
         model, loss_fn, train_data, params: as for :func:`fit_kfac`.
@@ -451,6 +455,8 @@ def ekfac_self_influence(
         sample_labels: with ``factors=None``, fit the true Fisher's factors (see :func:`fit_kfac`); the scores
             always use the data's labels.
         progress: ``progress(done, total)`` after each batch of the scoring pass.
+        correction: a :class:`~lightning_fastif.core.deflation.LowRankCorrection` fitted on these factors at this
+            damping (:func:`~lightning_fastif.core.deflation.fit_low_rank_correction`), or ``None``.
 
     Returns:
         ``[N]`` self-influence scores, in dataset order.
@@ -477,10 +483,15 @@ def ekfac_self_influence(
     dtype = compute_dtype(stream.function.dtype)
     denominators = {layer.spec.name: (layer.eigenvalues() + lam).to(dtype) for layer in factors.layers}
     diag = torch.cat([factors.diagonal[n] for n in factors.unsupported]) + lam if factors.unsupported else None
+    rotated_directions, fallback_directions = _correction_directions(correction, factors, lam, dtype)
+    coefficients = None if correction is None else correction.coefficients.to(dtype).reshape(-1)
+    if coefficients is not None and coefficients.numel() == 0:
+        coefficients = coefficients.new_zeros(1)
     out = []
     with evaluating(model):
         for idx, batch in data.chunks(batch_size):
             scores = torch.zeros(idx.numel(), dtype=dtype, device=stream.function.device)
+            dots = None if correction is None else scores.new_zeros(idx.numel(), max(1, correction.rank))
             captured = stream.run(batch)
             for layer in factors.layers:
                 lb = captured.get(layer.spec.name)
@@ -490,12 +501,51 @@ def ekfac_self_influence(
                 if lb.ids is not None:
                     example, token, rotated = token_gradients(layer, lb)
                     scores.index_add_(0, example, (rotated**2 / denominator.T[token]).sum(-1))
+                    if dots is not None:  # directions [k, rows, cols]: column `token` of each, per pair
+                        along = torch.einsum("nr,krn->nk", rotated, rotated_directions[layer.spec.name][:, :, token])
+                        dots.index_add_(0, example, along)
                 else:
-                    scores += (rotated_gradients(layer, lb) ** 2 / denominator).sum((1, 2))
+                    rotated = rotated_gradients(layer, lb)
+                    scores += (rotated**2 / denominator).sum((1, 2))
+                    if dots is not None:
+                        dots += rotated.flatten(1) @ rotated_directions[layer.spec.name].flatten(1).T
             fallback_grads = stream.fallback_gradients(batch)
             if fallback_grads is not None:
                 scores += (fallback_grads.to(dtype) ** 2 / diag.to(dtype)).sum(-1)
+                if dots is not None:
+                    dots += fallback_grads.to(dtype) @ fallback_directions.T
+            if dots is not None:
+                scores += (dots.square() * coefficients).sum(-1)
             out.append(scores)
             if progress is not None:
                 progress(sum(part.numel() for part in out), len(data))
     return torch.cat(out)
+
+
+def _correction_directions(
+    correction: Any, factors: KFACFactors, damping: float, dtype: torch.dtype
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """A correction's directions ``u_k`` in each layer's eigenbasis (``Q_Sᵀ U_k Q_A``), and on the fallback."""
+    if correction is None:
+        return {}, None
+    if not isinstance(correction, LowRankCorrection):
+        raise ArgumentError(f"correction: expected None or a LowRankCorrection, got {correction!r}")
+    if correction.directions.shape[-1] != factors.num_params or correction.damping != damping:
+        raise ArgumentError(
+            f"correction: expected a correction over these factors' {factors.num_params} parameters at damping "
+            f"{damping!r}, got one over {correction.directions.shape[-1]} at damping {correction.damping!r}"
+        )
+    u = correction.directions
+    if correction.rank == 0:  # an empty correction (k = 0): one zero direction, so the scores are EK-FAC's
+        u = u.new_zeros(1, factors.num_params)
+    rotated = {
+        layer.spec.name: layer.rotate(layer.spec.matrices(u, factors.offsets).to(dtype)) for layer in factors.layers
+    }
+    fallback = None
+    if factors.unsupported:
+        fallback = torch.cat([u[:, slice(*_span(factors.offsets[n]))] for n in factors.unsupported], dim=-1).to(dtype)
+    return rotated, fallback
+
+
+def _span(offset: tuple[int, int]) -> tuple[int, int]:
+    return offset[0], offset[0] + offset[1]
