@@ -257,7 +257,7 @@ def worker_fit(n: int, workdir: Path, *, snapshot: bool, save: str | None) -> di
     """Fit (with or without the loss-gradient snapshot); time ``trainer.fit``; keep the model when ``save``."""
     from lightning.pytorch import seed_everything
 
-    from lightning_fastif.io.snapshot_store import feature_snapshot_file, last_layer_hessian_file
+    from lightning_fastif.io.snapshot_store import feature_snapshot_file, last_layer_hessian_file, snapshot_versions
     from lightning_fastif.lightning.snapshots import CurvatureSnapshot, FeatureSnapshot
 
     _stage("data")
@@ -299,6 +299,7 @@ def worker_fit(n: int, workdir: Path, *, snapshot: bool, save: str | None) -> di
             hessian_bytes=hessian.stat().st_size if hessian is not None else 0,
             snapshot_bytes=_dir_bytes(directory),
             snapshot_seconds=entry.get("seconds"),
+            curvature_seconds=sum(e.get("seconds") or 0.0 for e in snapshot_versions(directory, "curvature")),
             index=record.get("index"),
             hessian_examples=(entry.get("last_layer_hessian") or {}).get("hessian_examples"),
         )
@@ -746,15 +747,22 @@ def part_fit(sizes: Sequence[int], workdir: Path, threads: int) -> dict[str, Any
         if not (_ok(plain) and _ok(snap)):
             continue
         ratio = snap["seconds"] / plain["seconds"]
+        # The same fit without the snapshots' own seconds, in the same process: a ratio the machine's load cannot
+        # skew (the two processes above run minutes apart on a shared machine). The callbacks do nothing else
+        # during fit (no per-batch hook), so the rest of that run is the plain fit.
+        own = snap["snapshot_seconds"] + snap.get("curvature_seconds", 0.0)
+        in_run = snap["seconds"] / (snap["seconds"] - own)
         bound = plain["peak_rss_mb"] + 2 * snap["features_bytes"] / 2**20
-        raw[n].update(time_ratio=ratio, peak_bound_mb=bound)
-        target, verdict = _at_target(n, ratio, TARGETS["fit_ratio"], at_least=False)
+        raw[n].update(time_ratio=ratio, time_ratio_in_run=in_run, peak_bound_mb=bound)
+        target, verdict = _at_target(n, in_run, TARGETS["fit_ratio"], at_least=False)
         index = snap.get("index") or {}
         tuning = index.get("tuning") or {}
         rows += [
             [n, "fit s: plain / with snapshot", f"{plain['seconds']:.3g} / {snap['seconds']:.3g}", "", ""],
-            [n, "time ratio (with snapshot / plain)", ratio, target, verdict],
-            [n, "snapshot's own seconds (manifest: embed + write + index + H_last)", snap["snapshot_seconds"], "", ""],
+            [n, "time ratio, two processes (with snapshot / plain; each at its own moment's load)", ratio, "", ""],
+            [n, "snapshots' own s (manifest): features (embed + write + H_last); curvature",
+             f"{snap['snapshot_seconds']:.3g}; {snap.get('curvature_seconds', 0.0):.3g}", "", ""],
+            [n, "time ratio in the snapshot run (fit / (fit - snapshots' own s))", in_run, target, verdict],
             [n, f"features file MiB ({snap['features_dim']}-d float32); whole snapshot MiB",
              f"{snap['features_bytes'] / 2**20:.4g}; {snap['snapshot_bytes'] / 2**20:.4g}", "", ""],
             [n, "index (kind, nlist, nprobe, tuned recall@100)",
@@ -764,7 +772,7 @@ def part_fit(sizes: Sequence[int], workdir: Path, threads: int) -> dict[str, Any
             [n, "peak with snapshot, MiB (bound: plain peak + 2 x features file)", snap["peak_rss_mb"],
              f"≤ {bound:.4g}", goal(snap["peak_rss_mb"], bound, at_least=False)],
         ]  # fmt: skip
-        if ratio > TARGETS["fit_ratio"]:  # where the snapshot's time goes: its stages, re-run one by one
+        if in_run > TARGETS["fit_ratio"] or ratio > TARGETS["fit_ratio"]:  # where the time goes: stages one by one
             stages = _spawn("snapshot_stages", n, workdir, threads)
             raw[n]["snapshot_stages"] = stages
             if _ok(stages):
