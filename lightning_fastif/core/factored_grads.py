@@ -316,10 +316,10 @@ class FactoredGradients:
         a = self.inputs[start:stop]
         weight, bias = self.query_factors(queries.to(r.dtype))
         q, c = weight.shape[0], weight.shape[1]
-        projected = (a @ weight.reshape(q * c, -1).T).reshape(a.shape[0], q, c)  # [n, Q, C]: Q_W a_i per query
-        if bias is not None:
-            projected += bias.unsqueeze(0)
-        return torch.einsum("nqc,nc->qn", projected, r)
+        flat = weight.reshape(q * c, -1).T
+        # [n, Q·C]: Q_W a_i (+ q_b) for every query, the bias added inside the product
+        projected = a @ flat if bias is None else torch.addmm(bias.reshape(1, -1), a, flat)
+        return torch.bmm(projected.reshape(a.shape[0], q, c), r.unsqueeze(2)).squeeze(2).T
 
     def sq_norms(self, start: int = 0, stop: int | None = None) -> Tensor:
         """``[n]`` squared norms of the dense rows ``start:stop``: ``|r|² (|a|² + 1)`` (no ``+ 1`` without bias)."""

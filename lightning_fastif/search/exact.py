@@ -55,10 +55,15 @@ def exact_search(
     q = q.to(db.device)
     n = db.shape[0]
     factored = isinstance(db, FactoredGradients)
-    # A factored block also holds [rows, queries, C] products: fewer queries per block, same memory bound.
-    width = db.num_outputs if factored else 1
-    db_chunk = min(n, DB_CHUNK, max(1, BLOCK_ELEMENTS // width))
-    q_chunk = max(1, BLOCK_ELEMENTS // (db_chunk * width))
+    if factored:
+        # A factored block also holds [rows, queries, C] products: all queries (up to 256) per block and fewer rows,
+        # so the product keeps its queries together and the block stays in cache (measured at 200k x (10 + 128),
+        # 100 queries: blocks of ~4k rows 0.9 s, of 64k rows and 25 queries 1.8 s; the dense rows 1.0 s).
+        q_chunk = max(1, min(q.shape[0], 256))
+        db_chunk = min(n, DB_CHUNK, max(1024, (BLOCK_ELEMENTS // 4) // (q_chunk * db.num_outputs)))
+    else:
+        db_chunk = min(n, DB_CHUNK)
+        q_chunk = max(1, BLOCK_ELEMENTS // db_chunk)
 
     def block(qc: Tensor, start: int) -> Tensor:
         stop = start + db_chunk
