@@ -629,6 +629,31 @@ def test_search_lr_takes_the_grid_point_below_the_best_single_step():
     assert search_lr(model, loss, (torch.ones(1), -torch.ones(1)), batch)[0] == 1e-4
 
 
+def test_auto_lr_is_searched_on_the_anchors_the_first_points_serve():
+    """Anchors that pull ``w`` apart: (x=1, y=1) wants w = 1, (x=1, y=-1) wants w = -1, so from w = 0 every step
+    raises the mean loss of the two (a step to w = ±2·lr gives 1 + 4·lr²). One anchor per step: whichever is drawn,
+    the most helpful training point is its twin, the step is w = ±2·lr, and that anchor's loss (2·lr - 1)² is lowest
+    at 0.3 of the grid, so ``lr="auto"`` takes 0.1 and the step lowers the anchor's loss from 1 to (0.2 - 1)² = 0.64.
+    A search on both anchors finds no rate that lowers their mean loss: the old rule fell back to 1e-4, a step that
+    does nothing."""
+    from lightning_fastif import ExactInverse
+
+    model = _Scalar()
+    train = TensorDataset(torch.ones(2), torch.tensor([1.0, -1.0]))
+    anchors = TensorDataset(torch.ones(2), torch.tensor([1.0, -1.0]))
+    influence = InfluenceModule(model, train_dataset=train, num_candidates=None, ihvp=ExactInverse(damping=0.0))
+    report = correct_errors(model, influence, anchors, keep="always", num_anchors=1, top_m=1, num_steps=1)
+    step = report.steps[0]
+    assert report.lr == 0.1
+    assert step.chosen_indices == step.anchor_indices  # the anchor's twin
+    assert step.anchor_loss_before == 1.0
+    assert step.anchor_loss_after == pytest.approx(0.64)
+    assert model.w.item() == pytest.approx(0.2 if step.anchor_indices == [0] else -0.2)
+    by_lr = {t["lr"]: t["anchor_loss"] for t in report.lr_trials}
+    assert by_lr[0.3] == pytest.approx(0.16)
+    assert by_lr[1.0] == pytest.approx(1.0)
+
+
 def test_auto_lr_lowers_the_anchors_loss_where_fastifs_1e_4_barely_moves_it(tmp_path):
     pl.seed_everything(4)
     train, evaluation = regression_problem()
