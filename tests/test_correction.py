@@ -652,6 +652,55 @@ def test_search_lr_takes_the_grid_point_below_the_best_single_step():
     assert search_lr(model, loss, (torch.ones(1), -torch.ones(1)), batch)[0] == 1e-4
 
 
+def test_auto_lr_is_searched_on_the_anchors_the_first_points_serve():
+    """Anchors that pull ``w`` apart: (x=1, y=1) wants w = 1, (x=1, y=-1) wants w = -1, so from w = 0 every step
+    raises the mean loss of the two (a step to w = ±2·lr gives 1 + 4·lr²). One anchor per step: whichever is drawn,
+    the most helpful training point is its twin and the step is w = ±2·lr, which takes that anchor's loss to
+    (2·lr - 1)². The search minimises that plus the mean of both, 8·lr² - 4·lr + 2 (2 at w = 0): lowest at 0.3 of the
+    grid (1.52; 0.1 gives 1.68, 1.0 gives 6), so ``lr="auto"`` takes 0.1 and the step lowers the anchor's loss from
+    1 to (0.2 - 1)² = 0.64. Judged on both anchors alone no rate lowers their loss: the old rule fell back to 1e-4,
+    a step that does nothing."""
+    from lightning_fastif import ExactInverse
+
+    model = _Scalar()
+    train = TensorDataset(torch.ones(2), torch.tensor([1.0, -1.0]))
+    anchors = TensorDataset(torch.ones(2), torch.tensor([1.0, -1.0]))
+    influence = InfluenceModule(model, train_dataset=train, num_candidates=None, ihvp=ExactInverse(damping=0.0))
+    report = correct_errors(model, influence, anchors, keep="always", num_anchors=1, top_m=1, num_steps=1)
+    step = report.steps[0]
+    assert report.lr == 0.1
+    assert step.chosen_indices == step.anchor_indices  # the anchor's twin
+    assert step.anchor_loss_before == 1.0
+    assert step.anchor_loss_after == pytest.approx(0.64)
+    assert model.w.item() == pytest.approx(0.2 if step.anchor_indices == [0] else -0.2)
+    by_lr = {t["lr"]: t for t in report.lr_trials}
+    assert by_lr[0.0]["objective"] == 2.0
+    assert by_lr[0.3]["objective"] == pytest.approx(1.52)
+    assert by_lr[0.3]["served_loss"] == pytest.approx(0.16)
+    assert by_lr[0.3]["anchor_loss"] == pytest.approx(1.36)
+    assert by_lr[1.0]["objective"] == pytest.approx(6.0)
+
+
+def test_search_lr_refuses_a_rate_that_helps_the_served_anchors_less_than_it_costs_the_others():
+    """From w = 0 a step on (x=1, y=1) is w = 2·lr: the served anchor (1, 1) gets (2·lr - 1)², the other anchor
+    (3, -3) gets 9·(2·lr + 1)², so the sum only rises and the answer is the grid's smallest rate; judged on the
+    served anchor alone the answer would be 0.1 (the single-step best 0.3, a grid point below)."""
+    from lightning_fastif.lightning.correction_steps import search_lr
+
+    model = _Scalar()
+    batch = (torch.ones(1), torch.ones(1))
+
+    def loss(m, b):
+        return m.per_example_loss(b)
+
+    assert search_lr(model, loss, batch, batch)[0] == 0.1
+    lr, trials = search_lr(model, loss, (3 * torch.ones(1), -3 * torch.ones(1)), batch, served=batch)
+    assert lr == 1e-4
+    assert trials[0]["objective"] == 10.0
+    assert all(t["objective"] > 10.0 for t in trials[1:])
+    assert model.w.item() == 0.0
+
+
 def test_auto_lr_lowers_the_anchors_loss_where_fastifs_1e_4_barely_moves_it(tmp_path):
     pl.seed_everything(4)
     train, evaluation = regression_problem()
@@ -663,7 +712,8 @@ def test_auto_lr_lowers_the_anchors_loss_where_fastifs_1e_4_barely_moves_it(tmp_
         influence = InfluenceModule(m, train_dataset=train, num_candidates=None, ihvp=fast_lissa(), progress=False)
         reports[lr] = correct_errors(m, influence, evaluation, lr=lr, keep="always", top_m=8, num_steps=3)
     auto, fixed = reports["auto"], reports[1e-4]
-    # Measured (seed 4): the single-step best is 0.1 (anchors' loss 3.55 -> 0.11), so the rate used is 0.03.
+    # Measured (seed 4): the single-step best on the first step's anchors is 0.1 (their loss 3.26 -> 0.10), so the
+    # rate used is 0.03.
     assert auto.lr == 0.03
     assert [t["lr"] for t in auto.lr_trials if not t["allowed"]] == [0.3, 1.0]  # they overshoot the chosen points
     first = auto.steps[0]

@@ -116,14 +116,19 @@ class CorrectionArguments:
     without tuning. Once the first step's points are chosen, each rate of :data:`AUTO_LR_GRID` is tried as one SGD
     step on them from the current weights (restored exactly after each trial). Among the rates that do not raise
     the chosen points' own loss (a larger step overshoots the loss it descends), the best is the one that lowers
-    the mean loss of the anchors (all of them, at most 256) most; the rate used for every step is the grid point
-    just below the best, a third of it, because it serves ``num_steps`` steps rather than one. When no rate lowers
-    the anchors' loss, the smallest rate of the grid is used. The rate used and every trial are in the report
-    (``CorrectionReport.lr``, ``.lr_trials``). With ``optimizer="model"`` the Trainer's optimizer keeps its own
-    rate. Why not a fixed rate: FastIF's 1e-4 (BERT on MNLI) barely moves a small model (+0.07 challenge points on a
-    tabular planted cue, where 0.05 gained +16.6), and a CNN's optimizer rate (Adam, 1e-3) is no SGD rate. Measured
-    over 5 seeds with the defaults (``benchmarks/bench_correction.py``): the best single-step rate itself cost 10-26
-    in-distribution test points, a third of it -3 to +0.
+    most the mean loss of the step's anchors (the ``num_anchors`` the points were chosen for) plus the mean loss of
+    all anchors (at most 256); the rate used for every step is the grid point just below the best, a third of it,
+    because it serves ``num_steps`` steps rather than one. When no rate lowers that sum, the smallest rate of the
+    grid is used. Why both: judged on all anchors alone, a step that helps its own anchors at the others' cost
+    found no rate (a MiniLM model's correction fell back to the smallest rate in 2 of 5 seeds); judged on its ten
+    anchors alone, random points found a rate so large that ten steps pushed the model to one class
+    (:func:`~lightning_fastif.lightning.correction_steps.search_lr`). ``keep="improved"`` judges the whole
+    correction on held-out examples. The rate used and every trial are in the report (``CorrectionReport.lr``,
+    ``.lr_trials``). With ``optimizer="model"`` the Trainer's optimizer keeps its own rate. Why not a fixed rate:
+    FastIF's 1e-4 (BERT on MNLI) barely moves a small model (+0.07 challenge points on a tabular planted cue, where
+    0.05 gained +16.6), and a CNN's optimizer rate (Adam, 1e-3) is no SGD rate. Measured over 5 seeds with the
+    defaults (``benchmarks/bench_correction.py``): the best single-step rate itself cost 10-26 in-distribution test
+    points, a third of it -3.5 to +1.2.
 
     Args:
         num_anchors: anchor examples drawn per step.
