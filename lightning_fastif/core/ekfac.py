@@ -24,6 +24,7 @@ from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp import InverseHVP
 from lightning_fastif.core.ihvp.base import iteration_bar
 from lightning_fastif.core.ihvp.factored import FactorSource, complete_factors, factors_for_operator
+from lightning_fastif.core.ihvp.ordered import active_product
 from lightning_fastif.errors import ArgumentError, check_bool, check_int, check_number
 
 __all__ = ["EKFAC", "KFACPreconditioner", "factors_for_operator", "preconditioned_cg"]
@@ -207,7 +208,7 @@ def preconditioned_cg(
     while bool((relative > tol).any()) and iterations < max_iter:
         iterations += 1
         active = relative > tol
-        ap = operator.matvec(p).add_(p, alpha=lam)
+        ap = active_product(operator, p, lam, active)  # converged rows take no product
         pap = (p * ap).sum(-1)
         if bool((pap[active] <= 0).any()):
             if bar is not None:

@@ -22,7 +22,7 @@ from lightning_fastif.core.ihvp.base import (
     suggest_damping,
 )
 from lightning_fastif.core.ihvp.factored import FactorSource, check_preconditioner
-from lightning_fastif.core.ihvp.ordered import SizeOrdered, size_order
+from lightning_fastif.core.ihvp.ordered import SizeOrdered, active_product, size_order
 from lightning_fastif.core.memory import format_bytes
 from lightning_fastif.errors import ArgumentError, MemoryBudgetError, check_int
 
@@ -271,9 +271,9 @@ class ConjugateGradient(InverseHVP):
         bar = iteration_bar(self.progress, self.max_iter, "fastif: CG")
         # Updates in place: CG's state is five [V, P] arrays, and temporaries of that size would break a budget.
         for iterations in range(1, self.max_iter + 1):  # noqa: B007 - reported below
-            ap = operator.matvec(p).add_(p, alpha=self.damping)
-            pap = torch.einsum("vp,vp->v", p, ap)
             active = rs.sqrt() / v_norm > tol
+            ap = active_product(operator, p, self.damping, active)  # converged rows take no product
+            pap = torch.einsum("vp,vp->v", p, ap)
             if bool((pap[active] <= 0).any()):
                 self._not_positive_definite(operator, p, pap, active)
             alpha = torch.where(active, rs / pap.clamp_min(tiny), torch.zeros_like(rs))[:, None]
