@@ -189,7 +189,9 @@ class ConjugateGradient(InverseHVP):
     (:mod:`~lightning_fastif.core.ihvp.ordered`: the size of each example's own collated batch, found once per
     system), so a collate that pads each chunk to its longest example pads little; the sums are over the same
     examples, only their rounding differs. ``diagnostics["chunks"]`` says ``"by example size"`` or, when every
-    example has the same size, ``"dataset order"`` (products unchanged).
+    example has the same size, ``"dataset order"`` (products unchanged). A row (test point) that has reached ``tol``
+    takes no part in the next products (:func:`~lightning_fastif.core.ihvp.ordered.active_product`): a product
+    costs about one backward pass per row.
 
     Args:
         damping: λ ≥ 0.
