@@ -19,11 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning_utilities import apply_to_collection
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from lightning_fastif.core.batches import IndexedData
+from lightning_fastif.core.batches import IndexedData, tensors_of
 from lightning_fastif.core.hessian import HessianOperator
 
 __all__ = ["SizeOrdered", "active_product", "example_sizes", "size_order"]
@@ -37,24 +36,15 @@ def example_sizes(data: IndexedData) -> Tensor | None:
 
     Example::
 
-        >>> from lightning_fastif.core.batches import IndexedData
+        >>> from lightning_fastif.core.batches import IndexedData, tensors_of
         >>> items = [torch.zeros(3), torch.zeros(1), torch.zeros(2)]
         >>> example_sizes(IndexedData(items, collate_fn=lambda b: torch.stack(b)))
         tensor([3, 1, 2])
     """
     if isinstance(data.dataset, TensorDataset):
         return None
-    sizes = torch.empty(len(data), dtype=torch.long)
-    for i in range(len(data)):
-        count = [0]
-
-        def add(t: Tensor, count: list[int] = count) -> Tensor:
-            count[0] += t.numel()
-            return t
-
-        apply_to_collection(data.collate_fn([data.dataset[i]]), Tensor, add)
-        sizes[i] = count[0]
-    return sizes
+    sizes = [sum(t.numel() for t in tensors_of(data.collate_fn([data.dataset[i]]))) for i in range(len(data))]
+    return torch.tensor(sizes, dtype=torch.long)
 
 
 def size_order(data: IndexedData) -> tuple[Tensor | None, Tensor | None]:
@@ -63,7 +53,7 @@ def size_order(data: IndexedData) -> tuple[Tensor | None, Tensor | None]:
 
     Example::
 
-        >>> from lightning_fastif.core.batches import IndexedData
+        >>> from lightning_fastif.core.batches import IndexedData, tensors_of
         >>> items = [torch.zeros(3), torch.zeros(1), torch.zeros(2)]
         >>> size_order(IndexedData(items, collate_fn=lambda b: torch.stack(b)))[0]
         tensor([1, 2, 0])
