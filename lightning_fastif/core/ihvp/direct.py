@@ -179,6 +179,31 @@ class ExactInverse(InverseHVP):
         }
 
 
+def negative_curvature_message(damping: float, p: Tensor, pap: Tensor, active: Tensor) -> str:
+    """``damping: expected ...``: a CG search direction ``p`` (rows of ``[V, P]``) with ``pᵀ(H + λI)p ≤ 0``.
+
+    The Rayleigh quotient ``R = pᵀHp / pᵀp`` of the worst active row bounds the Hessian's lowest eigenvalue from
+    above (``λ_min ≤ R``), so a working damping exceeds ``-R``; the value suggested is twice that
+    (:func:`~lightning_fastif.core.ihvp.base.suggest_damping`), a first try rather than a guarantee (``λ_min``
+    may be lower still). Costs nothing: no product beyond the iteration's.
+
+    Example::
+
+        >>> p = torch.tensor([[1.0, 0.0]])
+        >>> negative_curvature_message(0.01, p, torch.tensor([-0.49]), torch.tensor([True]))[-60:]
+        'damping must exceed 0.5; try damping=1 (or more if it fails)'
+    """
+    row = int(torch.where(active, pap, torch.full_like(pap, float("inf"))).argmin())
+    direction = p[row]
+    rayleigh = float(pap[row] / (direction @ direction).clamp_min(torch.finfo(p.dtype).tiny)) - damping
+    return (
+        f"damping: expected a damping that makes H + λI positive definite, got {damping!r} (a search direction has "
+        f"curvature {float(pap[row]):.3g}: the Hessian is indefinite here, with an eigenvalue at most {rayleigh:.3g}, "
+        f"its Rayleigh quotient along that direction); damping must exceed {max(-rayleigh, 0.0):.3g}; try "
+        f"damping={suggest_damping(rayleigh):g} (or more if it fails)"
+    )
+
+
 class ConjugateGradient(InverseHVP):
     """Conjugate gradients on ``(H + λI) x = v``, one full-data HVP per iteration, all vectors at once.
 
