@@ -11,6 +11,7 @@ from lightning_fastif.core.batches import IndexedData
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp import AutoInverse, ConjugateGradient, ExactInverse
 from lightning_fastif.core.ihvp.ordered import SizeOrdered, example_sizes, size_order
+from lightning_fastif.errors import ArgumentError
 
 LENGTHS = [5, 1, 4, 2, 6, 1, 3, 2]
 """In dataset order, chunks of 4 pad to 5 and 6 (44 positions); sorted by size, to 2 and 6 (32 positions)."""
@@ -168,3 +169,25 @@ def test_rows_that_converged_take_no_more_products(padded, preconditioner):
     # Iteration 1 takes both rows, later ones the unconverged row only (EK-FAC is exact on the eigenvector here as
     # well: measured 4 iterations); then the certificate takes both.
     assert counter.rows == [2] + [1] * (iterations - 1) + [2]
+
+
+def test_preconditioned_cg_on_an_indefinite_system_names_a_bound_and_a_damping_to_try():
+    import re
+
+    from lightning_fastif.core.ihvp.base import suggest_damping
+
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 1).double()
+    data = TensorDataset(torch.randn(40, 3, dtype=torch.float64))
+    op = HessianOperator(lin, lambda m, b: -(m(b[0]).squeeze(-1) ** 2), data)  # concave: H = -2·E[x̃ x̃ᵀ]
+    eigenvalues = torch.linalg.eigvalsh(op.dense())
+    cg = ConjugateGradient(0.01, preconditioner="ekfac")
+    with pytest.raises(ArgumentError, match="damping: expected a damping that makes H") as err:
+        cg.solve(op, torch.randn(2, 4, dtype=torch.float64))
+    found = re.search(r"eigenvalue at most (\S+), .*damping must exceed (\S+); try damping=(\S+) \(", str(err.value))
+    rayleigh, bound, suggested = float(found[1]), float(found[2]), float(found[3])
+    # A Rayleigh quotient of H lies within its spectrum, so it bounds λ_min from above.
+    assert float(eigenvalues.min()) - 1e-3 <= rayleigh <= float(eigenvalues.max()) + 1e-3
+    assert rayleigh < -0.01
+    assert bound == pytest.approx(-rayleigh, rel=1e-2)
+    assert suggested == pytest.approx(suggest_damping(rayleigh), rel=1e-2)
