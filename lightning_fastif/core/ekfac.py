@@ -23,7 +23,9 @@ from lightning_fastif.core.curvature import KFACFactors, fit_kfac  # noqa: F401 
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp import InverseHVP
 from lightning_fastif.core.ihvp.base import RESIDUAL_VECTORS, iteration_bar
+from lightning_fastif.core.ihvp.direct import negative_curvature_message
 from lightning_fastif.core.ihvp.factored import FactorSource, complete_factors, factors_for_operator
+from lightning_fastif.core.ihvp.ordered import active_product
 from lightning_fastif.errors import ArgumentError, check_bool, check_int, check_number
 
 __all__ = ["EKFAC", "KFACPreconditioner", "factors_for_operator", "preconditioned_cg"]
@@ -211,15 +213,12 @@ def preconditioned_cg(
     while bool((relative > tol).any()) and iterations < max_iter:
         iterations += 1
         active = relative > tol
-        ap = operator.matvec(p).add_(p, alpha=lam)
+        ap = active_product(operator, p, lam, active)  # converged rows take no product
         pap = (p * ap).sum(-1)
         if bool((pap[active] <= 0).any()):
             if bar is not None:
                 bar.close()
-            raise ArgumentError(
-                f"damping: expected a damping that makes H + λI positive definite, got {damping!r} (a search "
-                f"direction has curvature {float(pap[active].min()):.3g}: the Hessian is indefinite here)"
-            )
+            raise ArgumentError(negative_curvature_message(lam, p, pap, active))
         alpha = torch.where(active, rz / pap.clamp_min(tiny), torch.zeros_like(rz))[:, None]
         x.addcmul_(alpha, p)
         r.addcmul_(alpha, ap, value=-1.0)

@@ -27,7 +27,9 @@ Modules: :mod:`~lightning_fastif.core.ihvp.base` (the interface, certification, 
 :mod:`~lightning_fastif.core.ihvp.direct` (Identity, ExactInverse, ConjugateGradient),
 :mod:`~lightning_fastif.core.ihvp.lissa`, :mod:`~lightning_fastif.core.ihvp.auto` and
 :mod:`~lightning_fastif.core.ihvp.factored` (K-FAC / EK-FAC factors fitted once per system, or handed over by
-:meth:`InverseHVP.use_factors`: the caller is responsible for them matching the weights).
+:meth:`InverseHVP.use_factors`: the caller is responsible for them matching the weights) and
+:mod:`~lightning_fastif.core.ihvp.ordered` (CG's full-data products over size-ordered chunks, converged rows left
+out).
 """
 
 from lightning_fastif.core.ihvp.auto import AutoInverse

@@ -17,9 +17,12 @@ from lightning_fastif.core.ihvp.base import (
     damping_message,
     iteration_bar,
     lowest_eigenvalue,
+    relative_residual,
+    residual_count,
     suggest_damping,
 )
 from lightning_fastif.core.ihvp.factored import FactorSource, check_preconditioner
+from lightning_fastif.core.ihvp.ordered import SizeOrdered, active_product, size_order
 from lightning_fastif.core.memory import format_bytes
 from lightning_fastif.errors import ArgumentError, MemoryBudgetError, check_int
 
@@ -176,11 +179,44 @@ class ExactInverse(InverseHVP):
         }
 
 
+def negative_curvature_message(damping: float, p: Tensor, pap: Tensor, active: Tensor) -> str:
+    """``damping: expected ...``: a CG search direction ``p`` (rows of ``[V, P]``) with ``pᵀ(H + λI)p ≤ 0``.
+
+    The Rayleigh quotient ``R = pᵀHp / pᵀp`` of the worst active row bounds the Hessian's lowest eigenvalue from
+    above (``λ_min ≤ R``), so a working damping exceeds ``-R``; the value suggested is twice that
+    (:func:`~lightning_fastif.core.ihvp.base.suggest_damping`), a first try rather than a guarantee (``λ_min``
+    may be lower still). Costs nothing: no product beyond the iteration's.
+
+    Example::
+
+        >>> p = torch.tensor([[1.0, 0.0]])
+        >>> negative_curvature_message(0.01, p, torch.tensor([-0.49]), torch.tensor([True]))[-60:]
+        'damping must exceed 0.5; try damping=1 (or more if it fails)'
+    """
+    row = int(torch.where(active, pap, torch.full_like(pap, float("inf"))).argmin())
+    direction = p[row]
+    rayleigh = float(pap[row] / (direction @ direction).clamp_min(torch.finfo(p.dtype).tiny)) - damping
+    return (
+        f"damping: expected a damping that makes H + λI positive definite, got {damping!r} (a search direction has "
+        f"curvature {float(pap[row]):.3g}: the Hessian is indefinite here, with an eigenvalue at most {rayleigh:.3g}, "
+        f"its Rayleigh quotient along that direction); damping must exceed {max(-rayleigh, 0.0):.3g}; try "
+        f"damping={suggest_damping(rayleigh):g} (or more if it fails)"
+    )
+
+
 class ConjugateGradient(InverseHVP):
     """Conjugate gradients on ``(H + λI) x = v``, one full-data HVP per iteration, all vectors at once.
 
     Needs ``H + λI`` positive definite: a direction of non-positive curvature raises an :class:`ArgumentError`
     naming ``damping``, the estimated ``λ_min`` and a damping that would work.
+
+    Every full-data product (the iterations and the certificate's) runs over chunks of similar-sized examples
+    (:mod:`~lightning_fastif.core.ihvp.ordered`: the size of each example's own collated batch, found once per
+    system), so a collate that pads each chunk to its longest example pads little; the sums are over the same
+    examples, only their rounding differs. ``diagnostics["chunks"]`` says ``"by example size"`` or, when every
+    example has the same size, ``"dataset order"`` (products unchanged). A row (test point) that has reached ``tol``
+    takes no part in the next products (:func:`~lightning_fastif.core.ihvp.ordered.active_product`): a product
+    costs about one backward pass per row.
 
     Args:
         damping: λ ≥ 0.
@@ -230,8 +266,28 @@ class ConjugateGradient(InverseHVP):
 
     def _solve(self, operator: HessianOperator, v: Tensor) -> Tensor:
         tol = self.diagnostics["tol"]
+        entry = self._entry(operator)
+        if "order" not in entry:  # once per system: one collate per example, no model call
+            entry["order"] = size_order(operator.data)
+        ordered = SizeOrdered(operator, *entry["order"])
+        self.diagnostics["chunks"] = "dataset order" if ordered.order is None else "by example size"
         if self.preconditioner is not None:
-            return self._preconditioned_solve(operator, v, tol)
+            x = self._preconditioned_solve(ordered, v, tol, entry)
+        else:
+            x = self._plain_solve(ordered, v, tol)
+        self._measure_residual(ordered, x, v, entry)
+        return x
+
+    def _measure_residual(self, ordered: SizeOrdered, x: Tensor, v: Tensor, entry: dict[str, Any]) -> None:
+        """The certificate's residual, measured here when the base class would (the first solve of a system, or
+        every solve with ``certify="every"``), so that its product runs over the size-ordered chunks too."""
+        if self.residual_examples == 0 or (self.certify == "first" and "certified" in entry):
+            return
+        residual = relative_residual(ordered, x, v, self.damping, num_examples=self.residual_examples)  # type: ignore[arg-type]
+        self.diagnostics["residual"] = float(residual.max())
+        self.diagnostics["residual_examples"] = residual_count(ordered.operator, self.residual_examples)
+
+    def _plain_solve(self, operator: SizeOrdered, v: Tensor, tol: float) -> Tensor:
         tiny = torch.finfo(v.dtype).tiny
         x = torch.zeros_like(v)
         r = v.clone()
@@ -242,9 +298,9 @@ class ConjugateGradient(InverseHVP):
         bar = iteration_bar(self.progress, self.max_iter, "fastif: CG")
         # Updates in place: CG's state is five [V, P] arrays, and temporaries of that size would break a budget.
         for iterations in range(1, self.max_iter + 1):  # noqa: B007 - reported below
-            ap = operator.matvec(p).add_(p, alpha=self.damping)
-            pap = torch.einsum("vp,vp->v", p, ap)
             active = rs.sqrt() / v_norm > tol
+            ap = active_product(operator, p, self.damping, active)  # converged rows take no product
+            pap = torch.einsum("vp,vp->v", p, ap)
             if bool((pap[active] <= 0).any()):
                 self._not_positive_definite(operator, p, pap, active)
             alpha = torch.where(active, rs / pap.clamp_min(tiny), torch.zeros_like(rs))[:, None]
@@ -274,16 +330,15 @@ class ConjugateGradient(InverseHVP):
         self._source.give(factors)
         return True
 
-    def _preconditioned_solve(self, operator: HessianOperator, v: Tensor, tol: float) -> Tensor:
+    def _preconditioned_solve(self, operator: SizeOrdered, v: Tensor, tol: float, entry: dict[str, Any]) -> Tensor:
         # Imported here: core.ekfac builds on this package (its EKFAC is an InverseHVP).
         from lightning_fastif.core.ekfac import KFACPreconditioner, preconditioned_cg
 
-        entry = self._entry(operator)
-        factors, source, seconds = self._source.factors(operator, entry)
+        factors, source, seconds = self._source.factors(operator.operator, entry)
         self.diagnostics.update(preconditioner_fit_seconds=seconds, factors_from=source)
         info: dict[str, Any] = {}
         x, iterations = preconditioned_cg(
-            operator,
+            operator,  # type: ignore[arg-type]
             v,
             self.damping,
             KFACPreconditioner(factors, self.damping),
@@ -296,11 +351,11 @@ class ConjugateGradient(InverseHVP):
         self.diagnostics["recurrence_residual"] = info["residual"]
         return x
 
-    def _not_positive_definite(self, operator: HessianOperator, p: Tensor, pap: Tensor, active: Tensor) -> None:
+    def _not_positive_definite(self, operator: SizeOrdered, p: Tensor, pap: Tensor, active: Tensor) -> None:
         """Raise naming damping: ``p`` is a direction of curvature ``pᵀ(H + λI)p ≤ 0``, refined to ``λ_min``."""
         row = int(torch.where(active, pap, torch.full_like(pap, float("inf"))).argmin())
         direction = p[row]
         rayleigh = float(pap[row] / (direction @ direction)) - self.damping
-        estimate = lowest_eigenvalue(operator, num_examples=None, start=direction)
+        estimate = lowest_eigenvalue(operator, num_examples=None, start=direction)  # type: ignore[arg-type]
         lowest = min(rayleigh, estimate["min_eigenvalue"])
         raise ArgumentError(damping_message(self.damping, lowest, estimate["max_eigenvalue"]))
