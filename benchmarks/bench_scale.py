@@ -763,7 +763,7 @@ def part_fit(sizes: Sequence[int], workdir: Path, threads: int) -> dict[str, Any
             [n, "snapshots' own s (manifest): features (embed + write + H_last); curvature",
              f"{snap['snapshot_seconds']:.3g}; {snap.get('curvature_seconds', 0.0):.3g}", "", ""],
             [n, "time ratio in the snapshot run (fit / (fit - snapshots' own s))", in_run, target, verdict],
-            [n, f"features file MiB ({snap['features_dim']}-d float32); whole snapshot MiB",
+            [n, f"features file MiB ({snap['features_dim']}-d loss gradients, stored as their factors); whole snapshot MiB",
              f"{snap['features_bytes'] / 2**20:.4g}; {snap['snapshot_bytes'] / 2**20:.4g}", "", ""],
             [n, "index (kind, nlist, nprobe, tuned recall@100)",
              f"{index.get('kind')}, {index.get('nlist')}, {index.get('nprobe')}, {tuning.get('recall')}", "", ""],

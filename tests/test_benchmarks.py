@@ -189,10 +189,13 @@ def test_bench_scale_smoke():
     (n,) = details["sizes"]
     fit = details["fit"]["raw"][str(n)]
     finite(fit["plain"]["seconds"], fit["snapshot"]["seconds"], fit["time_ratio"], fit["peak_bound_mb"])
+    finite(fit["time_ratio_in_run"])
+    assert fit["time_ratio_in_run"] > 1.0  # the snapshot's own seconds are part of its fit
     finite(fit["plain"]["peak_rss_mb"], fit["snapshot"]["peak_rss_mb"])
-    # 1290 float32 loss-gradient features (net.4: 128 x 10 + 10) per training point, plus the file's header.
+    # 1290-d loss gradients (net.4: 128 x 10 + 10) stored as their factors: 10 + 128 float32 and an int64 index per
+    # training point, plus the file's header.
     assert fit["snapshot"]["features_dim"] == 1290
-    assert n * 1290 * 4 < fit["snapshot"]["features_bytes"] < n * 1290 * 4 + 2**16
+    assert n * (138 * 4 + 8) < fit["snapshot"]["features_bytes"] < n * (138 * 4 + 8) + 2**16
 
     fastif = details["fastif"]["raw"][str(n)]
     finite(fastif["speedup"], fastif["fastif"]["seconds_per_point"], fastif["all"]["seconds_per_point"])
