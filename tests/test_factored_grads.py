@@ -188,3 +188,30 @@ def test_auto_index_stays_exact_over_factored_rows_above_the_ivf_threshold(monke
     ivf = KNNIndex(rows, metric="ip", kind="ivf", nlist=4, nprobe=4, backend="faiss", use_gpu=False)
     queries = torch.randn(3, rows.shape[1])
     assert torch.equal(ivf.search(queries, 5)[1], factored.search(queries, 5)[1])  # all 4 lists probed: exact
+
+
+def test_inner_product_search_visits_rows_by_norm_and_stops_early_with_the_same_answer(monkeypatch) -> None:
+    import lightning_fastif.search.exact as exact
+
+    monkeypatch.setattr(exact, "DB_CHUNK", 16)
+    generator = torch.Generator().manual_seed(6)
+    scale = torch.rand(400, 1, generator=generator) ** 4  # heavy-tailed norms: most rows are small
+    rows = FactoredGradients(torch.randn(400, 4, generator=generator) * scale, torch.randn(400, 5), bias=True)
+    queries = torch.randn(6, rows.shape[1], generator=generator)
+    index = KNNIndex(rows, metric="ip", kind="flat", backend="torch").build()
+    order, norms = index._db_norm_order
+    assert torch.equal(norms, rows.sq_norms().sqrt()[order])
+    assert bool((norms[:-1] >= norms[1:]).all())
+    visited: list[int] = []
+    dot = FactoredGradients.dot
+
+    def counting(self, q, start=0, stop=None):
+        visited.append(len(self) if stop is None else stop - start)
+        return dot(self, q, start, stop)
+
+    monkeypatch.setattr(FactoredGradients, "dot", counting)
+    found = index.search_signed(queries, 5, "both")
+    assert sum(visited) < 400  # stopped before the small rows
+    sims = queries @ rows[:].T
+    assert torch.equal(found[1][:, :5], sims.topk(5, 1).indices)
+    assert torch.equal(found[1][:, 5:], (-sims).topk(5, 1).indices)

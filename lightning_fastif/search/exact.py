@@ -27,6 +27,7 @@ def exact_search(
     *,
     sq_norms: Tensor | None = None,
     inv_norms: Tensor | None = None,
+    norm_order: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The ``k`` nearest rows of ``db`` for each query and, from the same products, the ``k_negated`` nearest of ``-q``.
 
@@ -41,6 +42,10 @@ def exact_search(
         k_negated: neighbours of ``-q`` (0: none; not for L2).
         sq_norms: ``[N]`` squared row norms (L2 search).
         inv_norms: ``[N]`` inverse row norms (cosine search over unnormalised rows).
+        norm_order: for the inner-product search of factored rows (neither norms above): ``(order, norms)``, the rows
+            by decreasing norm and those norms. Rows are then visited in that order and a block of queries stops once
+            its ``k``-th best similarity (each sign) is at least ``|q|`` times the largest norm left: by
+            Cauchy-Schwarz no row left can enter, so the answer is exactly the full search's (up to ties).
 
     Returns:
         ``(distances, positions)`` of ``q`` then of ``-q`` (``[Q, 0]`` when ``k_negated`` is 0), float32 and int64
@@ -64,9 +69,16 @@ def exact_search(
     else:
         db_chunk = min(n, DB_CHUNK)
         q_chunk = max(1, BLOCK_ELEMENTS // db_chunk)
+    ordered = norm_order is not None and factored and sq_norms is None and inv_norms is None
 
     def block(qc: Tensor, start: int) -> Tensor:
         stop = start + db_chunk
+        if ordered:
+            assert norm_order is not None
+            assert isinstance(db, FactoredGradients)
+            rows = norm_order[0][start:stop]
+            part = FactoredGradients(db.out_grads[rows], db.inputs[rows], bias=db.bias)
+            return part.dot(qc).neg_()
         sim = db.dot(qc, start, stop) if factored else qc @ db[start:stop].T
         if inv_norms is not None:
             sim.mul_(inv_norms[start:stop])
@@ -88,16 +100,26 @@ def exact_search(
         qc = q[qs : qs + q_chunk]
         best: tuple[Tensor, Tensor] | None = None
         worst: tuple[Tensor, Tensor] | None = None
+        norms = qc.norm(dim=1) if ordered else None
         for start in range(0, n, db_chunk):
             dist = block(qc, start)
             best = merge(best, dist, start, k)
             if k_negated:
                 worst = merge(worst, dist.neg_(), start, k_negated)  # -q's distances: the negated similarity
+            if norms is not None and norm_order is not None and start + db_chunk < n:
+                bound = norms * norm_order[1][start + db_chunk]  # the largest |<q, x>| of any row left
+                done = best[1].shape[1] == k and bool((-best[0][:, -1] >= bound).all())
+                if k_negated:
+                    assert worst is not None
+                    done = done and worst[1].shape[1] == k_negated and bool((-worst[0][:, -1] >= bound).all())
+                if done:
+                    break
         assert best is not None
         empty = (torch.zeros(qc.shape[0], 0, device=q.device), torch.zeros(qc.shape[0], 0, dtype=torch.long))
         parts.append((*best, *(worst if worst is not None else empty)))
     out = []
     for i in (0, 2):
         out.append(torch.cat([p[i] for p in parts]).float().cpu())
-        out.append(torch.cat([p[i + 1].cpu() for p in parts]))
+        positions = torch.cat([p[i + 1].cpu() for p in parts])
+        out.append(norm_order[0].cpu()[positions] if ordered and norm_order is not None else positions)
     return out[0], out[1], out[2], out[3]

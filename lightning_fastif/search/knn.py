@@ -209,6 +209,7 @@ class KNNIndex(IndexFiles):
         self._db: Tensor | FactoredGradients | None = None  # exact torch search: the features (a copy on a GPU)
         self._db_sq_norms: Tensor | None = None
         self._db_inv_norms: Tensor | None = None  # cosine on CPU: similarities are scaled instead of a normalised copy
+        self._db_norm_order: tuple[Tensor, Tensor] | None = None  # factored rows by decreasing norm (ip search)
         self._cache: tuple[Path, str, Any] | None = None  # (file, features fingerprint, on_saved): see load()
         self.tuning: dict[str, Any] | None = None
         """How well an IVF search finds the exact neighbours (set by :meth:`tune`; ``None`` for exact indices)."""
@@ -349,6 +350,11 @@ class KNNIndex(IndexFiles):
                     self._db_inv_norms = 1.0 / self._row_norms().clamp_min(1e-12)
             if self._metric == "l2":
                 self._db_sq_norms = self._sq_norms(self._db)
+            if self._metric == "ip" and isinstance(self._db, FactoredGradients):
+                # Visited by decreasing norm, a search stops once no row left can beat its k-th best (exact).
+                norms = self._sq_norms(self._db).sqrt()
+                order = norms.argsort(descending=True)
+                self._db_norm_order = (order.to(self._db.device), norms[order].to(self._db.device))
             return
         import faiss
 
@@ -509,7 +515,13 @@ class KNNIndex(IndexFiles):
         if self._metric == "cosine":
             q = torch.nn.functional.normalize(q, dim=1)
         d1, p1, d2, p2 = exact_search(
-            self._db, q, k, k_negated, sq_norms=self._db_sq_norms, inv_norms=self._db_inv_norms
+            self._db,
+            q,
+            k,
+            k_negated,
+            sq_norms=self._db_sq_norms,
+            inv_norms=self._db_inv_norms,
+            norm_order=self._db_norm_order,
         )
         if self._metric == "cosine":  # 1 - cos, from the negated similarity
             d1, d2 = d1 + 1.0, d2 + 1.0
