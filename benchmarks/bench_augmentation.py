@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from benchmarks.bench_correction import TabularMLP, tabular_task
-from benchmarks.common import jsonable, markdown_table, module_main, set_threads
+from benchmarks.common import jsonable, markdown_table, module_main, selection_summary, set_threads
 from lightning_fastif import CandidatePool, ComputeArguments, LiSSA
 from lightning_fastif.lightning.arguments import CorrectionArguments
 from lightning_fastif.lightning.correction import accuracy
@@ -131,28 +131,12 @@ def run_tabular(
 
 def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean ± std over seeds per selection of the held-out gain, the test change and the counter-examples used."""
-
-    def spread(values: list[float]) -> tuple[float, float]:
-        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
     summary: dict[str, Any] = {}
     for selection in SELECTIONS:
         runs = [run for s in per_seed for run in s[selection]["runs"]]
-        gains = [run["gain"] for run in runs]
-        corrected = [run["corrected"] - run["before"] for run in runs]
         summary[selection] = {
-            "gain_mean": spread(gains)[0],
-            "gain_std": spread(gains)[1],
-            "corrected_gain_mean": spread(corrected)[0],
-            "corrected_gain_std": spread(corrected)[1],
-            "before_mean": statistics.fmean(run["before"] for run in runs),
-            "test_change_mean": statistics.fmean(
-                run["test_after"] - s[selection]["test_before"] for s in per_seed for run in s[selection]["runs"]
-            ),
+            **selection_summary(per_seed, selection),
             "counter_fraction_used": statistics.fmean(run["counter_fraction_used"] for run in runs),
-            "lrs": [run["lr"] for run in runs],
-            "kept": sum(bool(run["kept"]) for run in runs),
-            "runs": len(runs),
         }
     summary["pool_counter_fraction"] = statistics.fmean(s["pool_counter_fraction"] for s in per_seed)
     summary["margin"] = summary["helpful"]["gain_mean"] - summary["random"]["gain_mean"]

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.common import jsonable, markdown_table, set_threads, write_atomic
+from benchmarks.common import jsonable, markdown_table, selection_summary, set_threads, write_atomic
 from lightning_fastif import ComputeArguments, LiSSA
 from lightning_fastif.app.models import _Classifier
 from lightning_fastif.errors import check_choice
@@ -258,29 +257,13 @@ def run_text(
 # -- the summary ---------------------------------------------------------------------------------------------------
 def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean ± std over seeds per selection, and the guard's checks, from the :func:`compare_selections` tables."""
-
-    def spread(values: list[float]) -> tuple[float, float]:
-        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
     summary: dict[str, Any] = {}
     for selection in SELECTIONS:
         runs = [run for s in per_seed for run in s[selection]["runs"]]
-        gains = [run["gain"] for run in runs]
-        corrected = [run["corrected"] - run["before"] for run in runs]
         kept = [run for run in runs if run["kept"]]
         summary[selection] = {
-            "gain_mean": spread(gains)[0],
-            "gain_std": spread(gains)[1],
-            "corrected_gain_mean": spread(corrected)[0],
-            "corrected_gain_std": spread(corrected)[1],
-            "before_mean": statistics.fmean(run["before"] for run in runs),
-            "test_change_mean": statistics.fmean(
-                run["test_after"] - s[selection]["test_before"] for s in per_seed for run in s[selection]["runs"]
-            ),
-            "lrs": [run["lr"] for run in runs],
-            "kept": len(kept),
+            **selection_summary(per_seed, selection),
             "stopped": sum(run["stopped"] is not None for run in runs),
-            "runs": len(runs),
             "kept_lowering_holdout": sum(
                 run["holdout_before"] is not None and run["holdout_after"] < run["holdout_before"] for run in kept
             ),

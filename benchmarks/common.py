@@ -34,7 +34,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -359,3 +359,30 @@ def module_main(run: Callable[..., dict[str, Any]], description: str) -> None:
     print(json.dumps(jsonable(out.get("headline", {})), indent=2))
     if args.json is not None:
         write_atomic(args.json, json.dumps(jsonable(out), indent=2) + "\n")
+
+
+def selection_summary(per_seed: Sequence[Mapping[str, Any]], selection: str) -> dict[str, Any]:
+    """One selection's runs over seeds, from per-seed :func:`~lightning_fastif.lightning.correction.compare_selections`
+    tables measured with ``also={"test": ...}``: mean and std of the gain (kept weights) and of the corrected weights'
+    gain, the mean metric before, the mean test change, the learning rates, and how many runs were kept."""
+    runs = [run for s in per_seed for run in s[selection]["runs"]]
+    gain_mean, gain_std = mean_std([run["gain"] for run in runs])
+    corrected_mean, corrected_std = mean_std([run["corrected"] - run["before"] for run in runs])
+    return {
+        "gain_mean": gain_mean,
+        "gain_std": gain_std,
+        "corrected_gain_mean": corrected_mean,
+        "corrected_gain_std": corrected_std,
+        "before_mean": statistics.fmean(run["before"] for run in runs),
+        "test_change_mean": statistics.fmean(
+            run["test_after"] - s[selection]["test_before"] for s in per_seed for run in s[selection]["runs"]
+        ),
+        "lrs": [run["lr"] for run in runs],
+        "kept": sum(bool(run["kept"]) for run in runs),
+        "runs": len(runs),
+    }
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
