@@ -476,7 +476,8 @@ def test_labels_of():
         labels_of(torch.zeros(2, 3))
 
 
-def test_compare_selections_on_a_regression_model(tmp_path):
+def _fitted_line(tmp_path):
+    """A LinearRegressor fitted one epoch (seed 8), its evaluation set, and an influence module factory over it."""
     pl.seed_everything(8)
     train, evaluation = regression_problem()
     model = LinearRegressor()
@@ -485,6 +486,11 @@ def test_compare_selections_on_a_regression_model(tmp_path):
     def make(m):
         return InfluenceModule(m, train_dataset=train, num_candidates=None, ihvp=fast_lissa(), progress=False)
 
+    return model, evaluation, make
+
+
+def test_compare_selections_on_a_regression_model(tmp_path):
+    model, evaluation, make = _fitted_line(tmp_path)
     table = compare_selections(
         model, evaluation, evaluation, make_influence=make, seeds=[0], steps={"num_steps": 2, "lr": 0.05, "top_m": 8}
     )
@@ -499,14 +505,7 @@ def test_compare_selections_on_a_regression_model(tmp_path):
 
 
 def test_random_points_at_the_rate_the_helpful_run_chose(tmp_path):
-    pl.seed_everything(8)
-    train, evaluation = regression_problem()
-    model = LinearRegressor()
-    fit(model, train, tmp_path, epochs=1)
-
-    def make(m):
-        return InfluenceModule(m, train_dataset=train, num_candidates=None, ihvp=fast_lissa(), progress=False)
-
+    model, evaluation, make = _fitted_line(tmp_path)
     steps = {"num_steps": 2, "lr": "auto", "top_m": 8}
     common = {"make_influence": make, "seeds": [0, 1], "steps": steps}
     table = compare_selections(
