@@ -72,6 +72,10 @@ LAST_LAYER_HESSIAN = "last_layer_hessian"
 LAST_LAYER_KFAC = "last_layer_kfac"
 """Directory (``KFACFactors.save``) of the last layer's K-FAC factors stored with loss-gradient features, named by
 the ``last_layer_hessian`` entry's ``file`` when its ``curvature`` is ``"kfac"`` or ``"ekfac"``."""
+FACTORED = "factored"
+"""The ``layout`` header value of a features file holding loss gradients as their two factors."""
+FACTOR_TENSORS = ("out_grads", "inputs")
+"""The tensors of a factored features file, ``[N, C]`` and ``[N, D]`` (see ``core/factored_grads.py``)."""
 TENSOR_SUFFIX = ".safetensors"
 FAISS_SUFFIX = ".faiss"
 
@@ -508,6 +512,22 @@ def last_layer_hessian_file(dirpath: PathLike, entry: Mapping[str, Any]) -> Path
     return _member(dirpath, FEATURES_DIR, str(entry["version"]), f"{LAST_LAYER_HESSIAN}.file", record["file"])
 
 
+def features_of_file(tensors: Mapping[str, Tensor], meta: Mapping[str, str], path: PathLike) -> Any:
+    """The features a features file holds: its ``features`` tensor, or :class:`FactoredGradients` over its factors
+    (header ``layout: factored``; ``bias`` says whether the dense rows end with the bias gradient).
+
+    Raises:
+        SnapshotError: neither the ``features`` tensor nor both factors are there.
+    """
+    if meta.get("layout") == FACTORED:
+        if any(name not in tensors for name in FACTOR_TENSORS):
+            raise SnapshotError(f"feature file {path} lacks tensors {list(FACTOR_TENSORS)} (holds {sorted(tensors)})")
+        return FactoredGradients(tensors[FACTOR_TENSORS[0]], tensors[FACTOR_TENSORS[1]], bias=meta.get("bias") == "1")
+    if "features" not in tensors:
+        raise SnapshotError(f"feature file {path} lacks tensors ['features'] (holds {sorted(tensors)})")
+    return tensors["features"].float()
+
+
 def read_feature_snapshot(
     dirpath: PathLike, dataset: str = "train", version: str | int | None = None
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
@@ -534,15 +554,11 @@ def read_feature_snapshot(
     """
     path, entry = feature_snapshot_file(dirpath, dataset, version)
     tensors = map_tensors(path)  # memory-mapped: reading a large set costs no copy
-    if "features" not in tensors and {"out_grads", "inputs"} <= set(tensors):
-        # Loss gradients of a Linear layer stored as their factors: the dense rows are formed here (N x C·(D+1)).
-        bias = read_tensor_metadata(path).get("bias") == "1"
-        rows = FactoredGradients(tensors["out_grads"], tensors["inputs"], bias=bias)
-        tensors = {"features": rows[:], "indices": tensors["indices"]}
-    missing = {"features", "indices"} - set(tensors)
-    if missing:
-        raise SnapshotError(f"feature file {path} lacks tensors {sorted(missing)} (holds {sorted(tensors)})")
-    features, indices = tensors["features"], tensors["indices"]
+    if "indices" not in tensors:
+        raise SnapshotError(f"feature file {path} lacks tensors ['indices'] (holds {sorted(tensors)})")
+    features, indices = features_of_file(tensors, read_tensor_metadata(path), path), tensors["indices"]
+    if isinstance(features, FactoredGradients):
+        features = features[:]  # the dense rows, formed here (N x C·(D+1))
     if features.dim() != 2 or indices.dim() != 1 or features.shape[0] != indices.shape[0]:
         raise SnapshotError(
             f"feature file {path} is inconsistent: features {tuple(features.shape)}, indices {tuple(indices.shape)}"

@@ -25,16 +25,20 @@ import torch
 from lightning_fastif.core.factored_grads import FactoredGradients
 from lightning_fastif.errors import SnapshotError
 from lightning_fastif.io.atomic import PathLike, TensorFileWriter, map_tensors, read_tensor_metadata
-from lightning_fastif.io.snapshot_store import FAISS_SUFFIX, feature_snapshot_file, record_index_cache
+from lightning_fastif.io.snapshot_store import (
+    FACTOR_TENSORS,
+    FACTORED,
+    FAISS_SUFFIX,
+    feature_snapshot_file,
+    features_of_file,
+    record_index_cache,
+)
 from lightning_fastif.search.ivf import read_ivf_cache_index, read_ivf_cache_info, write_ivf_cache
 
 KNN_FORMAT = "lightning_fastif.knn"
 FINITE_CHECKED = "checked"
 """The header's ``finite`` value of a features file whose writer checked that every row is finite (the snapshot's
 writer and :meth:`IndexFiles.save` refuse NaN and infinities), so loading it skips that pass over all N rows."""
-FACTORED = "factored"
-FACTOR_TENSORS = ("out_grads", "inputs")
-"""The tensors of a factored features file, ``[N, C]`` and ``[N, D]``."""
 _WRITE_CHUNK = 1 << 16  # rows per write of a features file
 
 
@@ -57,21 +61,6 @@ def factored_layout(n: int, outputs: int, inputs: int) -> dict[str, tuple[torch.
 def factored_metadata(meta: dict[str, str], bias: bool) -> dict[str, str]:
     """``meta`` (:func:`features_metadata`) of a factored file: ``layout: factored``, and whether rows end in a bias."""
     return {**meta, "layout": FACTORED, "bias": "1" if bias else "0"}
-
-
-def features_of_file(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> Any:
-    """The features a file holds: its ``features`` tensor, or :class:`FactoredGradients` over its two factors.
-
-    Raises:
-        SnapshotError: neither the ``features`` tensor nor both factors are there.
-    """
-    if meta.get("layout") == FACTORED:
-        if any(name not in tensors for name in FACTOR_TENSORS):
-            raise SnapshotError(f"index file {path} lacks the tensors {list(FACTOR_TENSORS)} (holds {sorted(tensors)})")
-        return FactoredGradients(tensors[FACTOR_TENSORS[0]], tensors[FACTOR_TENSORS[1]], bias=meta.get("bias") == "1")
-    if "features" not in tensors:
-        raise SnapshotError(f"index file {path} lacks the 'features' tensor (holds {sorted(tensors)})")
-    return tensors["features"].float()
 
 
 def features_metadata(
