@@ -215,3 +215,10 @@ def test_inner_product_search_visits_rows_by_norm_and_stops_early_with_the_same_
     sims = queries @ rows[:].T
     assert torch.equal(found[1][:, :5], sims.topk(5, 1).indices)
     assert torch.equal(found[1][:, 5:], (-sims).topk(5, 1).indices)
+
+
+def test_factors_of_different_lengths_are_refused_naming_them() -> None:
+    with pytest.raises(ValueError, match=r"out_grads, inputs: expected \[N, C\] and \[N, D\] with the same N"):
+        FactoredGradients(torch.zeros(4, 2), torch.zeros(3, 5), bias=True)
+    with pytest.raises(ValueError, match=r"got \(4,\) and \(4, 5\)"):
+        FactoredGradients(torch.zeros(4), torch.zeros(4, 5), bias=False)
