@@ -343,6 +343,25 @@ def rotated_gradients(layer: KFACLayer, lb: LayerBatch) -> Tensor:
     return qs.T @ torch.einsum("bto,btk->bok", g, a) @ qa
 
 
+def _rotated_factors(layer: KFACLayer, lb: LayerBatch) -> tuple[Tensor, Tensor] | None:
+    """``(Q_Sᵀ g_i, Q_Aᵀ a_i)`` ``[B, rows]``, ``[B, cols]`` when each example has one position, so that its rotated
+    gradient is their outer product; ``None`` with several positions (a sum of outer products)."""
+    if lb.g.shape[1] != 1:
+        return None
+    return lb.g[:, 0] @ layer.s_basis.to(lb.g), lb.a[:, 0] @ layer.a_basis.to(lb.a)
+
+
+def rotated_second_moments(layer: KFACLayer, lb: LayerBatch) -> Tensor:
+    """``Σ_i (Q_Sᵀ G_i Q_A)²`` ``[rows, cols]`` over the batch. With one position per example ``G_i`` is an outer
+    product, and the sum is ``(Q_Sᵀ g)²ᵀ (Q_Aᵀ a)²``: one ``rows × B × cols`` matrix product, where forming the
+    rotated gradients costs the same products plus ``B × rows × cols`` memory and element-wise work."""
+    factored = _rotated_factors(layer, lb)
+    if factored is None:
+        return (rotated_gradients(layer, lb) ** 2).sum(0)
+    g, a = factored
+    return g.square().T @ a.square()
+
+
 def token_gradients(layer: KFACLayer, lb: LayerBatch) -> tuple[Tensor, Tensor, Tensor]:
     """An embedding's per-example gradients in its eigenbasis, by (example, token) pair: ``(example, token, [n,
     rows])``. ``A`` is diagonal, so column ``v`` of ``Q_Sᵀ G_i`` is ``Q_Sᵀ`` times the sum of ``g_t`` over the
@@ -369,7 +388,9 @@ def ekfac_correct(
 ) -> KFACFactors:
     """EK-FAC: replace K-FAC's eigenvalues by ``Λ = (1/N) Σ_i (Q_Sᵀ G_i Q_A)²``, in a second pass over the data.
 
-    Memory per batch: ``batch_size × rows × cols`` for the largest layer (each example's rotated layer gradient).
+    Memory per batch: ``batch_size × rows × cols`` for the largest layer with several positions per example (each
+    example's rotated layer gradient); a layer with one position (a Linear on vectors) takes one matrix product of
+    its rotated factors instead (:func:`rotated_second_moments`).
 
     Args:
         factors: from :func:`fit_kfac` on the same model, parameters and data.
@@ -417,7 +438,7 @@ def ekfac_correct(
                     _, token, rotated = token_gradients(layer, lb)
                     total.index_add_(0, token, (rotated**2).to(total))
                 else:
-                    total += (rotated_gradients(layer, lb) ** 2).sum(0).T.to(total)
+                    total += rotated_second_moments(layer, lb).T.to(total)
             done += idx.numel()
             if progress is not None:
                 progress(done, len(data))
@@ -504,6 +525,12 @@ def ekfac_self_influence(
                     if dots is not None:  # directions [k, rows, cols]: column `token` of each, per pair
                         along = torch.einsum("nr,krn->nk", rotated, rotated_directions[layer.spec.name][:, :, token])
                         dots.index_add_(0, example, along)
+                elif (factored := _rotated_factors(layer, lb)) is not None:
+                    # one position: Σ_jk g_j² a_k² / d_jk = ((g² @ (1/d)) · a²).sum(), no [B, rows, cols] tensor
+                    g, a = factored
+                    scores += ((g.square() @ denominator.reciprocal()) * a.square()).sum(-1)
+                    if dots is not None:  # u_kᵀ G_i = g_iᵀ U_k a_i
+                        dots += torch.einsum("bj,kjl,bl->bk", g, rotated_directions[layer.spec.name], a)
                 else:
                     rotated = rotated_gradients(layer, lb)
                     scores += (rotated**2 / denominator).sum((1, 2))
