@@ -573,3 +573,79 @@ def test_true_fisher_factors_give_self_influence_closer_to_exact_than_the_empiri
     torch.testing.assert_close(again, true)
     with pytest.raises(ArgumentError, match=r"^batch: expected \(inputs, labels, \.\.\.\)"):
         sample_classifier_labels(model, {"x": x}, torch.Generator())
+
+
+# -- padding --------------------------------------------------------------------------------------------------------
+class MaskedTokenNet(nn.Module):
+    """Embedding (no padding_idx, so padding has a non-zero embedding) -> a Linear over tokens -> pooling over the
+    attention mask -> head. ``pool_mask=False`` pools over every position, padding included."""
+
+    def __init__(self, pool_mask: bool = True) -> None:
+        super().__init__()
+        self.pool_mask = pool_mask
+        self.embed = nn.Embedding(7, 3)
+        self.proj = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, batch: dict) -> Tensor:
+        h = torch.tanh(self.proj(self.embed(batch["input_ids"])))
+        weight = batch["attention_mask"].to(h) if self.pool_mask else torch.ones_like(batch["attention_mask"]).to(h)
+        return self.head((h * weight.unsqueeze(-1)).sum(1) / weight.sum(1, keepdim=True))
+
+    def per_example_loss(self, batch: dict) -> Tensor:
+        return F.cross_entropy(self(batch), batch["labels"], reduction="none")
+
+
+def padded_texts(lengths: list[int], width: int | None, seed: int = 0) -> list[dict]:
+    """Dict examples of the given lengths, padded with token 6 to ``width`` (``None``: not padded)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k, n in enumerate(lengths):
+        ids = torch.randint(6, (n,), generator=g)
+        pad = 0 if width is None else width - n
+        out.append(
+            {
+                "input_ids": torch.cat([ids, torch.full((pad,), 6)]),
+                "attention_mask": torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(pad, dtype=torch.long)]),
+                "labels": torch.tensor(k % 2),
+            }
+        )
+    return out
+
+
+def test_padding_that_the_model_masks_out_leaves_the_factors_unchanged():
+    torch.manual_seed(0)
+    model = MaskedTokenNet().double()
+    lengths = [2, 5, 3, 4, 1, 5, 2]
+    fits = []
+    for width, batch_size in ((None, 1), (5, 4), (9, 3)):  # unpadded examples one at a time; padded batches
+        data = padded_texts(lengths, width)
+        factors = fit_kfac(model, None, data, batch_size=batch_size)
+        fits.append(ekfac_correct(factors, model, None, data, batch_size=batch_size))
+    alone = fits[0]
+    assert {layer.spec.name: layer.num_positions for layer in alone.layers} == {"embed": 22, "proj": 22, "head": 7}
+    for padded in fits[1:]:
+        for want, got in zip(alone.layers, padded.layers, strict=True):
+            assert got.num_positions == want.num_positions
+            torch.testing.assert_close(got.A, want.A)
+            torch.testing.assert_close(got.S, want.S)
+            torch.testing.assert_close(got.corrected, want.corrected)
+
+
+def test_masked_positions_that_carry_gradient_stay_in_the_factors():
+    torch.manual_seed(0)
+    model = MaskedTokenNet(pool_mask=False).double()  # pools over the padding too: it carries gradient
+    data = padded_texts([2, 5, 3, 4], 5)
+    without_mask = [{k: v for k, v in item.items() if k != "attention_mask"} for item in data]
+
+    class Unmasked(MaskedTokenNet):
+        def forward(self, batch: dict) -> Tensor:
+            return super().forward({**batch, "attention_mask": torch.ones_like(batch["input_ids"])})
+
+    twin = Unmasked(pool_mask=False).double()
+    twin.load_state_dict(model.state_dict())
+    got, want = fit_kfac(model, None, data), fit_kfac(twin, None, without_mask)
+    for a, b in zip(got.layers, want.layers, strict=True):
+        assert a.num_positions == b.num_positions == (4 if a.spec.name == "head" else 20)
+        torch.testing.assert_close(a.A, b.A)
+        torch.testing.assert_close(a.S, b.S)

@@ -297,7 +297,7 @@ def _accumulate(spec: LayerSpec, lb: LayerBatch, sums: list[Any]) -> None:
         keep = lb.ids >= 0
         a_sum += torch.bincount(lb.ids[keep], minlength=spec.cols).to(a_sum)
         g = lb.g[keep]
-    else:
+    else:  # masked positions (padding) hold zero inputs and gradients: they add nothing, and are not counted
         a = lb.a.reshape(-1, spec.cols)
         a_sum += (a.T @ a).to(a_sum)
         g = lb.g.reshape(-1, spec.rows)

@@ -14,6 +14,12 @@ Supported modules (exact types; a subclass may use its weight differently in ``f
 * ``nn.Embedding`` without ``scale_grad_by_freq``: ``a`` is a one-hot token vector, kept as the token id; positions
   holding ``padding_idx`` carry no gradient and are dropped.
 
+**Padding.** When the batch is a mapping with an ``"attention_mask"`` ``[B, T]`` (the convention of tokenised text),
+the positions it marks 0 are left out of a layer over those ``T`` positions, provided they carry no gradient there
+(``g_it = 0``, as for padding that attention and pooling mask out): their inputs then neither enter ``A`` nor count
+as positions, so the factors do not depend on how much padding a batch has. A layer whose masked positions do carry
+gradient keeps them (the mask does not describe it).
+
 A layer is the weight of such a module, with its bias when the bias is selected too. Every other selected
 parameter is *unsupported*: a bias selected without its weight, a weight shared by two modules (tied), a parameter
 of any other module. This module imports no Lightning.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import glob
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -101,10 +108,14 @@ class LayerBatch:
     g: Tensor
     a: Tensor | None = None
     ids: Tensor | None = None
+    mask: Tensor | None = None
+    """``[B, T]`` bool: the positions that count (``a`` is zero elsewhere); ``None``: all of them."""
 
     def positions(self) -> int:
-        """Positions that carry gradient (all of them, or the tokens that are not padding)."""
-        return int((self.ids >= 0).sum()) if self.ids is not None else self.g.shape[0] * self.g.shape[1]
+        """Positions that carry gradient (all of them, or the tokens and positions that are not padding)."""
+        if self.ids is not None:
+            return int((self.ids >= 0).sum())
+        return int(self.mask.sum()) if self.mask is not None else self.g.shape[0] * self.g.shape[1]
 
     def magnitude(self) -> float:
         """``Σ_it ‖g_it‖ ‖a_it‖``: a bound on the gradient's norm, the scale of its rounding errors."""
@@ -222,6 +233,7 @@ class LayerCapture:
         """
         batch = self.function.prepare(batch)
         size = batch_size_of(batch)
+        mask = position_mask(batch, size)
         inputs: dict[str, list[Tensor]] = {spec.name: [] for spec in self.layers}
         grads: dict[str, dict[int, Tensor]] = {spec.name: {} for spec in self.layers}
 
@@ -255,12 +267,14 @@ class LayerCapture:
             calls = [(x, grads[spec.name][i]) for i, x in enumerate(inputs[spec.name]) if i in grads[spec.name]]
             try:
                 if calls:
-                    captured[spec.name] = _concat([self._layer_batch(spec, x, g, size) for x, g in calls])
+                    captured[spec.name] = _concat([self._layer_batch(spec, x, g, size, mask) for x, g in calls])
             except LayoutError as exc:
                 problems[spec.name] = str(exc)
         return captured, param_grads, problems
 
-    def _layer_batch(self, spec: LayerSpec, x: Tensor | None, g: Tensor, size: int) -> LayerBatch:
+    def _layer_batch(
+        self, spec: LayerSpec, x: Tensor | None, g: Tensor, size: int, mask: Tensor | None = None
+    ) -> LayerBatch:
         module = self.modules[spec.name]
         dims = {"linear": (2, None), "conv2d": (4, 4), "embedding": (1, None)}[spec.kind]
         if x is None or x.shape[0:1] != (size,) or x.dim() < dims[0] or (dims[1] is not None and x.dim() > dims[1]):
@@ -273,7 +287,10 @@ class LayerCapture:
             ids = x.reshape(size, -1)
             if module.padding_idx is not None:
                 ids = torch.where(ids == module.padding_idx, torch.full_like(ids, -1), ids)
-            return LayerBatch(g=g.reshape(size, -1, spec.rows).to(self.dtype), ids=ids)
+            g = g.reshape(size, -1, spec.rows)
+            if _applies(mask, g):
+                ids = torch.where(mask, ids, torch.full_like(ids, -1))
+            return LayerBatch(g=g.to(self.dtype), ids=ids)
         if spec.kind == "conv2d":
             a = _patches(module, x.to(self.dtype)).transpose(1, 2)
             g = g.reshape(size, spec.rows, -1).transpose(1, 2)
@@ -282,7 +299,28 @@ class LayerCapture:
             g = g.reshape(size, -1, spec.rows)
         if spec.bias is not None:
             a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=-1)
+        if spec.kind == "linear" and _applies(mask, g):
+            return LayerBatch(g=g.to(self.dtype), a=a * mask.unsqueeze(-1).to(a), mask=mask)
         return LayerBatch(g=g.to(self.dtype), a=a)
+
+
+def position_mask(batch: Batch, size: int) -> Tensor | None:
+    """The batch's ``"attention_mask"`` as ``[B, T]`` bool when it is a mapping holding one of that shape, else
+    ``None`` (see the module's note on padding)."""
+    if not isinstance(batch, Mapping):
+        return None
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] != size:
+        return None
+    return mask != 0
+
+
+def _applies(mask: Tensor | None, g: Tensor) -> bool:
+    """Whether ``mask`` describes a layer's positions: the same ``T`` (more than one), some position masked, and no
+    gradient at the masked ones (padding that the model masks out)."""
+    if mask is None or g.shape[1] != mask.shape[1] or g.shape[1] == 1 or bool(mask.all()):
+        return False
+    return not bool(g[~mask].any())
 
 
 def _patches(module: nn.Conv2d, x: Tensor) -> Tensor:
@@ -304,7 +342,11 @@ def _concat(parts: list[LayerBatch]) -> LayerBatch:
     g = torch.cat([p.g for p in parts], dim=1)
     if parts[0].ids is not None:
         return LayerBatch(g=g, ids=torch.cat([p.ids for p in parts], dim=1))
-    return LayerBatch(g=g, a=torch.cat([p.a for p in parts], dim=1))
+    a = torch.cat([p.a for p in parts], dim=1)
+    if all(p.mask is None for p in parts):
+        return LayerBatch(g=g, a=a)
+    masks = [p.mask if p.mask is not None else p.g.new_ones(p.g.shape[:2], dtype=torch.bool) for p in parts]
+    return LayerBatch(g=g, a=a, mask=torch.cat(masks, dim=1))
 
 
 def explained(spec: LayerSpec, captured: LayerBatch | None, grads: dict[str, Tensor]) -> bool:
