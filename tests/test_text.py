@@ -447,3 +447,23 @@ def test_bench_text_smoke():
     assert set(details["experiments"]["spurious_cue"]["correction"]) == {"helpful", "harmful", "random"}
     assert set(details["experiments"]["simulatability"]) == {"text", "digits"}
     assert "JVP scoring throughput / training throughput" in out["markdown"]
+
+
+def test_kfac_factors_of_tiny_bert_do_not_depend_on_padding():
+    """BERT masks padded keys and pools the first token, so padding carries no gradient: the attention mask takes it
+    out of the factors, and batches padded to 9 or to 16 tokens give the same factors and EK-FAC eigenvalues."""
+    from lightning_fastif.core.curvature import ekfac_correct, fit_kfac
+
+    model = tiny_bert(num_layers=2, seed=8, lr=1e-3).double()
+    batch = text_batch(6, 9)
+    wide = {k: v if k == "labels" else F.pad(v, (0, 7)) for k, v in batch.items()}
+    fits = []
+    for padded, size in ((batch, 3), (wide, 2)):
+        items = [{k: v[i] for k, v in padded.items()} for i in range(6)]
+        factors = fit_kfac(model, None, items, TINY_PARAMS, batch_size=size)
+        fits.append(ekfac_correct(factors, model, None, items, batch_size=size))
+    real_tokens = int(batch["attention_mask"].sum())
+    for narrow, broad in zip(fits[0].layers, fits[1].layers, strict=True):
+        assert narrow.num_positions == broad.num_positions == (6 if narrow.spec.name == "classifier" else real_tokens)
+        torch.testing.assert_close(narrow.A, broad.A)
+        torch.testing.assert_close(narrow.corrected, broad.corrected)
