@@ -223,3 +223,26 @@ def test_the_search_stops_only_once_no_row_left_can_enter_either_sign(monkeypatc
     expected = _brute_force(db, query, 10, 10)
     assert torch.equal(found[1], expected[1])
     assert torch.equal(found[3], expected[3])
+
+
+@pytest.mark.parametrize("prefilter", [True, False])
+@pytest.mark.parametrize("sign", ["q", "-q"])
+def test_no_stop_before_k_rows_were_seen(monkeypatch, prefilter: bool, sign: str) -> None:
+    # Rows along the query's top singular pair, by decreasing norm: each scores ±σ times its norm, so after 5 rows
+    # the 5th best already beats any row left; the 12 best still need the next 7. For -q, one row along +u first
+    # settles q's single best.
+    monkeypatch.setattr(exact, "DB_CHUNK", 5)
+    generator = torch.Generator().manual_seed(12)
+    u = torch.nn.functional.normalize(torch.randn(6, generator=generator), dim=0)
+    v = torch.nn.functional.normalize(torch.randn(8, generator=generator), dim=0)
+    sizes = (10.0 - 0.1 * torch.arange(40)).unsqueeze(1)
+    grads = u * sizes if sign == "q" else torch.cat([20 * u.unsqueeze(0), -u * sizes])
+    db = FactoredGradients(grads, v.expand(grads.shape[0], -1), bias=False)
+    query = (2.0 * u.unsqueeze(1) * v + 1e-4 * torch.randn(6, 8, generator=generator)).reshape(1, -1)
+    k, k_negated = (12, 0) if sign == "q" else (1, 12)
+    found = exact_search(db, query, k, k_negated, norm_order=_norm_order(db), prefilter=prefilter)
+    if sign == "q":
+        assert sorted(found[1][0].tolist()) == list(range(12))
+    else:
+        assert found[1][0].tolist() == [0]
+        assert sorted(found[3][0].tolist()) == list(range(1, 13))
