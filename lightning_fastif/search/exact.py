@@ -329,8 +329,10 @@ class LowRankQueries:
 
 
 class _Best:
-    """The ``k`` best rows of each query so far for one sign: ``values [Q, k]`` (``sign`` times the similarity,
-    best first) and their ``rows``."""
+    """One sign's ``k`` best rows of each query so far.
+
+    ``values [Q, k]``: ``sign`` times the similarity, best first; ``rows [Q, k]``: those rows' positions in ``db``.
+    """
 
     def __init__(self, queries: int, k: int, sign: float) -> None:
         self.k, self.sign = k, sign
@@ -346,8 +348,14 @@ class _Best:
         return self.values[:, -1]
 
     def add(self, sim: Tensor, rows: Tensor, queries: Tensor | None = None, padding: Tensor | None = None) -> None:
-        """Offer similarities ``sim [Q', M]`` of ``rows`` (``[M]``, or ``[Q', M]`` per query) to ``queries``
-        (default all; ``padding``: True where there is no row)."""
+        """Merge similarities ``sim [Q', M]`` of ``rows`` (``[M]``, or ``[Q', M]`` per query) into the best so far.
+
+        Args:
+            sim: the similarities.
+            rows: their rows.
+            queries: the ``Q'`` queries they are of (default all).
+            padding: True where there is no row.
+        """
         values = sim * self.sign
         if padding is not None:
             values.masked_fill_(padding, -torch.inf)
