@@ -222,3 +222,21 @@ def test_factors_of_different_lengths_are_refused_naming_them() -> None:
         FactoredGradients(torch.zeros(4, 2), torch.zeros(3, 5), bias=True)
     with pytest.raises(ValueError, match=r"got \(4,\) and \(4, 5\)"):
         FactoredGradients(torch.zeros(4), torch.zeros(4, 5), bias=False)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("factor", ["out_grads", "inputs"])
+def test_is_finite_finds_a_single_bad_number_in_either_factor(bad: float, factor: str) -> None:
+    rows = FactoredGradients(torch.randn(50, 3), torch.randn(50, 4) * 1e30, bias=True)  # huge but finite
+    assert rows.is_finite(chunk=16)
+    getattr(rows, factor)[37, 1] = bad  # in the third chunk of 16 rows
+    assert not rows.is_finite(chunk=16)
+    assert FactoredGradients(torch.zeros(0, 3), torch.zeros(0, 4), bias=False).is_finite()
+
+
+def test_squared_norms_are_the_dense_rows_squared_norms() -> None:
+    torch.manual_seed(8)
+    for bias in (True, False):
+        rows = FactoredGradients(torch.randn(40, 3), torch.randn(40, 5), bias=bias)
+        torch.testing.assert_close(rows.sq_norms(), (rows[:] ** 2).sum(1), rtol=1e-5, atol=0)
+        torch.testing.assert_close(rows.sq_norms(10, 25), (rows[10:25] ** 2).sum(1), rtol=1e-5, atol=0)
