@@ -1009,6 +1009,13 @@ SMOKE_MINILM_DAMPING = 2.0
 MINILM_TARGET = 1.5
 """Seconds per test point with the default settings (issue "Curvature fitted once")."""
 STAGES = ("features", "knn", "test_gradients", "s_test", "scoring")
+MINILM_ESTIMATOR = os.environ.get("FASTIF_BENCH_MINILM_ESTIMATOR", "auto")
+"""``auto``: ``InfluenceModule`` at its defaults (the target's row). ``ekfac``: EK-FAC factors of the influence
+parameters fitted once after training (what ``CurvatureSnapshot`` does at the end of fit; timed apart), then
+``EKFAC(damping=0.01, factors=...)`` reused by every solve, its residual against ``H + λI`` measured on
+``MINILM_RESIDUAL_EXAMPLES`` training examples for 2 of the vectors: curvature fitted once and reused, not the
+defaults."""
+MINILM_RESIDUAL_EXAMPLES = int(os.environ.get("FASTIF_BENCH_MINILM_RESIDUAL_EXAMPLES", "256"))
 
 
 def worker_minilm(
@@ -1036,13 +1043,36 @@ def worker_minilm(
         epochs=1,
     )
     train_seconds = time.perf_counter() - start
+    ihvp: Any = None if damping is None else AutoInverse(damping=damping)
+    curvature: dict[str, Any] = {}
+    if MINILM_ESTIMATOR == "ekfac":
+        from lightning_fastif.core.curvature import ekfac_correct, fit_kfac
+        from lightning_fastif.core.ekfac import EKFAC
+
+        _stage("curvature")
+        params = [name for name, p in run.head.named_parameters() if p.requires_grad]
+        start = time.perf_counter()
+        factors = fit_kfac(run.head, None, run.loader("train"), params, batch_size=32)
+        factors = ekfac_correct(factors, run.head, None, run.loader("train"), batch_size=32)
+        curvature = {
+            "curvature_seconds": time.perf_counter() - start,
+            "curvature_layers": len(factors.layers),
+            "residual_examples": MINILM_RESIDUAL_EXAMPLES,
+        }
+        ihvp = EKFAC(
+            0.01 if damping is None else damping,
+            factors=factors,
+            residual_examples=MINILM_RESIDUAL_EXAMPLES,
+            residual_vectors=2,
+        )
     _stage("module")
-    # Every influence setting at its default; only the progress bar is off (it changes no number).
+    # Every influence setting at its default (with MINILM_ESTIMATOR=ekfac: the estimator aside); only the progress
+    # bar is off (it changes no number).
     module = InfluenceModule(
         run.head,
         train_dataset=run.loader("train"),
         snapshot=run.snapshot,
-        ihvp=None if damping is None else AutoInverse(damping=damping),
+        ihvp=ihvp,
         compute=ComputeArguments(progress=False),
     )
     _stage("predict")
@@ -1091,6 +1121,8 @@ def worker_minilm(
         "index": {"kind": module.knn_index.kind, "nlist": module.knn_index.nlist, "nprobe": module.knn_index.nprobe},
         "device": DEVICE,
         "peak_rss_mb": _peak_mb(),
+        "estimator": MINILM_ESTIMATOR,
+        **curvature,
     }
 
 
@@ -1120,12 +1152,26 @@ def part_minilm(n: int, workdir: Path, threads: int, *, smoke: bool) -> dict[str
     extra = ", ".join(f"{s} {v:.3g}" for s, v in stages.items() if s not in STAGES)
     breakdown += (f", {extra}" if extra else "") + f", other {other:.3g}"
     chose = [d.get("chose") or d.get("estimator") for d in result["ihvp_diagnostics"] if isinstance(d, dict)]
+    reused = result.get("estimator") == "ekfac"
     rows = [
         [n, f"{result['encoder']} top layer + head: parameters; train s (prefix + fit + caches)",
          f"{result['num_params']}; {result['train_seconds']:.4g}", "", ""],
-        [n, f"FastIF s / test point, defaults ({result['num_test']} points, {result['candidates_per_point']} "
-         f"candidates each, {result['device']})", per_point, f"≤ {MINILM_TARGET:g}",
-         goal(per_point, MINILM_TARGET, at_least=False)],
+    ]  # fmt: skip
+    if reused:
+        rows += [
+            [n, "EK-FAC factors fitted once after training, s (not in the per-point figure)",
+             f"{result['curvature_seconds']:.4g}", "", ""],
+            [n, f"FastIF s / test point, EK-FAC reused, residual on {result['residual_examples']} examples x 2 "
+             f"vectors ({result['num_test']} points, {result['candidates_per_point']} candidates each, "
+             f"{result['device']})", per_point, f"(≤ {MINILM_TARGET:g} is for the defaults)", "not the defaults"],
+        ]  # fmt: skip
+    else:
+        rows.append(
+            [n, f"FastIF s / test point, defaults ({result['num_test']} points, {result['candidates_per_point']} "
+             f"candidates each, {result['device']})", per_point, f"≤ {MINILM_TARGET:g}",
+             goal(per_point, MINILM_TARGET, at_least=False)]
+        )  # fmt: skip
+    rows += [
         [n, "stage s (all points): " + ", ".join((*STAGES, "other")), breakdown, "", ""],
         [n, "estimator chosen (per system)", ", ".join(str(c) for c in chose) or str(result["ihvp"]), "", ""],
         [n, "peak RSS MiB", result["peak_rss_mb"], "", ""],
