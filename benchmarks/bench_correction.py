@@ -265,7 +265,7 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             **selection_summary(per_seed, selection),
             "stopped": sum(run["stopped"] is not None for run in runs),
             "kept_lowering_holdout": sum(
-                run["holdout_before"] is not None and run["holdout_after"] < run["holdout_before"] for run in kept
+                run["holdout_before"] is not None and run["holdout_kept"] < run["holdout_before"] for run in kept
             ),
             "kept_lowering_challenge": sum(run["gain"] < 0 for run in kept),
         }
