@@ -748,6 +748,7 @@ def test_keep_improved_rolls_back_a_correction_that_lowers_the_holdout_metric(tr
             keep=keep,
             holdout_dataset=challenge,
             eval_dataset=challenge,
+            retain_tolerance=None,  # the held-out guard alone: the same steps under both modes
         )
         results[keep] = (m, report, optimizer)
     m, report, optimizer = results["improved"]
@@ -833,7 +834,9 @@ def test_callback_holdout_is_never_an_anchor(tmp_path):
         assert entry["holdout_size"] == len(held)
         assert entry["metric_before"] == entry["holdout_before"]  # the reported metric is the held-out half's
         assert isinstance(entry["lr"], float)
-        assert entry["kept"] == (entry["holdout_after"] >= entry["holdout_before"])
+        assert entry["kept"] == (entry["kept_steps"] > 0)
+        if entry["kept"]:  # the state kept is never worse on the held-out half than the weights before
+            assert entry["holdout_kept"] >= entry["holdout_before"]
     logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
     for key in ("fastif/correction/kept", "fastif/correction/lr", "fastif/correction/holdout_acc_before"):
         assert key in logged
