@@ -108,8 +108,10 @@ def test_each_step_is_held_to_the_retain_tolerance_and_retried_at_half_the_rate(
     assert model.w.item() == pytest.approx(w, rel=1e-5)
     assert report.retain_before == pytest.approx(0.04)
     assert report.retain_kept == report.retain_after == pytest.approx(_retain_loss(w), rel=1e-5)
-    assert report.retain_size == 1 and report.retain_tolerance == 1.0
-    assert report.kept is True and report.kept_steps == 3
+    assert report.retain_size == 1
+    assert report.retain_tolerance == 1.0
+    assert report.kept is True
+    assert report.kept_steps == 3
     assert report.holdout_kept == report.holdout_after == pytest.approx((w - 1) ** 2, rel=1e-5)
     assert report.holdout_before == 1.0
 
@@ -131,7 +133,8 @@ def test_a_correction_that_breaks_the_retain_tolerance_at_every_rate_is_rolled_b
     )
     assert [s.undone for s in report.steps] == [True, True]
     assert [s.lr for s in report.steps] == pytest.approx([0.1 / 4, 0.1 / 32])  # the last rate tried, lowered on
-    assert report.kept is False and report.kept_steps == 0
+    assert report.kept is False
+    assert report.kept_steps == 0
     assert model.w.item() == 0.0
     assert report.retain_kept == report.retain_before == pytest.approx(0.04)
     # Without the retain check the same correction is kept.
@@ -146,7 +149,8 @@ def test_a_correction_that_breaks_the_retain_tolerance_at_every_rate_is_rolled_b
         top_m=1,
         num_steps=2,
     )
-    assert report.kept is True and report.retain_before is None
+    assert report.kept is True
+    assert report.retain_before is None
     assert model.w.item() == pytest.approx(_step(_step(0.0, 0.1), 0.1))
 
 
@@ -170,7 +174,8 @@ def test_the_state_with_the_best_held_out_metric_is_kept():
     w2 = _step(w1, 0.03)
     w3 = _step(w2, 0.03)
     assert [s.holdout for s in report.steps] == pytest.approx([(w - 0.1) ** 2 for w in (w1, w2, w3)], rel=1e-4)
-    assert report.kept is True and report.kept_steps == 2
+    assert report.kept is True
+    assert report.kept_steps == 2
     assert model.w.item() == pytest.approx(w2, rel=1e-6)
     assert report.holdout_after == pytest.approx((w3 - 0.1) ** 2, rel=1e-4)
     assert report.holdout_kept == pytest.approx((w2 - 0.1) ** 2, rel=1e-4)
@@ -193,7 +198,8 @@ def test_keep_always_measures_a_given_retain_set_and_judges_nothing():
         top_m=1,
         num_steps=1,
     )
-    assert report.kept is True and report.kept_steps == 1
+    assert report.kept is True
+    assert report.kept_steps == 1
     assert report.retain_tolerance is None
     assert report.retain_after == pytest.approx(_retain_loss(0.2))  # above the tolerance, kept all the same
     assert model.w.item() == pytest.approx(0.2)
@@ -220,7 +226,8 @@ def test_default_retain_set_is_a_seeded_sample_of_the_training_data():
 
     sample = retain_sample(IndexedData(big), seed=3)
     rows = sample.gather(torch.arange(len(sample)))[0]
-    assert len(sample) == RETAIN_SAMPLE and rows.unique().numel() == RETAIN_SAMPLE
+    assert len(sample) == RETAIN_SAMPLE
+    assert rows.unique().numel() == RETAIN_SAMPLE
     assert torch.equal(rows, retain_sample(IndexedData(big), seed=3).gather(torch.arange(RETAIN_SAMPLE))[0])
     assert not torch.equal(rows, retain_sample(IndexedData(big), seed=4).gather(torch.arange(RETAIN_SAMPLE))[0])
 
