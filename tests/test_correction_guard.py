@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_fastif import ExactInverse
 from lightning_fastif.core.ihvp import LiSSA
 from lightning_fastif.errors import ArgumentError
+from lightning_fastif.lightning.arguments import AUTO_LR_GRID
 from lightning_fastif.lightning.correction import ErrorCorrection, accuracy, correct_errors
 from lightning_fastif.lightning.correction_guard import (
     RETAIN_SAMPLE,
@@ -24,7 +25,7 @@ from lightning_fastif.lightning.correction_guard import (
     retain_sample,
     within_tolerance,
 )
-from lightning_fastif.lightning.correction_lr import search_lr
+from lightning_fastif.lightning.correction_lr import SEARCH_HALVINGS, search_lr
 from lightning_fastif.lightning.module import InfluenceModule
 from lightning_fastif.lightning.snapshots import FeatureSnapshot
 from tests.helpers.correction_models import CueNet, cue_problem
@@ -62,8 +63,8 @@ def _retain_loss(w):  # the retain point (1, -0.2): loss (w + 0.2)², 0.04 at w 
 
 def test_search_rejects_a_rate_that_helps_the_anchors_but_breaks_the_retain_tolerance():
     """The anchors (1, 1) gain most at lr 0.3 of the grid (without a retain check the answer is the grid point below,
-    0.1). The retain point (1, -0.2) may rise from 0.04 to 0.08: lr 0.03 gives (0.06 + 0.2)² = 0.0676, lr 0.1 gives
-    0.16, so 0.1 and above are refused and the answer is 0.03 itself (the best allowed; no third of it)."""
+    0.1). The retain point (1, -0.2) may rise from 0.04 to 0.08: the best rate 0.3 gives (0.6 + 0.2)² = 0.64, half of
+    it 0.25, a quarter 0.1225, an eighth (0.0375) 0.075625, the first within the tolerance and the answer."""
     model = _Scalar()
     batch = (torch.ones(1), torch.ones(1))
     assert search_lr(model, _loss, batch, batch)[0] == 0.1
@@ -72,20 +73,27 @@ def test_search_rejects_a_rate_that_helps_the_anchors_but_breaks_the_retain_tole
     assert guard.retain_metric == "loss"
     assert guard.retain_before == pytest.approx(0.04)
     lr, trials = search_lr(model, _loss, batch, batch, guard=guard)
-    assert lr == 0.03
-    by_lr = {t["lr"]: t for t in trials}
-    assert by_lr[0.03]["retain"] == pytest.approx(0.0676)
-    assert by_lr[0.03]["allowed"] is True
-    assert by_lr[0.1]["retain"] == pytest.approx(0.16)
-    assert by_lr[0.3]["anchor_loss"] < by_lr[0.03]["anchor_loss"]  # it helps the anchors more, and is refused
-    assert [t["lr"] for t in trials if not t["allowed"]] == [0.1, 0.3, 1.0]
+    assert lr == 0.0375
+    grid, checked = trials[:10], trials[10:]
+    assert [t["lr"] for t in grid] == [0.0, *AUTO_LR_GRID]
+    assert all(t["retain"] is None for t in grid)  # only the best and its halves are measured on the retain set
+    assert [t["lr"] for t in checked] == [0.3, 0.15, 0.075, 0.0375]
+    assert [t["retain"] for t in checked] == pytest.approx([0.64, 0.25, 0.1225, 0.075625])
+    assert [t["allowed"] for t in checked] == [False, False, False, True]
+    assert checked[0]["anchor_loss"] < checked[-1]["anchor_loss"]  # it helps the anchors more, and is refused
     assert model.w.item() == 0.0
+    # A tolerance no step meets (0): the grid's smallest rate.
+    strict = CorrectionGuard(holdout=None, retain=_points(-0.2), tolerance=0.0, loss_fn=_loss)
+    strict.start(model)
+    lr, trials = search_lr(model, _loss, batch, batch, guard=strict)
+    assert lr == 1e-4
+    assert len(trials) == 10 + SEARCH_HALVINGS + 1
 
 
 def test_each_step_is_held_to_the_retain_tolerance_and_retried_at_half_the_rate():
-    """lr="auto" takes 0.03 (above). Step 1: w = 0.06, retain 0.0676 (kept). Step 2 at 0.03 gives 0.1001 > 0.08, at
-    0.015 0.0831, at 0.0075 0.0751 (kept). Step 3 at 0.0075 gives 0.0829, at 0.00375 0.0790 (kept). The held-out
-    anchors' loss falls at every step, so every step's state is kept."""
+    """lr="auto" takes 0.0375 (above). Step 1: w = 0.075, retain 0.0756 (kept). Step 2 at 0.0375, 0.01875 and
+    0.009375 gives 0.1186, 0.0959, 0.0855, all above 0.08: undone (the rate goes on halved, 0.0046875). Step 3 at
+    that gives 0.0805, at 0.00234375 0.0780 (kept). The held-out anchors' loss falls at each state kept."""
     model = _Scalar()
     report = correct_errors(
         model,
@@ -97,11 +105,15 @@ def test_each_step_is_held_to_the_retain_tolerance_and_retried_at_half_the_rate(
         top_m=1,
         num_steps=3,
     )
-    assert report.lr == 0.03
-    assert [s.lr for s in report.steps] == pytest.approx([0.03, 0.0075, 0.00375])
-    assert [s.undone for s in report.steps] == [False, False, False]
+    assert report.lr == 0.0375
+    assert [s.lr for s in report.steps] == pytest.approx([0.0375, 0.009375, 0.00234375])
+    assert [s.undone for s in report.steps] == [False, True, False]
+    assert report.steps[1].retain is None
+    assert report.steps[1].holdout is None
     w = 0.0
     for s in report.steps:
+        if s.undone:
+            continue
         w = _step(w, s.lr)
         assert s.retain == pytest.approx(_retain_loss(w), rel=1e-5)
         assert within_tolerance("loss", 0.04, s.retain, 1.0)
@@ -111,7 +123,7 @@ def test_each_step_is_held_to_the_retain_tolerance_and_retried_at_half_the_rate(
     assert report.retain_size == 1
     assert report.retain_tolerance == 1.0
     assert report.kept is True
-    assert report.kept_steps == 3
+    assert report.kept_steps == 2
     assert report.holdout_kept == report.holdout_after == pytest.approx((w - 1) ** 2, rel=1e-5)
     assert report.holdout_before == 1.0
 
