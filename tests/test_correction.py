@@ -24,6 +24,7 @@ from lightning_fastif.lightning.correction import (
     misclassified_indices,
     model_outputs,
 )
+from lightning_fastif.lightning.correction_lr import SEARCH_HALVINGS
 from lightning_fastif.lightning.module import InfluenceModule
 from lightning_fastif.lightning.snapshots import FeatureSnapshot
 from tests.helpers.correction_models import (
@@ -36,6 +37,9 @@ from tests.helpers.correction_models import (
     cue_problem,
     regression_problem,
 )
+
+AUTO_RATES = {rate / 2**k for rate in AUTO_LR_GRID for k in range(SEARCH_HALVINGS + 1)}
+"""The rates lr='auto' can answer: a grid rate, or under the retain check one halved up to SEARCH_HALVINGS times."""
 
 
 def fast_lissa() -> LiSSA:
@@ -609,7 +613,7 @@ def test_callback_under_ddp_two_processes(tmp_path, monkeypatch):
     assert [len(c) for c in rank0] == [10, 10]
     assert rank0 == rank1  # the ranks chose the same points on their own
     assert rank0 == [s["chosen_indices"] for s in steps]  # and stepped on them
-    assert saved["corrections"][0]["lr"] in AUTO_LR_GRID
+    assert saved["corrections"][0]["lr"] in AUTO_RATES
     assert isinstance(saved["corrections"][0]["kept"], bool)
     w0, w1 = (torch.load(tmp_path / f"weights-rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(w0, w1)
@@ -779,7 +783,7 @@ def test_keep_improved_keeps_a_correction_that_helps(trained):
     assert report.holdout_size == len(anchors) // 2  # the held-out half of the anchors
     assert report.holdout_after >= report.holdout_before
     assert report.gain > 0.0
-    assert report.lr in AUTO_LR_GRID
+    assert report.lr in AUTO_RATES
 
 
 def test_split_holdout_is_deterministic_and_never_overlaps():
