@@ -5,11 +5,13 @@ A correction fine-tunes on points chosen for the *target* distribution (the anch
 distribution tells whether it helped there. It says nothing about the distribution the model was trained for: on a
 MiniLM planted cue (``benchmarks/bench_correction.py``) ten helpful steps at lr 0.1 raised the challenge accuracy by
 33 points while the in-distribution test accuracy fell by 30, and the target-only guard kept them. So the guard
-watches a second set, the *retain* set (in-distribution examples; by default a sample of the training data), and
-judges three things with it (:class:`CorrectionGuard`):
+watches a second set, the *retain* set (in-distribution examples; by default 512 examples of the training data,
+which every correction has at hand, where a validation set may be missing or be the target distribution itself),
+and judges three things with it (:class:`CorrectionGuard`):
 
-* each rate the ``lr="auto"`` search tries: a rate is allowed only if one step at it keeps the retain metric within
-  the tolerance (:func:`~lightning_fastif.lightning.correction_steps.search_lr`);
+* the rate of ``lr="auto"``: the single-step rate that helps the anchors most (no longer a third of it), halved
+  until one step at it keeps the retain metric within the tolerance
+  (:func:`~lightning_fastif.lightning.correction_lr.search_lr`);
 * each step: a step that takes the retain metric below the tolerance is undone and retried on the same points at
   half the rate (at most :data:`MAX_BACKTRACKS` times, then the step is skipped); the rate stays lowered for the
   steps after it;
