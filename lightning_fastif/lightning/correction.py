@@ -102,8 +102,8 @@ class ErrorCorrection(Callback):
     validation set may be missing or be the target distribution itself; pass ``retain_dataset=dm.val_dataset`` to
     judge on your validation set). A step that takes that metric more than ``retain_tolerance`` below its value
     before the correction (accuracy points, or a fraction of the mean loss) is undone and retried at half the rate;
-    ``lr="auto"`` only considers rates whose single step stays within it and then uses the best one itself rather
-    than a third of it. Of the states after each step, the weights kept are those with the best held-out metric (at
+    ``lr="auto"`` takes the best single-step rate itself rather than a third of it, halved until its step stays
+    within it. Of the states after each step, the weights kept are those with the best held-out metric (at
     least the metric before; otherwise everything is rolled back). See
     :mod:`~lightning_fastif.lightning.correction_guard`.
 

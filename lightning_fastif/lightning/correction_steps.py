@@ -216,8 +216,8 @@ def correct_errors(
     :func:`evaluation_metric` is measured on held-out target examples before and after every step, and on the retain
     set (``retain_dataset``, by default 512 training examples drawn by ``seed``): a step that takes the retain metric
     more than ``retain_tolerance`` below its value before is undone and retried at half the rate (twice, then
-    skipped), and ``lr="auto"`` only considers rates whose single step stays within the tolerance (using the best
-    such rate itself). The weights kept are those after the step with the best held-out metric (the later of
+    skipped), and ``lr="auto"`` takes the best single-step rate itself, halved until its step stays within
+    the tolerance. The weights kept are those after the step with the best held-out metric (the later of
     equals); when none is at least the metric before, the weights (and the state of a given ``optimizer``) from
     before are restored and ``report.kept`` is False. The held-out examples are ``holdout_dataset``, or, when it is
     None, half of ``anchors`` (:func:`split_holdout` by ``seed``; the steps draw their anchors from the other
