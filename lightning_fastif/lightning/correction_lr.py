@@ -58,10 +58,11 @@ def search_lr(
     measured (eval mode), and ``w`` is restored exactly. The objective is the mean loss of ``served`` (the anchors
     ``chosen`` was chosen for) plus the mean loss of ``anchors`` (all anchors); without ``served``, the latter alone.
     A trial is *allowed* when the chosen points' objective did not rise (a larger step overshoots the very loss it
-    descends), the losses are finite and, with a ``guard`` that checks a retain set, the retain metric stays within
-    the guard's tolerance. Of the allowed trials the one with the lowest objective is the best. Without a retain
-    check the answer is the grid point just below it (the rate is used for every step of the correction, not once);
-    with one it is the best rate itself (each step is held to the tolerance, and undone at a rate that breaks it).
+    descends) and the losses are finite. Of the allowed trials the one with the lowest objective is the best.
+    Without a retain check the answer is the grid point just below it (the rate is used for every step of the
+    correction, not once). With a ``guard`` that checks a retain set it is the best rate itself, or its half, quarter,
+    ... (at most :data:`SEARCH_HALVINGS` halvings), the first whose step keeps the retain metric within the guard's
+    tolerance (these trials are appended with ``"checked": True``; each later step is held to the tolerance too).
     When no trial lowers the objective below its value at ``w`` the answer is the smallest ``lr`` of the grid.
 
     Why both: a step serves its own anchors (the next steps serve theirs), so judged on all anchors alone one step's
