@@ -35,6 +35,7 @@ from lightning_fastif.errors import ArgumentError, check_bool, check_choice, che
 from lightning_fastif.io.atomic import atomic_write_bytes
 from lightning_fastif.lightning import distributed
 from lightning_fastif.lightning.arguments import CorrectionArguments, fold_legacy_arguments
+from lightning_fastif.lightning.correction_guard import RETAIN_TOLERANCE, check_retain_tolerance
 from lightning_fastif.lightning.correction_steps import (
     KEEP_MODES,
     SELECTIONS,
@@ -94,10 +95,24 @@ class ErrorCorrection(Callback):
     ``anchors_from="misclassified"`` the split is made for ``keep="always"`` too, so the reported metric is never
     measured on the anchors.
 
+    **The retain check** (part of the guard): the held-out part says whether the target distribution gained, not
+    what the distribution the model was trained for lost. So each step is also held to the metric on a *retain* set
+    of in-distribution examples: ``retain_dataset`` when given, else a sample of 512 examples of the training data
+    the Trainer fits on (drawn by ``steps.seed``; it is always at hand and in distribution by definition, where a
+    validation set may be missing or be the target distribution itself; pass ``retain_dataset=dm.val_dataset`` to
+    judge on your validation set). A step that takes that metric more than ``retain_tolerance`` below its value
+    before the correction (accuracy points, or a fraction of the mean loss) is undone and retried at half the rate;
+    ``lr="auto"`` takes the best single-step rate itself rather than a third of it, halved until its step stays
+    within it. Of the states after each step, the weights kept are those with the best held-out metric (at
+    least the metric before; otherwise everything is rolled back). See
+    :mod:`~lightning_fastif.lightning.correction_guard`.
+
     Logged to the Trainer's loggers: ``fastif/correction/acc_before``/``..._after`` (or ``..._loss_...``) on
     ``eval_dataset`` (its held-out half with misclassified anchors), ``fastif/correction/holdout_acc_before``/
     ``..._after`` (or ``..._loss_...``; after the correction, before any rollback), ``fastif/correction/kept`` (1 or
-    0) and ``fastif/correction/lr`` (the learning rate used, ``lr="auto"`` resolved). Everything, with the points
+    0), ``fastif/correction/lr`` (the learning rate used, ``lr="auto"`` resolved), ``fastif/correction/kept_steps``
+    and, with the retain check, ``fastif/correction/retain_acc_before``/``..._after`` (or ``..._loss_...``; the
+    weights kept). Everything, with the points
     used, is written to ``<dirpath>/correction.json`` and :attr:`history`. A step that makes the weights
     non-finite restores the weights from before that correction and stops the fit with ``NonFiniteError``.
 
@@ -110,6 +125,10 @@ class ErrorCorrection(Callback):
             held-out half, where the metric is measured).
         keep: ``"improved"`` (roll back a correction that lowers the held-out metric) or ``"always"``.
         holdout_dataset: held-out examples of the target distribution for the guard, never used as anchors.
+        retain_dataset: in-distribution examples whose metric the correction must keep (default: a sample of the
+            training data).
+        retain_tolerance: how far the retain metric may fall (accuracy points, 0.02 = 2 points; for a model without
+            classes a fraction of the mean loss); None turns the retain check off.
         steps: the correction steps (:class:`~lightning_fastif.lightning.arguments.CorrectionArguments`, or a
             mapping of its fields): ``num_anchors``, ``top_m``, ``num_steps``, ``lr``, ``optimizer``,
             ``selection``, ``harmful_weight``, ``seed``.
@@ -131,7 +150,8 @@ class ErrorCorrection(Callback):
 
     Raises:
         ArgumentError: at construction for a bad argument (``keep`` not one of ``"improved"``/``"always"``, fewer
-            than 2 examples to split a held-out part from); in ``setup`` (before the first training step) for a
+            than 2 examples to split a held-out part from, ``retain_tolerance`` not None or a number >= 0, an empty
+            ``retain_dataset``); in ``setup`` (before the first training step) for a
             sharding strategy, a ``params`` pattern that matches no parameter, an empty ``anchors`` /
             ``eval_dataset`` / ``pool``, or ``num_candidates`` without a snapshot directory.
 
@@ -150,6 +170,8 @@ class ErrorCorrection(Callback):
         eval_dataset: Dataset | None = None,
         keep: str = "improved",
         holdout_dataset: Dataset | None = None,
+        retain_dataset: Dataset | None = None,
+        retain_tolerance: float | None = RETAIN_TOLERANCE,
         steps: CorrectionArguments | Mapping[str, Any] | None = None,
         every_n_epochs: int | None = None,
         epochs: Sequence[int] | None = None,
@@ -180,7 +202,7 @@ class ErrorCorrection(Callback):
         if compare_with is not None:
             check_choice("compare_with", compare_with, SELECTIONS)
         named = (("anchors", anchors), ("eval_dataset", eval_dataset), ("holdout_dataset", holdout_dataset))
-        for name, data in (*named, ("pool", pool)):
+        for name, data in (*named, ("pool", pool), ("retain_dataset", retain_dataset)):
             if data is not None:
                 dataset_of(name, data)
         check_int("every_n_epochs", every_n_epochs, allow_none=True)
@@ -207,6 +229,7 @@ class ErrorCorrection(Callback):
             )
         self.anchors, self.anchors_from, self.eval_dataset = anchors, anchors_from, eval_dataset
         self.keep, self.holdout_dataset = keep, holdout_dataset
+        self.retain_dataset, self.retain_tolerance = retain_dataset, check_retain_tolerance(retain_tolerance)
         self._anchor_source, self._holdout, self._evaluated = self._parts()
         self.every_n_epochs, self.epochs, self.on_fit_end_enabled = every_n_epochs, list(epochs or []), on_fit_end
         self.num_candidates, self.ihvp, self.params = num_candidates, ihvp, params
@@ -249,7 +272,7 @@ class ErrorCorrection(Callback):
         except (TypeError, ValueError) as exc:  # the message names the patterns and the available names
             raise ArgumentError(str(exc)) from exc
         named = (("anchors", self.anchors), ("eval_dataset", self.eval_dataset), ("pool", self.pool))
-        for name, data in (*named, ("holdout_dataset", self.holdout_dataset)):
+        for name, data in (*named, ("holdout_dataset", self.holdout_dataset), ("retain_dataset", self.retain_dataset)):
             if data is not None:
                 dataset_of(name, data)
         if self.num_candidates is not None and self.snapshot_dir is None:
@@ -334,6 +357,8 @@ class ErrorCorrection(Callback):
                 eval_dataset=self._evaluated,
                 keep=self.keep,
                 holdout_dataset=self._holdout,
+                retain_dataset=self.retain_dataset,
+                retain_tolerance=self.retain_tolerance,
                 trainer=trainer,
                 seed=self.steps.seed + len(self._done),
             )
@@ -390,6 +415,12 @@ class ErrorCorrection(Callback):
                 short = "acc" if report.holdout_metric == "accuracy" else "loss"
                 metrics[f"fastif/correction/holdout_{short}_before"] = report.holdout_before
                 metrics[f"fastif/correction/holdout_{short}_after"] = report.holdout_after
+            if report.retain_before is not None:
+                short = "acc" if report.retain_metric == "accuracy" else "loss"
+                metrics[f"fastif/correction/retain_{short}_before"] = report.retain_before
+                metrics[f"fastif/correction/retain_{short}_after"] = report.retain_kept
+            if report.kept_steps is not None:
+                metrics["fastif/correction/kept_steps"] = float(report.kept_steps)
             if trainer.is_global_zero:
                 for logger in trainer.loggers:
                     logger.log_metrics(metrics, step=trainer.global_step)
@@ -485,6 +516,10 @@ def compare_selections(
                     "kept": report.kept,
                     "holdout_before": report.holdout_before,
                     "holdout_after": report.holdout_after,
+                    "holdout_kept": report.holdout_kept,
+                    "retain_before": report.retain_before,
+                    "retain_kept": report.retain_kept,
+                    "kept_steps": report.kept_steps,
                     "used_indices": report.used_indices,
                     "stopped": report.stopped,
                     **{f"{name}_after": evaluation_metric(m, data)[1] for name, data in also.items()},

@@ -12,8 +12,12 @@ Two additions make it safe to leave on by default:
   the first step, on the anchors its points were chosen for and on all anchors, picks the learning rate (see
   :func:`search_lr`); the report records it and every trial.
 * ``keep="improved"`` (the default): the metric is measured on a held-out part of the target distribution that is
-  never an anchor, before and after; a correction that lowers it is rolled back (the weights, and the optimizer's
-  state, from before). Without ``holdout_dataset`` the anchors are split in half by ``seed`` (:func:`split_holdout`).
+  never an anchor, before and after every step, and on a *retain* set of in-distribution examples (by default a
+  sample of the training data): a step that takes the retain metric more than ``retain_tolerance`` below its value
+  before is undone and retried at half the rate, and the weights kept are the state with the best held-out metric,
+  or those from before when none is at least as good (the weights and the optimizer's state are restored). Without
+  ``holdout_dataset`` the anchors are split in half by ``seed`` (:func:`split_holdout`). See
+  :mod:`~lightning_fastif.lightning.correction_guard`.
 
 Selections: ``"helpful"`` (FastIF), ``"harmful"`` (the most harmful points, FastIF's contrast), ``"random"`` (the
 baseline, same number of steps), and ``"downweight_harmful"`` (a step that *removes* the most harmful points'
@@ -26,12 +30,10 @@ anchors follow the evaluation contract of :mod:`lightning_fastif.lightning.evalu
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,11 +45,22 @@ from lightning_fastif.core.batches import IndexedData, move_batch
 from lightning_fastif.core.grads import LossFn, check_losses, default_loss_fn, evaluating
 from lightning_fastif.errors import ArgumentError, LiSSADivergenceError, NonFiniteError, check_choice
 from lightning_fastif.lightning import distributed
-from lightning_fastif.lightning.arguments import AUTO_LR_GRID, SELECTIONS, CorrectionArguments, arguments_of
+from lightning_fastif.lightning.arguments import SELECTIONS, CorrectionArguments, arguments_of
+from lightning_fastif.lightning.correction_guard import (
+    MAX_BACKTRACKS,
+    RETAIN_TOLERANCE,
+    CorrectionGuard,
+    check_retain_tolerance,
+    resolve_retain,
+    restore_state,
+    snapshot_state,
+)
+from lightning_fastif.lightning.correction_lr import LINE_SEARCH_ANCHORS, line_search_anchors, search_lr
 from lightning_fastif.lightning.evaluation import dataset_of, evaluation_metric, split_holdout
 
 __all__ = [
     "KEEP_MODES",
+    "LINE_SEARCH_ANCHORS",
     "SELECTIONS",
     "CorrectionReport",
     "CorrectionStep",
@@ -61,16 +74,15 @@ __all__ = [
 KEEP_MODES = ("improved", "always")
 """``keep``: ``"improved"`` rolls back a correction that lowers the held-out metric; ``"always"`` keeps every one."""
 
-LINE_SEARCH_ANCHORS = 256
-"""At most this many anchors (drawn by ``seed``) stand for all anchors in the ``lr="auto"`` trials."""
-
 
 @dataclass
 class CorrectionStep:
     """One gradient step: which anchors were used and which training (or pool) points it was taken on.
 
     ``chosen_by_rank`` (several processes only) holds the points each rank's own scores chose, in rank order; the
-    step is taken on rank 0's choice (``chosen_indices``) everywhere.
+    step is taken on rank 0's choice (``chosen_indices``) everywhere. Under the guard (``keep="improved"``): ``lr``
+    is the rate the step was taken at (lowered when a larger one broke the retain tolerance), ``undone`` says the
+    step was skipped (every rate tried broke it), and ``holdout``/``retain`` are the metrics after the step.
     """
 
     step: int
@@ -80,6 +92,10 @@ class CorrectionStep:
     anchor_loss_before: float
     anchor_loss_after: float
     chosen_by_rank: list[list[int]] | None = None
+    lr: float | None = None
+    undone: bool = False
+    holdout: float | None = None
+    retain: float | None = None
 
 
 @dataclass
@@ -94,7 +110,12 @@ class CorrectionReport:
     correction and right after it, before any rollback); ``kept`` says whether the corrected weights were kept.
     ``lr`` is the learning rate the steps used (``lr="auto"`` resolved; the optimizer's for a given optimizer) and
     ``lr_trials`` the line search's trials (``lr`` 0 is the weights before the step). ``stopped`` says why the
-    steps ended early (LiSSA diverged after the first step), else None.
+    steps ended early (LiSSA diverged after the first step), else None. ``retain_metric``/``retain_before``/
+    ``retain_after`` are the metric on the retain set (in-distribution examples, see
+    :mod:`~lightning_fastif.lightning.correction_guard`) before and after the steps, ``retain_tolerance`` how much it
+    could drop. ``kept_steps`` is how many steps the weights kept have taken (the guard keeps the state with the best
+    held-out metric; 0 when rolled back, every step with ``keep="always"``), ``holdout_kept``/``retain_kept`` the
+    metrics of the weights kept.
     """
 
     selection: str
@@ -117,6 +138,14 @@ class CorrectionReport:
     holdout_after: float | None = None
     holdout_size: int | None = None
     stopped: str | None = None
+    retain_metric: str | None = None
+    retain_before: float | None = None
+    retain_after: float | None = None
+    retain_kept: float | None = None
+    retain_size: int | None = None
+    retain_tolerance: float | None = None
+    holdout_kept: float | None = None
+    kept_steps: int | None = None
 
     @property
     def used_indices(self) -> list[int]:
@@ -170,6 +199,8 @@ def correct_errors(
     eval_dataset: Any = None,
     keep: str = "improved",
     holdout_dataset: Any = None,
+    retain_dataset: Any = None,
+    retain_tolerance: float | None = RETAIN_TOLERANCE,
     trainer: Trainer | None = None,
     num_anchors: int | None = None,
     top_m: int | None = None,
@@ -181,8 +212,13 @@ def correct_errors(
 ) -> CorrectionReport:
     """Fine-tune ``model`` for ``num_steps`` steps on the ``top_m`` points most helpful to random anchor batches.
 
-    With ``keep="improved"`` the metric of :func:`evaluation_metric` is measured on held-out target examples before
-    and after, and a correction that lowers it is undone: the weights (and the state of a given ``optimizer``) from
+    With ``keep="improved"`` (the guard, :mod:`~lightning_fastif.lightning.correction_guard`) the metric of
+    :func:`evaluation_metric` is measured on held-out target examples before and after every step, and on the retain
+    set (``retain_dataset``, by default 512 training examples drawn by ``seed``): a step that takes the retain metric
+    more than ``retain_tolerance`` below its value before is undone and retried at half the rate (twice, then
+    skipped), and ``lr="auto"`` takes the best single-step rate itself, halved until its step stays within
+    the tolerance. The weights kept are those after the step with the best held-out metric (the later of
+    equals); when none is at least the metric before, the weights (and the state of a given ``optimizer``) from
     before are restored and ``report.kept`` is False. The held-out examples are ``holdout_dataset``, or, when it is
     None, half of ``anchors`` (:func:`split_holdout` by ``seed``; the steps draw their anchors from the other
     half). After every step the parameters must be finite: otherwise the weights are restored likewise and
@@ -204,6 +240,12 @@ def correct_errors(
         keep: ``"improved"`` (roll back a correction that lowers the held-out metric) or ``"always"``.
         holdout_dataset: held-out target examples for ``keep="improved"`` (never anchors); None splits ``anchors``.
             With ``keep="always"`` it is only measured.
+        retain_dataset: in-distribution examples whose metric the correction must keep (``keep="improved"``); None
+            takes 512 examples of ``influence``'s training data (drawn by ``seed``). With ``keep="always"`` it is
+            only measured (and only when given).
+        retain_tolerance: how much the retain metric may worsen: accuracy points (0.02 = 2 points), or for a model
+            without classes a fraction of the mean loss (0.02 = 2% higher); None turns the retain check off (the
+            held-out guard alone, and ``lr="auto"`` takes a third of the best single-step rate).
         trainer: the Trainer fitting ``model`` (the :class:`ErrorCorrection` callback passes it): the steps then go
             through ``trainer.strategy`` and its precision plugin (autocast, loss scaling, the module's backward
             and optimizer hooks, gradient clipping).
@@ -214,8 +256,9 @@ def correct_errors(
         A :class:`CorrectionReport`.
 
     Raises:
-        ArgumentError: for an empty anchor set, a bad step setting or ``keep``, anchors the loss cannot take,
-            ``top_m`` larger than the candidates the influence module provides, or fewer than 2 anchors to split.
+        ArgumentError: for an empty anchor set, a bad step setting, ``keep`` or ``retain_tolerance``, anchors the
+            loss cannot take, ``top_m`` larger than the candidates the influence module provides, or fewer than 2
+            anchors to split.
         NonFiniteError: when a step makes a parameter non-finite (the weights are restored first).
 
     Example::
@@ -235,12 +278,16 @@ def correct_errors(
         seed=seed,
     )
     check_choice("keep", keep, KEEP_MODES)
+    tolerance = check_retain_tolerance(retain_tolerance)
     if trainer is not None and not isinstance(trainer, Trainer):
         raise ArgumentError(f"trainer: expected None or the Trainer fitting the model, got {trainer!r}")
     anchor_data = dataset_of("anchors", anchors)
     holdout = dataset_of("holdout_dataset", holdout_dataset) if holdout_dataset is not None else None
     if holdout is None and keep == "improved":
         anchor_data, holdout = split_holdout(anchor_data, args.seed, name="anchors")
+    retain = None
+    if retain_dataset is not None or (keep == "improved" and tolerance is not None):
+        retain = resolve_retain(retain_dataset, influence.train_data, args.seed)
     source = pool.data if pool is not None else influence.train_data
     if args.top_m > len(source):
         raise ArgumentError(
@@ -261,44 +308,69 @@ def correct_errors(
     if eval_dataset is not None:
         report.metric, report.metric_before = evaluation_metric(model, eval_dataset, loss_fn=loss_fn)
     same = eval_dataset is not None and eval_dataset is holdout_dataset  # measured once
-    if holdout is not None:
-        report.holdout_metric, report.holdout_before = (
-            (report.metric, report.metric_before) if same else evaluation_metric(model, holdout, loss_fn=loss_fn)
-        )
-        report.holdout_size = len(holdout)
-    # Kept off the accelerator: one copy of the weights, for a step that diverges or a correction rolled back.
-    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    opt_state = copy.deepcopy(opt.state_dict()) if optimizer is not None else None
+    guard = CorrectionGuard(holdout, retain, tolerance if keep == "improved" else None, loss_fn)
+    guard.start(model, (report.metric, report.metric_before) if same and holdout is not None else None)
+    report.holdout_metric, report.holdout_before = guard.holdout_metric, guard.holdout_before
+    report.holdout_size = len(holdout) if holdout is not None else None
+    report.retain_metric, report.retain_before = guard.retain_metric, guard.retain_before
+    report.retain_size = len(retain) if retain is not None else None
+    report.retain_tolerance = guard.tolerance
     scaler = getattr(lightning.precision_plugin, "scaler", None) if lightning is not None else None
-    scaler_state = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
-
-    def restore() -> None:
-        model.load_state_dict(weights)
-        if opt_state is not None:
-            opt.load_state_dict(opt_state)
-        if scaler_state is not None:
-            scaler.load_state_dict(scaler_state)
-
+    given = opt if optimizer is not None else None
+    # Kept off the accelerator: one copy of the weights, for a step that diverges or a correction rolled back.
+    initial = snapshot_state(model, given, scaler)
+    rates = [group["lr"] for group in opt.param_groups]  # the guard may lower a given optimizer's rate for a while
     estimator = influence.ihvp
     try:
-        _correction_steps(model, influence, anchor_data, source, report, args, loss_fn, opt, pool, lightning)
+        _correction_steps(
+            model,
+            influence,
+            anchor_data,
+            source,
+            report,
+            args,
+            loss_fn,
+            opt,
+            pool,
+            lightning,
+            guard if keep == "improved" else None,
+            (lambda: snapshot_state(model, given, scaler), lambda state: restore_state(model, given, scaler, state)),
+        )
     except NonFiniteError:
-        restore()
+        restore_state(model, given, scaler, initial)
         raise
     finally:
         influence.ihvp = estimator
-    if holdout is not None:
-        report.holdout_after = evaluation_metric(model, holdout, loss_fn=loss_fn)[1]
+    taken = sum(not s.undone for s in report.steps)
+    report.holdout_after = guard.measure_holdout(model)
+    report.retain_after = guard.measure_retain(model)
     if eval_dataset is not None:
         corrected = report.holdout_after if same else evaluation_metric(model, eval_dataset, loss_fn=loss_fn)[1]
         report.metric_corrected = corrected
-    worse = holdout is not None and report.holdout_gain < 0  # a tie keeps the correction
-    report.kept = bool(distributed.broadcast_object(keep == "always" or not worse))  # rank 0 decides for all
-    if report.kept:
-        report.metric_after = report.metric_corrected
-    else:
-        restore()
+    if keep == "always":
+        report.kept_steps = taken
+    else:  # the best state the guard saw; 0 steps: none was at least as good as before, roll back
+        report.kept_steps = guard.best_step
+    report.kept = bool(distributed.broadcast_object(report.kept_steps > 0 or keep == "always"))
+    if report.kept_steps == taken:
+        report.metric_after, report.holdout_kept, report.retain_kept = (
+            report.metric_corrected,
+            report.holdout_after,
+            report.retain_after,
+        )
+    elif report.kept_steps == 0:
+        restore_state(model, given, scaler, initial)
         report.metric_after = report.metric_before  # the weights from before, exactly
+        report.holdout_kept, report.retain_kept = report.holdout_before, report.retain_before
+    else:
+        restore_state(model, given, scaler, guard.saved)
+        report.holdout_kept, report.retain_kept = guard.best_holdout, guard.measure_retain(model)
+        if eval_dataset is not None:
+            report.metric_after = (
+                guard.best_holdout if same else evaluation_metric(model, eval_dataset, loss_fn=loss_fn)[1]
+            )
+    for group, rate in zip(opt.param_groups, rates, strict=True):  # a given optimizer's own rate, as it was
+        group["lr"] = rate
     if report.metric == "accuracy":
         report.accuracy_before, report.accuracy_after = report.metric_before, report.metric_after
     report.seconds = time.perf_counter() - start
@@ -316,10 +388,17 @@ def _correction_steps(
     opt: torch.optim.Optimizer,
     pool: Any,
     trainer: Trainer | None,
+    guard: CorrectionGuard | None,
+    state: tuple[Any, Any],
 ) -> None:
+    """The steps (see :func:`correct_errors`); under ``guard`` each step is checked against the retain tolerance
+    (undone and retried at half the rate, at most :data:`MAX_BACKTRACKS` times) and each state it keeps is offered to
+    the guard with its held-out metric. ``state`` is ``(save, load)``: save and restore the weights and optimizer."""
+    save, load = state
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    taken = 0
     for step in range(args.num_steps):
         anchor_idx = torch.randperm(len(anchor_data), generator=generator)[: min(args.num_anchors, len(anchor_data))]
         anchor_batch, before = _anchor_loss(model, loss_fn, anchor_data, anchor_idx)
@@ -345,14 +424,34 @@ def _correction_steps(
         batch = move_batch(source.gather(chosen), device)
         sign = -args.harmful_weight if args.selection == "downweight_harmful" else 1.0
         if report.lr is None:  # lr="auto": searched once, on the first step's points and the anchors they serve
-            search = _line_search_anchors(anchor_data, args.seed, device)
-            report.lr, report.lr_trials = search_lr(model, loss_fn, search, batch, served=anchor_batch, sign=sign)
+            search = line_search_anchors(anchor_data, args.seed, device)
+            report.lr, report.lr_trials = search_lr(
+                model, loss_fn, search, batch, served=anchor_batch, sign=sign, guard=guard
+            )
             for group in opt.param_groups:
                 group["lr"] = report.lr
-        _take_step(model, opt, loss_fn, batch, sign, chosen.numel(), trainer)
-        _check_finite(model, params, step, chosen, args, report.lr)
+        checks = guard is not None and guard.checks_retain
+        before_step = save() if checks else None
+        retain, undone = None, False
+        for attempt in range(MAX_BACKTRACKS + 1):
+            _take_step(model, opt, loss_fn, batch, sign, chosen.numel(), trainer)
+            _check_finite(model, params, step, chosen, args, float(opt.param_groups[0]["lr"]))
+            retain = guard.measure_retain(model) if checks else None
+            if not checks or guard.retain_passes(retain):
+                break
+            # Undone, and retried on the same points at half the rate (which the later steps keep).
+            load(before_step)
+            for group in opt.param_groups:
+                group["lr"] = group["lr"] / 2
+            undone = attempt == MAX_BACKTRACKS
+        step_lr = float(opt.param_groups[0]["lr"]) * (2 if undone else 1)
         with evaluating(model), torch.no_grad():
             after = float(loss_fn(model, anchor_batch).mean())
+        holdout = None
+        if guard is not None and not undone:
+            taken += 1
+            holdout = guard.measure_holdout(model)
+            guard.offer(taken, holdout, save)
         report.steps.append(
             CorrectionStep(
                 step=step,
@@ -362,6 +461,10 @@ def _correction_steps(
                 anchor_loss_before=before,
                 anchor_loss_after=after,
                 chosen_by_rank=by_rank,
+                lr=step_lr,
+                undone=undone,
+                holdout=holdout,
+                retain=retain if not undone else None,
             )
         )
 
@@ -396,108 +499,6 @@ def _anchor_loss(model: nn.Module, loss_fn: LossFn, anchor_data: IndexedData, id
         raise ArgumentError(
             f"anchors: expected examples the loss function accepts, got a batch it fails on ({exc})"
         ) from exc
-
-
-def _line_search_anchors(anchor_data: IndexedData, seed: int, device: torch.device) -> Any:
-    """Every anchor, or :data:`LINE_SEARCH_ANCHORS` of them drawn by ``seed`` (a generator of its own, so that the
-    anchor batches of the steps are the same as with a fixed ``lr``)."""
-    n = len(anchor_data)
-    idx = torch.arange(n)
-    if n > LINE_SEARCH_ANCHORS:
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:LINE_SEARCH_ANCHORS]
-    return move_batch(anchor_data.gather(idx), device)
-
-
-def search_lr(
-    model: nn.Module,
-    loss_fn: LossFn,
-    anchors: Any,
-    chosen: Any,
-    *,
-    served: Any = None,
-    sign: float = 1.0,
-    grid: Sequence[float] = AUTO_LR_GRID,
-) -> tuple[float, list[dict[str, Any]]]:
-    """The learning rate of ``lr="auto"``: a third of the SGD step on ``chosen`` that helps the anchors most.
-
-    For each ``lr`` of ``grid`` the trainable parameters are set to ``w - lr * g`` (``g`` the gradient of
-    ``sign * mean loss`` of ``chosen`` at the weights ``w``), the objective and the chosen points' own loss are
-    measured (eval mode), and ``w`` is restored exactly. The objective is the mean loss of ``served`` (the anchors
-    ``chosen`` was chosen for) plus the mean loss of ``anchors`` (all anchors); without ``served``, the latter alone.
-    A trial is *allowed* when the chosen points' objective did not rise (a larger step overshoots the very loss it
-    descends) and the losses are finite. Of the allowed trials the one with the lowest objective is the best; the
-    answer is the grid point just below it (the rate is used for every step of the correction, not once), or the
-    smallest ``lr`` of the grid when no trial lowers the objective below its value at ``w``.
-
-    Why both: a step serves its own anchors (the next steps serve theirs), so judged on all anchors alone one step's
-    points often raise their mean loss at every rate (they help their anchors, say those of one class, at the
-    others' cost) and the search fell back to a rate that left the model as it was (2 of 5 seeds of the MiniLM cue
-    in ``benchmarks/bench_correction.py``). Judged on its ten anchors alone, a step on points that barely help them
-    (random points) found its best at a rate so large that ten such steps pushed the model to one class (2 of 5
-    random runs there: lr 0.3, in-distribution accuracy 0.94 -> 0.48). The sum takes a rate only where the step's
-    own anchors gain more than all anchors lose. Whether the steps together help the target distribution is the
-    held-out guard's question (``keep="improved"``).
-
-    Args:
-        model: the model (its weights are the same afterwards).
-        loss_fn: the per-example loss.
-        anchors: a batch of anchor examples (all of them, or a sample) on the model's device.
-        chosen: the batch the step is taken on.
-        served: the anchor batch ``chosen`` was chosen for (None: judge on ``anchors`` alone).
-        sign: -``harmful_weight`` for an ascent step (``"downweight_harmful"``), else 1.
-        grid: the candidate learning rates, ascending.
-
-    Returns:
-        ``(lr, trials)``: one trial per ``lr`` (``{"lr", "objective", "anchor_loss", "served_loss", "chosen_loss",
-        "allowed"}``; ``served_loss`` None without ``served``), the first for ``lr`` 0 (the weights as they are).
-
-    Example::
-
-        >>> lr, trials = search_lr(model, model.per_example_loss, anchor_batch, chosen_batch)  # doctest: +SKIP
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    # A trial is not a training step: plain autograd on the live weights, restored after each trial, so neither the
-    # Trainer's hooks nor its loss scaling apply (they would count or scale a step that is never kept).
-    with evaluating(model):
-        with torch.enable_grad():
-            descended = sign * loss_fn(model, chosen).mean()  # the chosen points' own objective, at w
-            grads = torch.autograd.grad(descended, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)]
-        start = [p.detach().clone() for p in params]
-        with torch.no_grad():
-
-            def trial(lr: float) -> dict[str, Any]:
-                anchor = float(loss_fn(model, anchors).mean())
-                mine = float(loss_fn(model, served).mean()) if served is not None else None
-                target = anchor + (mine if mine is not None else 0.0)
-                own = float(sign * loss_fn(model, chosen).mean())
-                allowed = math.isfinite(target) and math.isfinite(own) and own <= float(descended)
-                return {
-                    "lr": float(lr),
-                    "objective": target,
-                    "anchor_loss": anchor,
-                    "served_loss": mine,
-                    "chosen_loss": own,
-                    "allowed": allowed,
-                }
-
-            trials = [{**trial(0.0), "allowed": True}]
-            base = trials[0]["objective"]
-            try:
-                for lr in grid:
-                    for p, w, g in zip(params, start, grads, strict=True):
-                        torch.add(w, g, alpha=-lr, out=p.data)
-                    trials.append(trial(lr))
-            finally:
-                for p, w in zip(params, start, strict=True):
-                    p.data.copy_(w)
-    allowed = [i for i, t in enumerate(trials[1:]) if t["allowed"]]
-    best = min(allowed, key=lambda i: trials[i + 1]["objective"]) if allowed else 0
-    # The rate serves num_steps steps, not one: the grid point below the single-step best (a third of it). Measured
-    # (5 seeds, digits cue / tabular cue, challenge points): the best itself gained +17.9 / +19.8 but cost 26 / 10
-    # in-distribution test points (searched on all anchors); a third of it gained +22.1 / +16.0 at +1.2 / -3.5.
-    lr = float(grid[max(best - 1, 0)]) if trials[best + 1]["objective"] < base else float(grid[0])
-    return float(distributed.broadcast_object(lr)), trials  # every rank steps at rank 0's learning rate
 
 
 def _take_step(
