@@ -18,6 +18,7 @@ from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.ihvp import ExactInverse
 from lightning_fastif.core.influence import influence_scores
 from lightning_fastif.errors import ArgumentError, SnapshotError, SnapshotNotFoundError
+from tests.helpers.exact import noisy_classifier
 
 D = torch.float64
 
@@ -549,18 +550,9 @@ def test_true_fisher_factors_give_self_influence_closer_to_exact_than_the_empiri
     from lightning_fastif.core.curvature import sample_classifier_labels
     from lightning_fastif.core.verify import pearson
 
-    torch.manual_seed(1)
-    x = torch.randn(400, 8, dtype=D)
-    y = (x @ torch.randn(8, 4, dtype=D)).argmax(-1)
-    flip = torch.rand(400) < 0.1
-    y[flip] = torch.randint(4, (int(flip.sum()),))
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        optimiser.zero_grad()
-        ce(model, (x, y)).mean().backward()
-        optimiser.step()
-    data, damping = TensorDataset(x, y), 0.05
+    model, data = noisy_classifier(400)
+    x, y = data.tensors
+    damping = 0.05
     op = HessianOperator(model, ce, data)
     g = op.function.per_example_gradients((x, y))
     exact = (ExactInverse(damping, residual_examples=0).solve(op, g) * g).sum(-1)

@@ -14,28 +14,13 @@ from lightning_fastif.core.grads import FunctionalLoss
 from lightning_fastif.core.hessian import HessianOperator
 from lightning_fastif.core.verify import pearson
 from lightning_fastif.errors import ArgumentError
+from tests.helpers.exact import noisy_classifier
 
 D = torch.float64
 
 
 def ce(model: nn.Module, batch) -> Tensor:
     return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
-
-
-def noisy_classifier(n: int = 400) -> tuple[nn.Module, TensorDataset]:
-    """A tanh classifier (8-16-4, 212 parameters) trained towards its fit on 10%-noisy teacher labels."""
-    torch.manual_seed(1)
-    x = torch.randn(n, 8, dtype=D)
-    y = (x @ torch.randn(8, 4, dtype=D)).argmax(-1)
-    flip = torch.rand(n) < 0.1
-    y[flip] = torch.randint(4, (int(flip.sum()),))
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        optimiser.zero_grad()
-        ce(model, (x, y)).mean().backward()
-        optimiser.step()
-    return model, TensorDataset(x, y)
 
 
 def exact_self_influence(model: nn.Module, data: TensorDataset, damping: float, params=None) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,5 @@
-"""Models small enough to solve exactly: a Newton-trained logistic regression and a tiny float64 MLP."""
+"""Models small enough to solve exactly: a Newton-trained logistic regression, a tiny float64 MLP and a tanh
+classifier trained on noisy labels."""
 
 from __future__ import annotations
 
@@ -25,6 +26,22 @@ class LogReg(nn.Module):
     def per_example_loss(self, batch) -> Tensor:
         x, y = batch
         return nn.functional.binary_cross_entropy_with_logits(self(x), y.to(x.dtype), reduction="none")
+
+
+def noisy_classifier(n: int = 400) -> tuple[nn.Module, TensorDataset]:
+    """A tanh classifier (8-16-4, 212 parameters, float64) trained towards its fit on 10%-noisy teacher labels."""
+    torch.manual_seed(1)
+    x = torch.randn(n, 8, dtype=torch.float64)
+    y = (x @ torch.randn(8, 4, dtype=torch.float64)).argmax(-1)
+    flip = torch.rand(n) < 0.1
+    y[flip] = torch.randint(4, (int(flip.sum()),))
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        optimiser.zero_grad()
+        cross_entropy_loss(model, (x, y)).mean().backward()
+        optimiser.step()
+    return model, TensorDataset(x, y)
 
 
 def breast_cancer(n_train: int = 200, n_test: int = 50, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
